@@ -1,0 +1,28 @@
+"""Shared fixtures: seeded tiny checkpoints built by transformers (see tests/checkpoints.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import build_hf_model, save_checkpoint, tiny_config
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model():
+    """The default tiny transformers model (fp32, eager), shared read-only across tests."""
+    return build_hf_model(tiny_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_hf_model):
+    """A 5.x-layout checkpoint folder of `tiny_hf_model`, with processor files (real SmolVLM tokenizer)."""
+    return save_checkpoint(tiny_hf_model, tmp_path_factory.mktemp("tiny5"), layout="5.x")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_4x(tmp_path_factory, tiny_hf_model):
+    """The same model in the 4.x Hub layout, with sharded safetensors and an index."""
+    return save_checkpoint(tiny_hf_model, tmp_path_factory.mktemp("tiny4"), layout="4.x")
