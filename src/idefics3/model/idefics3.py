@@ -1,0 +1,178 @@
+"""The full Idefics3 model: vision encoder -> connector -> image features merged into the Llama decoder.
+
+`Idefics3ForConditionalGeneration` holds `model` (vision_model, connector, text_model) and `lm_head`,
+so its parameter names are the checkpoint's keys. The forward takes what the processor makes
+(input_ids, attention_mask, pixel_values [B, N, 3, H, W], pixel_attention_mask [B, N, H, W]) or
+precomputed image features (so that a server can cache encoder outputs), and optionally a `KVCache`
+with a slot per row, which is how the generation engine steps sequences of different lengths together.
+Loading and saving live in `weights.py`; generation lives in `generation/` (the `generate` method
+here only hands over to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Idefics3Config
+from .connector import Connector
+from .kv_cache import KVCache
+from .text import TextModel
+from .vision import VisionTransformer
+
+
+@dataclass
+class Idefics3Output:
+    logits: torch.Tensor  # [B, T, V] (or the last logits_to_keep positions)
+    loss: torch.Tensor | None = None
+    image_hidden_states: torch.Tensor | None = None  # [N_frames, S_img, D_text]
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+class Idefics3Model(nn.Module):
+    def __init__(self, config: Idefics3Config) -> None:
+        super().__init__()
+        v, t = config.vision_config, config.text_config
+        self.vision_model = VisionTransformer(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
+                                              v.num_attention_heads, v.image_size, v.patch_size, v.num_channels,
+                                              v.layer_norm_eps)
+        self.connector = Connector(v.hidden_size, t.hidden_size, config.scale_factor)
+        self.text_model = TextModel(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers,
+                                    t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rms_norm_eps,
+                                    t.rope_theta, t.rope_scaling, t.attention_bias, t.mlp_bias)
+
+
+def real_frames(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flatten [B, N, 3, H, W] to frames and drop the all-zero padding frames (batch-major order)."""
+    if pixel_values.dim() == 4:  # already [N, 3, H, W]
+        pixel_values = pixel_values[:, None]
+        pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[:, None]
+    if pixel_values.dim() != 5:
+        raise ValueError(f"pixel_values must be [batch, frames, channels, height, width], "
+                         f"got shape {tuple(pixel_values.shape)}")
+    frames = pixel_values.flatten(0, 1)  # [B*N, 3, H, W]
+    real = (frames != 0).flatten(1).any(dim=1)  # [B*N]: a padding frame is all zeros
+    mask = None
+    if pixel_attention_mask is not None:
+        mask = pixel_attention_mask.flatten(0, 1)  # [B*N, H, W]
+    if bool(real.all()):
+        return frames, mask
+    return frames[real], None if mask is None else mask[real]
+
+
+class Idefics3ForConditionalGeneration(nn.Module):
+    def __init__(self, config: Idefics3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Idefics3Model(config)
+        t = config.text_config
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+        self.checkpoint_dir: Path | None = None
+        self.name_or_path: str = ""
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- pieces of the forward --------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor,
+                           pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels [B, N, 3, H, W] -> image token embeddings [N_real, S_img, D_text] (padding frames dropped)."""
+        frames, mask = real_frames(pixel_values, pixel_attention_mask)
+        vision_dtype = self.model.vision_model.post_layernorm.weight.dtype
+        patches = self.model.vision_model(frames.to(vision_dtype), mask)  # [N, S, D_vision]
+        return self.model.connector(patches)  # [N, S/r², D_text]
+
+    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor) -> torch.Tensor:
+        """Write the image features, in order, into the `<image>` positions of the embeddings."""
+        is_image = input_ids == self.config.image_token_id  # [B, T]
+        n_tokens = int(is_image.sum())
+        n_features = image_features.numel() // image_features.shape[-1]
+        if n_tokens != n_features:
+            per = self.config.image_seq_len
+            raise ValueError(
+                f"the prompt has {n_tokens} <image> tokens but the images give {n_features} "
+                f"({n_features // per} frames x {per} tokens per frame); each image tile must be expanded "
+                f"to exactly {per} <image> tokens (use the processor)")
+        features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(is_image[..., None], features)
+
+    def make_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
+        t = self.config.text_config
+        return KVCache(t.num_hidden_layers, max_batch, max_seq_len, t.num_key_value_heads, t.head_dim,
+                       self.dtype, self.device)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                pixel_attention_mask: torch.Tensor | None = None,
+                image_hidden_states: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                cache_slots: torch.Tensor | None = None, logits_to_keep: int = 0,
+                labels: torch.Tensor | None = None, **ignored: Any) -> Idefics3Output:
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("pass either pixel_values or image_hidden_states, not both")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        embeds = self.model.text_model.embed_tokens(input_ids)  # [B, T, D]
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values, pixel_attention_mask)
+        if image_hidden_states is not None:
+            if isinstance(image_hidden_states, (list, tuple)):
+                image_hidden_states = torch.cat(list(image_hidden_states), dim=0)
+            embeds = self.merge_image_features(input_ids, embeds, image_hidden_states)
+        elif bool((input_ids == self.config.image_token_id).any()) and kv_cache is None:
+            raise ValueError("the prompt has <image> tokens but no pixel_values or image_hidden_states were given")
+        h = self.model.text_model(embeds, position_ids, attention_mask, kv_cache, cache_slots)  # [B, T, D]
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)  # [B, T', V]
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return Idefics3Output(logits=logits, loss=loss, image_hidden_states=image_hidden_states)
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """Prompt + new token ids, like transformers' generate; see `idefics3.generation.generate`."""
+        from ..generation.generate import generate
+
+        return generate(self, **kwargs)
+
+    # ---- files ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, dtype: torch.dtype | str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                        revision: str | None = None, **ignored: Any) -> "Idefics3ForConditionalGeneration":
+        """Load a checkpoint folder or Hub id. dtype (alias torch_dtype): a torch dtype, its name, or "auto"
+        (the default: the dtype the checkpoint was saved in)."""
+        from ..weights import load_pretrained
+
+        return load_pretrained(cls, ref, dtype if dtype is not None else torch_dtype, device, revision)
+
+    def save_pretrained(self, folder: str | Path, max_shard_size: int | str | None = None) -> None:
+        from ..weights import save_pretrained
+
+        save_pretrained(self, folder, max_shard_size)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 over the labels that are not `ignore_index`."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(T-1), V]
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # [B*(T-1)]
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)

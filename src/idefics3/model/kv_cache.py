@@ -1,0 +1,49 @@
+"""A preallocated key/value cache with one row ("slot") per sequence.
+
+The generation engine and the server step many sequences together, each at its own length. Every
+slot holds one sequence's keys and values at positions 0..len-1; a forward call names the slot of
+each batch row and the position of each token, writes the new keys/values there, and attends to
+the slot's positions up to each query's own. Buffers are allocated once, so decoding allocates
+nothing per token and a finished sequence frees its slot by simply being forgotten.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer buffers k, v of shape [max_batch, n_kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, num_layers: int, max_batch: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (max_batch, num_kv_heads, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, hd] at (slots[b], positions[b, t]); return the slots' first kv_len keys/values.
+
+        `slots` None means rows 0..B-1, which are read as a view instead of a gather.
+        """
+        b = k.shape[0]
+        rows = torch.arange(b, device=k.device) if slots is None else slots
+        kc, vc = self.k[layer], self.v[layer]
+        kc[rows[:, None], :, positions] = k.transpose(1, 2)  # index [B, T] -> values [B, T, Hkv, hd]
+        vc[rows[:, None], :, positions] = v.transpose(1, 2)
+        if slots is None:
+            return kc[:b, :, :kv_len], vc[:b, :, :kv_len]  # [B, Hkv, L, hd] views
+        return kc[slots, :, :kv_len], vc[slots, :, :kv_len]  # [B, Hkv, L, hd] gathered

@@ -1,0 +1,141 @@
+"""The Llama decoder of Idefics3: RMSNorm (in fp32), half-split RoPE, grouped-query attention, SwiGLU.
+
+One forward serves every use: a plain full pass (training, scoring, parity) with a causal mask and an
+optional 2-D padding mask, and cached passes (prefill and decode) against a `KVCache` whose slots hold
+sequences of different lengths, each token attending to its own slot's positions up to its own.
+Attention always goes through `scaled_dot_product_attention`; the mask is built once per forward and
+dropped whenever it would allow everything, so SDPA can use its causal or unmasked fast kernels.
+
+Parameter names equal the checkpoint keys under `model.text_model.`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache
+from .rope import RotaryTable, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None, layer: int, slots: torch.Tensor | None,
+                positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, slots, positions, k, v, kv_len)  # [B, Hkv, L, hd]
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # [B, H, L, hd]
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # [B, H, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, eps: float, attention_bias: bool = False, mlp_bias: bool = False) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, attention_bias)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = MLP(hidden_size, intermediate_size, mlp_bias)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None, layer: int, slots: torch.Tensor | None,
+                positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, layer, slots,
+                               positions, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_mask(positions: torch.Tensor, attention_mask: torch.Tensor | None, cached: bool,
+               kv_len: int) -> tuple[torch.Tensor | None, bool]:
+    """The attention mask for one forward, as (bool mask [B, 1, T, L] or None, is_causal).
+
+    Cached: query (b, t) sees slot positions 0..positions[b, t]. Plain: causal over the T tokens, with
+    padded keys (attention_mask == 0) hidden; a fully padded query row sees itself so it stays finite.
+    """
+    b, t = positions.shape
+    if cached:
+        if t == 1 and bool((positions[:, 0] == kv_len - 1).all()):
+            return None, False  # one new token per row, all rows at the same length: sees everything
+        keys = torch.arange(kv_len, device=positions.device)
+        return (keys[None, None, None, :] <= positions[:, None, :, None]), False  # [B, 1, T, L]
+    if attention_mask is None or bool(attention_mask.all()):
+        return None, True
+    causal = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()  # [T, T]
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, T, T]
+    return mask | torch.eye(t, dtype=torch.bool, device=positions.device), False
+
+
+class TextModel(nn.Module):
+    """Token embeddings in, final hidden states out: embeds [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                 num_attention_heads: int, num_key_value_heads: int, head_dim: int, rms_norm_eps: float,
+                 rope_theta: float, rope_scaling: dict | None = None, attention_bias: bool = False,
+                 mlp_bias: bool = False) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
+                         rms_norm_eps, attention_bias, mlp_bias) for _ in range(num_hidden_layers))
+        self.norm = RMSNorm(hidden_size, rms_norm_eps)
+        self.rotary = RotaryTable(head_dim, rope_theta, rope_scaling)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = inputs_embeds.shape
+        if position_ids is None:
+            if cache is not None:
+                raise ValueError("a cached forward needs position_ids (the position of every token in its slot)")
+            position_ids = torch.arange(t, device=inputs_embeds.device).expand(b, t)  # [B, T]
+        kv_len = int(position_ids.max()) + 1 if cache is not None else t
+        if cache is not None and kv_len > cache.max_seq_len:
+            raise ValueError(f"position {kv_len - 1} does not fit the KV cache ({cache.max_seq_len} positions)")
+        mask, is_causal = build_mask(position_ids, attention_mask, cache is not None, kv_len)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)  # [B, T, hd] each
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, is_causal, cache, i, slots, position_ids, kv_len)
+        return self.norm(h)

@@ -1,0 +1,215 @@
+"""Loading and saving checkpoints: safetensors only, strict, with no random initialisation.
+
+The model's parameter names equal the checkpoint keys, so loading is a direct mapping: build the model
+on the meta device (no memory, no init), read each tensor from the single file or the shards named by
+model.safetensors.index.json, convert it to the requested dtype and device, and assign it. Nothing is
+ever unpickled. Any mismatch (missing or unexpected keys, a wrong shape, a damaged file) is an error
+that names what is wrong, never a silently half-initialised model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, Idefics3Config
+from .hub import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# Files that travel with the weights and are copied as they are by save_pretrained.
+_COMPANIONS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+
+
+class WeightsError(ValueError):
+    """A checkpoint whose weights cannot be loaded into the model as they are."""
+
+
+def parse_dtype(dtype: torch.dtype | str | None, config: Idefics3Config) -> torch.dtype:
+    """A torch dtype from a dtype, a name ("bf16", "bfloat16", "torch.float16") or "auto"/None (the checkpoint's)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        name = config.torch_dtype or "float32"
+        return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use one of: bf16, fp16, fp32, auto)")
+    return _DTYPES[name]
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: the shards of the index, or the single file."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise WeightsError(f"{index} is not a valid safetensors index: {err}") from err
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"{index.name} names shard(s) that are not in {folder}: {', '.join(missing)}")
+        return files
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    if pickled:
+        raise WeightsError(f"{folder} has only pickled weights ({', '.join(sorted(pickled))}); idefics3 loads "
+                           f"safetensors only and never unpickles. Convert the checkpoint to safetensors first.")
+    raise WeightsError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (key, tensor) of the files, read one at a time; damaged files raise WeightsError."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise WeightsError(f"cannot read {path}: the file is truncated or corrupt ({err})") from err
+
+
+def checkpoint_keys(files: list[Path]) -> dict[str, tuple[list[int], Path]]:
+    """key -> (shape, file) from the safetensors headers only."""
+    out: dict[str, tuple[list[int], Path]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    out[key] = (list(f.get_slice(key).get_shape()), path)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise WeightsError(f"cannot read {path}: the file is truncated or corrupt ({err})") from err
+    return out
+
+
+def _check_keys(model: torch.nn.Module, found: dict[str, tuple[list[int], Path]], tied: bool) -> None:
+    expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    if tied:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - ({"lm_head.weight"} if tied else set()))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                        f"{' ...' if len(unexpected) > 20 else ''}")
+    if problems:
+        raise WeightsError("checkpoint does not match the model: " + "; ".join(problems))
+    for key, shape in expected.items():
+        if found[key][0] != shape:
+            raise WeightsError(f"shape mismatch for {key}: checkpoint has {found[key][0]} "
+                               f"({found[key][1].name}), the model expects {shape}")
+
+
+def load_pretrained(cls: type, ref: str | os.PathLike, dtype: torch.dtype | str | None,
+                    device: torch.device | str | None, revision: str | None = None):
+    """Build `cls` on the meta device from the folder's config and fill it from its safetensors."""
+    folder = resolve_model_path(ref, revision)
+    config = Idefics3Config.from_pretrained(folder)
+    target = parse_dtype(dtype, config)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    files = checkpoint_files(folder)
+    found = checkpoint_keys(files)
+    with torch.device("meta"):
+        model = cls(config)
+    tied = config.tie_word_embeddings
+    _check_keys(model, found, tied)
+    state = {}
+    for key, tensor in iter_tensors(files):
+        if tied and key == "lm_head.weight":
+            continue
+        state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.text_model.embed_tokens.weight
+    model.config.torch_dtype = str(target).removeprefix("torch.")
+    model.checkpoint_dir = folder
+    model.name_or_path = str(ref)
+    log.info("loaded %s (%d tensors, %s, %s)", ref, len(state), target, device)
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit, mult in (("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def save_pretrained(model, folder: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+    """Write config.json and safetensors (one file, or shards + index when over max_shard_size)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.config.torch_dtype = str(model.dtype).removeprefix("torch.")
+    model.config.save_pretrained(folder)
+    limit = _parse_size(max_shard_size) if max_shard_size is not None else None
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _atomic_save(shards[0], folder / SINGLE_FILE)
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            _atomic_save(shard, folder / name)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    source = model.checkpoint_dir
+    if source is not None and Path(source).resolve() != folder.resolve():
+        for name in _COMPANIONS:
+            if (Path(source) / name).is_file():
+                shutil.copy(Path(source) / name, folder / name)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+__all__ = ["WeightsError", "ConfigError", "load_pretrained", "save_pretrained", "parse_dtype"]
