@@ -141,6 +141,8 @@ def load_pretrained(cls: type, ref: str | os.PathLike, dtype: torch.dtype | str 
         if tied and key == "lm_head.weight":
             continue
         state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+    if tied:
+        state["lm_head.weight"] = state["model.text_model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
