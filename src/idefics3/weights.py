@@ -9,16 +9,17 @@ that names what is wrong, never a silently half-initialised model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import struct
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Idefics3Config
@@ -79,28 +80,71 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise WeightsError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
 
 
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file (name -> dtype, shape, data_offsets), validated against its size."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (None,)
+            if n is None or n > size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, struct.error) as err:
+        raise WeightsError(f"cannot read {path}: the file is truncated or corrupt ({err})") from err
+    header.pop("__metadata__", None)
+    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
+    if end > size:
+        raise WeightsError(f"cannot read {path}: the file is truncated or corrupt (its header describes "
+                           f"{end} bytes, the file has {size})")
+    for name, t in header.items():
+        if t.get("dtype") not in _ST_DTYPES:
+            raise WeightsError(f"cannot read {path}: tensor {name} has unsupported dtype {t.get('dtype')!r}")
+    return {name: {**t, "base": 8 + n} for name, t in header.items()}
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (key, tensor) of the files, read one at a time; damaged files raise WeightsError."""
+    """Every (key, tensor) of the files, as zero-copy views of a private memory map of each file.
+
+    Nothing is read until used, and the weights stay file-backed (one copy, shared with the page
+    cache); a dtype or device conversion makes the only copy. Writes copy-on-write, never to the file.
+    """
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise WeightsError(f"cannot read {path}: the file is truncated or corrupt ({err})") from err
+        header = read_header(path)
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # [file bytes]
+        for key, t in header.items():
+            begin, end = (t["base"] + o for o in t["data_offsets"])
+            dtype = _ST_DTYPES[t["dtype"]]
+            chunk = raw[begin:end]
+            if begin % dtype.itemsize:  # unaligned in the file: copy once instead of viewing
+                chunk = chunk.clone()
+            yield key, chunk.view(dtype).reshape(t["shape"])
 
 
 def checkpoint_keys(files: list[Path]) -> dict[str, tuple[list[int], Path]]:
     """key -> (shape, file) from the safetensors headers only."""
-    out: dict[str, tuple[list[int], Path]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    out[key] = (list(f.get_slice(key).get_shape()), path)
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise WeightsError(f"cannot read {path}: the file is truncated or corrupt ({err})") from err
-    return out
+    return {key: (list(t["shape"]), path) for path in files for key, t in read_header(path).items()}
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Skip parameter initialisation while building on the meta device (the file provides every value)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "ones_", "zeros_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _check_keys(model: torch.nn.Module, found: dict[str, tuple[list[int], Path]], tied: bool) -> None:
@@ -132,7 +176,7 @@ def load_pretrained(cls: type, ref: str | os.PathLike, dtype: torch.dtype | str 
     device = torch.device(device) if device is not None else torch.device("cpu")
     files = checkpoint_files(folder)
     found = checkpoint_keys(files)
-    with torch.device("meta"):
+    with no_init():
         model = cls(config)
     tied = config.tie_word_embeddings
     _check_keys(model, found, tied)

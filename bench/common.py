@@ -1,0 +1,49 @@
+"""Shared pieces of the benchmarks: writing a random checkpoint of a real shape, alternating runs, medians.
+
+Benchmarks compare against transformers (or another named peer) side by side in one run, A B A B,
+because these machines are shared and noisy: ratios measured together are what we trust.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
+from idefics3.presets import preset
+
+
+def write_random_checkpoint(folder: Path, name: str = "SmolVLM-256M-Instruct", dtype: torch.dtype = torch.bfloat16,
+                            seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """A checkpoint folder of the preset's exact shapes with seeded random weights (reused if present)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    config = Idefics3Config.from_dict(preset(name))
+    model = Idefics3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    model.to(dtype).save_pretrained(folder, max_shard_size=max_shard_size)
+    return folder
+
+
+def run_child(code: str, *args: str) -> dict:
+    """Run python code in a fresh process; it prints one JSON line last, which is returned."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summary(label: str, values: list[float], unit: str) -> str:
+    med = statistics.median(values)
+    spread = (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+    return f"{label:<28} median {med:9.3f} {unit}  (±{spread:.3f}, n={len(values)})"
