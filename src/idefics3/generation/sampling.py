@@ -160,12 +160,10 @@ class BatchSampler:
         self.top_p = col([p.top_p for p in params], torch.float32)
         self.min_p = col([p.min_p for p in params], torch.float32)
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    def warp(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits the sampled rows draw from: penalty, then temperature, top_k, top_p, min_p."""
         if self.use_penalty and seen is not None:
             logits = apply_repetition_penalty(logits, seen, self.penalty)
-        if self.all_greedy:
-            return logits.argmax(dim=-1)
-        greedy = logits.argmax(dim=-1) if self.any_greedy else None
         if self.use_temperature:
             logits = apply_temperature(logits, self.temperature)
         if self.use_top_k:
@@ -174,5 +172,13 @@ class BatchSampler:
             logits = apply_top_p(logits, self.top_p)
         if self.use_min_p:
             logits = apply_min_p(logits, self.min_p)
-        sampled = draw(torch.softmax(logits, dim=-1), self.generators)
+        return logits
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_penalty and seen is not None:
+            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        if self.all_greedy:
+            return logits.argmax(dim=-1)
+        greedy = logits.argmax(dim=-1) if self.any_greedy else None
+        sampled = draw(torch.softmax(self.warp(logits), dim=-1), self.generators)
         return sampled if greedy is None else torch.where(self.is_greedy, greedy, sampled)
