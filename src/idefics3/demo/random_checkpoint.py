@@ -49,7 +49,20 @@ def make_random_checkpoint(folder: str | Path, seed: int = 0, tile: int = 64) ->
            "pad_token_id": ids["<|im_end|>"]}
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     write_image_processor_files(folder, tile=tile, longest_edge=2 * tile, image_seq_len=config.image_seq_len)
+    example_image().save(folder / "example.png")
     return folder
+
+
+def example_image():
+    """A 160x120 picture of a few coloured shapes (larger than one tile, so it is split)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (160, 120), "white")
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((10, 10, 60, 60), fill="red")
+    draw.rectangle((90, 20, 140, 70), fill="blue")
+    draw.polygon([(40, 110), (70, 70), (100, 110)], fill="green")
+    return img
 
 
 def main() -> None:
