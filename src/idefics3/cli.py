@@ -1,0 +1,362 @@
+"""The `idefics3` command line: `generate`, `chat` and `info`.
+
+    idefics3 generate --model HuggingFaceTB/SmolVLM-256M-Instruct --image cat.jpg "What is in this image?"
+    idefics3 chat --model ./my-checkpoint
+    idefics3 info --model ./my-checkpoint --longest-edge 1024
+
+A thin layer: parse arguments, call the library (processor, model, `generate`), print. The answer
+streams to stdout; notices go to stderr. Bad input (a missing image, a folder that is not a
+checkpoint, an unknown flag) prints one `idefics3: error: ...` line and exits non-zero; `--debug`
+shows the traceback instead.
+
+The model is `--model`, else the IDEFICS3_MODEL environment variable, else `idefics3.DEMO_MODEL`
+when the package defines it and that folder exists; otherwise the command says how to name one.
+Heavy imports (torch, the model) happen inside the commands, so `--help` and argument errors are fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+PROG = "idefics3"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_MAX_NEW_TOKENS = 512
+CHAT_HELP = "commands: /image PATH (attach an image to your next message), /reset (forget the conversation), /quit"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- arguments ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", "-m", help="checkpoint folder or Hub id (default: $IDEFICS3_MODEL, "
+                                              "else the demo model if installed)")
+    common.add_argument("--longest-edge", type=int, metavar="PX",
+                        help="resize images so their longest edge is PX (fewer tiles, fewer tokens)")
+    common.add_argument("--no-split", action="store_true", help="do not cut images into tiles (one frame each)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16 on cuda, else fp32)")
+    run.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
+    run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
+    run.add_argument("--temperature", type=float, metavar="T", help="sample with temperature T (0: greedy)")
+    run.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
+    run.add_argument("--seed", type=int, metavar="S", help="seed for sampling")
+
+    parser = _Parser(prog=PROG, description="Idefics3 / SmolVLM vision-language models from the command line.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    gen = sub.add_parser("generate", parents=[common, run], help="answer one prompt, streamed to stdout",
+                         description="Answer one prompt; each --image becomes an image before the text, unless "
+                                     "the prompt places <image> itself.")
+    gen.add_argument("--image", "-i", action="append", default=[], metavar="PATH_OR_URL",
+                     help="an image file or http(s) URL (repeatable)")
+    gen.add_argument("prompt", help='the question ("-" reads it from stdin)')
+    gen.set_defaults(run=cmd_generate)
+    chat = sub.add_parser("chat", parents=[common, run], help="interactive multi-turn conversation",
+                          description=f"Talk with the model; {CHAT_HELP}.")
+    chat.set_defaults(run=cmd_chat)
+    info = sub.add_parser("info", parents=[common], help="configuration, parameters, tokens per image")
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format=f"{PROG}: %(message)s")
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    message = text[0] if text else type(err).__name__
+    if isinstance(err, (CliError, ValueError, FileNotFoundError, OSError)) or "Error" in type(err).__name__:
+        return message
+    return f"{type(err).__name__}: {message}"
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def model_folder(args: argparse.Namespace) -> Path:
+    """The checkpoint folder named by --model / $IDEFICS3_MODEL / idefics3.DEMO_MODEL (Hub ids downloaded)."""
+    from .hub import resolve_model_path
+
+    ref = args.model or os.environ.get("IDEFICS3_MODEL") or _demo_model()
+    if not ref:
+        raise CliError("no model given: pass --model FOLDER_OR_HUB_ID (or set IDEFICS3_MODEL)")
+    folder = resolve_model_path(ref)
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{str(folder)!r} is not an Idefics3 checkpoint: it has no config.json")
+    return folder
+
+
+def _demo_model() -> str | None:
+    import idefics3
+
+    demo = getattr(idefics3, "DEMO_MODEL", None)
+    return str(demo) if demo and Path(demo).is_dir() else None
+
+
+def load_processor(folder: Path, args: argparse.Namespace) -> Any:
+    from .processing.processor import Idefics3Processor
+
+    overrides: dict[str, Any] = {}
+    if args.longest_edge is not None:
+        if args.longest_edge <= 0:
+            raise CliError(f"--longest-edge must be a positive number of pixels, got {args.longest_edge}")
+        overrides["size"] = {"longest_edge": args.longest_edge}
+    if args.no_split:
+        overrides["do_image_splitting"] = False
+    return Idefics3Processor.from_pretrained(folder, **overrides)
+
+
+def load_model(folder: Path, args: argparse.Namespace) -> Any:
+    import torch
+
+    from .model.idefics3 import Idefics3ForConditionalGeneration
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for, but CUDA is not available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise CliError("--device mps was asked for, but MPS is not available")
+    dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device == "cuda" else "float32")
+    return Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype), device=device).eval()
+
+
+def load_images(sources: list[str]) -> list[Any]:
+    from .processing.load import load_image
+
+    return [load_image(src) for src in sources]
+
+
+# ---- generate -----------------------------------------------------------------------------------------
+def user_content(prompt: str, n_images: int) -> list[dict[str, str]]:
+    """Chat content parts: the images first, unless the prompt places <image> itself."""
+    if "<image>" not in prompt:
+        return [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    pieces = prompt.split("<image>")
+    if len(pieces) - 1 != n_images:
+        raise CliError(f"the prompt places {len(pieces) - 1} <image> but {n_images} --image were given")
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.max_new_tokens < 0:
+        raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    sample = (args.temperature is not None and args.temperature > 0) or \
+             (args.top_p is not None and args.temperature != 0)
+    if args.temperature is not None and args.temperature < 0:
+        raise CliError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
+    settings["do_sample"] = sample
+    if sample:
+        settings.update(temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
+    return settings
+
+
+def stream_answer(model: Any, processor: Any, messages: list[dict], images: list[Any],
+                  settings: dict[str, Any], out: TextIO) -> str:
+    """Render, process, generate; print the answer as it comes. Returns the answer text."""
+    from .generation.streamer import IncrementalDecoder
+
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    decoder = IncrementalDecoder(processor.tokenizer, skip_special_tokens=True)
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        if not pieces:
+            text = text.lstrip()  # the answer follows "Assistant:" with a space
+        if text:
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+
+    model.generate(**inputs, callback=lambda row, token: emit(decoder.push(token)), **settings)
+    emit(decoder.flush())
+    out.write("\n")
+    out.flush()
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    folder = model_folder(args)
+    images = load_images(args.image)  # bad images fail before the (slow) model load
+    content = user_content(prompt, len(images))
+    settings = generation_settings(args)
+    processor = load_processor(folder, args)
+    model = load_model(folder, args)
+    stream_answer(model, processor, [{"role": "user", "content": content}], images, settings, sys.stdout)
+    return 0
+
+
+# ---- chat ---------------------------------------------------------------------------------------------
+def cmd_chat(args: argparse.Namespace) -> int:
+    folder = model_folder(args)
+    settings = generation_settings(args)
+    processor = load_processor(folder, args)
+    model = load_model(folder, args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {folder.name}; {CHAT_HELP}.", file=sys.stderr)
+    history: list[dict] = []
+    images: list[Any] = []   # every image of the conversation, in order
+    pending: list[Any] = []  # attached to the next message
+    while True:
+        line = _read_line(interactive)
+        if line is None:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                history, images, pending = [], [], []
+                print("(conversation cleared)", file=sys.stderr)
+            elif command == "/image":
+                _attach(rest.strip(), pending)
+            else:
+                print(f"{PROG}: unknown command {command}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        turn = {"role": "user", "content": [{"type": "image"}] * len(pending) + [{"type": "text", "text": line}]}
+        try:
+            reply = stream_answer(model, processor, [*history, turn], [*images, *pending], settings, sys.stdout)
+        except ValueError as err:  # e.g. the conversation outgrew the context: keep the session alive
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            continue
+        history += [turn, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        images += pending
+        pending = []
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input(">>> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _attach(source: str, pending: list[Any]) -> None:
+    from .processing.load import ImageLoadError
+
+    if not source:
+        print(f"{PROG}: /image needs a path or URL", file=sys.stderr)
+        return
+    try:
+        pending.extend(load_images([source]))
+    except ImageLoadError as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return
+    print(f"(image attached to your next message: {source})", file=sys.stderr)
+
+
+# ---- info ---------------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import Idefics3Config
+
+    folder = model_folder(args)
+    config = Idefics3Config.from_pretrained(folder)
+    processor = load_processor(folder, args)
+    for line in describe(folder, config, processor):
+        print(line)
+    return 0
+
+
+def describe(folder: Path, config: Any, processor: Any) -> list[str]:
+    """The lines `idefics3 info` prints."""
+    from PIL import Image
+
+    v, t = config.vision_config, config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    counts = parameter_counts(folder)
+    total = sum(counts.values())
+    parts = ", ".join(f"{name} {_human(n)}" for name, n in counts.items() if n)
+    settings = processor.image_processor
+    edge = settings.size.get("longest_edge") if isinstance(settings.size, dict) else None
+    edge = edge or v.image_size
+    probe = processor(text="<image>", images=[Image.new("RGB", (edge, edge), (127, 127, 127))],
+                      add_special_tokens=False)
+    frames = len(probe["pixel_values"][0])
+    ids = list(probe["input_ids"][0])
+    image_tokens = ids.count(config.image_token_id)
+    split = "on" if settings.do_image_splitting else "off"
+    return [
+        f"model:       {folder}",
+        f"vision:      SigLIP, {v.num_hidden_layers} layers, hidden {v.hidden_size}, {v.image_size} px tiles of "
+        f"{patches} patches ({v.patch_size} px)",
+        f"connector:   pixel shuffle x{config.scale_factor}, {config.image_seq_len} tokens per tile",
+        f"text:        Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads} heads "
+        f"({t.num_key_value_heads} kv), vocab {t.vocab_size}, context {t.max_position_embeddings}",
+        f"parameters:  {_human(total)} ({parts})" + (f", weights {config.torch_dtype}" if config.torch_dtype else ""),
+        f"resolution:  longest edge {edge} px, splitting {split}",
+        f"per image:   up to {frames} tile{'s' if frames != 1 else ''} x {config.image_seq_len} = {image_tokens} image tokens "
+        f"({len(ids)} prompt tokens with the tile markers)",
+    ]
+
+
+def parameter_counts(folder: Path) -> dict[str, int]:
+    """Parameters per part, read from the safetensors headers (no weights loaded)."""
+    from math import prod
+
+    from .weights import checkpoint_files, checkpoint_keys
+
+    counts = {"vision": 0, "connector": 0, "text": 0, "lm_head": 0}
+    for key, (shape, _) in checkpoint_keys(checkpoint_files(folder)).items():
+        part = ("vision" if "vision_model" in key else "connector" if "connector" in key
+                else "lm_head" if key.startswith("lm_head") else "text")
+        counts[part] += prod(shape)
+    return counts
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The `idefics3` command line, run as a subprocess on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+NEW = 6
+
+
+def cli(*args: str, stdin: str | None = None, model: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IDEFICS3_MODEL": model or "", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "idefics3.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def expected_answer(checkpoint, messages, images, new=NEW) -> str:
+    """What the CLI should print for a conversation: the greedy answer of our library, in-process."""
+    from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor, load_image
+
+    processor = Idefics3Processor.from_pretrained(checkpoint)
+    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[load_image(str(p)) for p in images] or None, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=new)
+    new_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return processor.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
+
+
+def user(text: str, n_images: int = 0) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+def test_generate_streams_the_greedy_answer(tiny_checkpoint, image_file):
+    res = cli("generate", "--model", str(tiny_checkpoint), "--image", str(image_file), "--max-new-tokens", str(NEW),
+              "What is in this image?")
+    assert res.returncode == 0, res.stderr
+    want = expected_answer(tiny_checkpoint, [user("What is in this image?", 1)], [image_file])
+    assert res.stdout == want + "\n"
+
+
+def test_generate_with_inline_image_and_options(tiny_checkpoint, image_file):
+    res = cli("generate", "--image", str(image_file), "--max-new-tokens", "3", "--temperature", "0.8", "--top-p",
+              "0.9", "--seed", "1", "--no-split", "--longest-edge", "32", "--dtype", "fp32", "--device", "cpu",
+              "Look: <image> what is it?", model=str(tiny_checkpoint))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.endswith("\n")
+
+
+def test_chat_through_stdin(tiny_checkpoint, image_file):
+    script = f"Hello there\n/image {image_file}\nWhat is in it?\n/image /no/such.png\n/frobnicate\n/reset\nAgain\n/quit\nnever\n"
+    res = cli("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", str(NEW), stdin=script)
+    assert res.returncode == 0, res.stderr
+    first = expected_answer(tiny_checkpoint, [user("Hello there")], [])
+    history = [user("Hello there"), {"role": "assistant", "content": [{"type": "text", "text": first}]}]
+    second = expected_answer(tiny_checkpoint, [*history, user("What is in it?", 1)], [image_file])
+    third = expected_answer(tiny_checkpoint, [user("Again")], [])  # after /reset: no history
+    assert res.stdout == f"{first}\n{second}\n{third}\n"
+    assert "image attached" in res.stderr and "/no/such.png" in res.stderr
+    assert "unknown command /frobnicate" in res.stderr and "cleared" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_info(tiny_checkpoint):
+    res = cli("info", "--model", str(tiny_checkpoint))
+    assert res.returncode == 0, res.stderr
+    assert "4 tokens per tile" in res.stdout and "parameters:" in res.stdout
+    assert "up to 5 tiles x 4 = 20 image tokens" in res.stdout
+    res = cli("info", "--model", str(tiny_checkpoint), "--no-split")
+    assert "up to 1 tile x 4 = 4 image tokens" in res.stdout
+
+
+@pytest.mark.parametrize("case", ["missing image", "unreadable image", "not a checkpoint", "no such folder",
+                                  "unknown flag", "no model", "image count", "bad number"])
+def test_bad_input_is_one_line_and_nonzero(case, tiny_checkpoint, image_file, tmp_path):
+    model = str(tiny_checkpoint)
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image")
+    args = {
+        "missing image": ["generate", "--model", model, "--image", str(tmp_path / "nope.jpg"), "hi"],
+        "unreadable image": ["generate", "--model", model, "--image", str(text_file), "hi"],
+        "not a checkpoint": ["generate", "--model", str(tmp_path), "hi"],
+        "no such folder": ["info", "--model", str(tmp_path / "missing" / "model")],
+        "unknown flag": ["generate", "--model", model, "--frobnicate", "hi"],
+        "no model": ["info"],
+        "image count": ["generate", "--model", model, "--image", str(image_file), "<image> and <image>?"],
+        "bad number": ["generate", "--model", model, "--max-new-tokens", "many", "hi"],
+    }[case]
+    res = cli(*args)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("idefics3: error:"), res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = cli("info", "--model", str(tmp_path), "--debug")
+    assert res.returncode != 0 and "Traceback" in res.stderr
