@@ -29,6 +29,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from .load import to_rgb
+
 # Absolute cap of the first resize, as in transformers (`MAX_IMAGE_SIZE`, "4k resolution").
 MAX_IMAGE_SIZE = 4096
 
@@ -309,3 +311,18 @@ def batch_frames(frames: list[list[np.ndarray]], settings: ImageSettings) -> dic
             _write_frame(pixel_values[b, n], frame, settings)
             mask[b, n, :frame.shape[0], :frame.shape[1]] = 1
     return {"pixel_values": pixel_values, "pixel_attention_mask": mask}
+
+
+def preprocess(images: list[list[Any]], settings: ImageSettings,
+               max_pixels: int | None = None) -> tuple[dict[str, Any], list[list[tuple[int, int]]]]:
+    """Per-sample lists of in-memory images -> (`pixel_values`/`pixel_attention_mask`, per-sample (rows, cols))."""
+    frames: list[list[np.ndarray]] = []
+    grids: list[list[tuple[int, int]]] = []
+    for sample in images:
+        frames.append([])
+        grids.append([])
+        for image in sample:
+            tiles, rows, cols = split_into_frames(to_rgb(image, settings.do_convert_rgb, max_pixels), settings)
+            frames[-1].extend(tiles)
+            grids[-1].append((rows, cols))
+    return batch_frames(frames, settings), grids

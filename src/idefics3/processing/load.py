@@ -83,7 +83,8 @@ def _decode(data: bytes | str | Path, what: str, max_pixels: int | None) -> Imag
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(source)
     except Image.DecompressionBombError as err:
-        raise ImageLoadError(f"{what}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS to accept it)") from err
+        raise ImageLoadError(f"{what} is over Pillow's pixel limit (a guard against decompression bombs): {err} "
+                             "Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.") from err
     except UnidentifiedImageError as err:
         raise ImageLoadError(f"{what} is not an image file Pillow can read") from err
     except OSError as err:

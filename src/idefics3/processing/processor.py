@@ -21,8 +21,8 @@ from typing import Any
 from ..hub import resolve_model_path
 from . import chat_template as templates
 from .batch import BatchFeature
-from .image import ImageSettings, batch_frames, split_into_frames
-from .load import DEFAULT_TIMEOUT, default_max_pixels, is_image_like, load_image, to_rgb
+from .image import ImageSettings, preprocess
+from .load import DEFAULT_TIMEOUT, default_max_pixels, is_image_like, load_image
 from .prompt import ImageTokens, collapse_image_markers, count_placeholders, expand_prompts
 from .tokenizer import Tokenizer
 
@@ -167,17 +167,7 @@ class Idefics3Processor:
     def process_images(self, images: list[list[Any]], **settings: Any) -> tuple[dict[str, Any], list[list[tuple]]]:
         """Per-sample image lists -> (pixel_values/pixel_attention_mask arrays, per-sample (rows, cols) grids)."""
         options = self.image_processor.updated(**settings) if settings else self.image_processor
-        frames, grids = [], []
-        for sample in images:
-            sample_frames, sample_grids = [], []
-            for image in sample:
-                pixels = to_rgb(image, options.do_convert_rgb, self._pixel_limit)
-                tiles, rows, cols = split_into_frames(pixels, options)
-                sample_frames.extend(tiles)
-                sample_grids.append((rows, cols))
-            frames.append(sample_frames)
-            grids.append(sample_grids)
-        return batch_frames(frames, options), grids
+        return preprocess(images, options, self._pixel_limit)
 
     def __call__(self, text: str | list[str] | None = None, images: Any = None, return_tensors: str | None = None,
                  image_seq_len: int | None = None, images_kwargs: dict | None = None,
