@@ -1,0 +1,25 @@
+"""`merge_adapter`: base checkpoint + LoRA adapter folder -> a plain checkpoint (no adapter left).
+
+The result loads in idefics3 and in transformers like any checkpoint; the base's processor, tokenizer and
+generation files are copied along, and the dtype is the base checkpoint's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..model.idefics3 import Idefics3ForConditionalGeneration
+from .lora import load_adapter, merge_lora
+
+log = logging.getLogger(__name__)
+
+
+def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dtype: str = "auto") -> Path:
+    """Load `model`, apply the adapter at `adapter`, fold it into the weights and save to `output`."""
+    base = Idefics3ForConditionalGeneration.from_pretrained(model, dtype=dtype)
+    settings = load_adapter(base, adapter)
+    merge_lora(base)
+    base.save_pretrained(output)
+    log.info("merged adapter %s (r=%d) into %s -> %s", adapter, settings.r, model, output)
+    return Path(output)

@@ -1,0 +1,39 @@
+"""The training forward: summed next-token cross-entropy over the labelled positions only.
+
+`TokenLoss` wraps the model (it is what DDP or FSDP wraps) and runs the model's own pieces: image features,
+their merge into the embeddings, the decoder. It then applies the output head only where a label exists,
+instead of producing [B, T, V] logits for every position: with the loss on the assistant's answers that is a
+few dozen rows instead of thousands, which saves most of the head's time and memory. It returns the *sum* of
+the token losses; the loop divides by the number of labelled tokens in the whole optimiser step (over
+accumulation and ranks), so the update does not depend on how a step is split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encode import IGNORE
+
+
+class TokenLoss(nn.Module):
+    """batch -> sum of the cross-entropy of every labelled next token (fp32)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                pixel_values: torch.Tensor | None = None,
+                pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.model
+        embeds = m.model.text_model.embed_tokens(input_ids)  # [B, T, D]
+        if pixel_values is not None:
+            features = m.get_image_features(pixel_values, pixel_attention_mask)  # [N, S, D]
+            embeds = m.merge_image_features(input_ids, embeds, features)
+        hidden = m.model.text_model(embeds, None, attention_mask)  # [B, T, D]; right padding: positions 0..L-1
+        targets = labels[:, 1:]  # [B, T-1]
+        keep = targets != IGNORE
+        logits = m.lm_head(hidden[:, :-1][keep])  # [K, V] for the K labelled positions
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")

@@ -1,0 +1,82 @@
+"""What a run leaves behind for people: metrics.jsonl and the README.md model card.
+
+metrics.jsonl gets one JSON object per optimiser step (step, epoch, loss, lr, tokens_per_s, time, and
+eval_loss on evaluation steps). On resume the rows after the checkpoint's step are dropped first, so the file
+reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsLog:
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / METRICS
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only the rows of steps <= `step` (atomically)."""
+        if not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
+    path = Path(folder) / METRICS
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def model_card(config: dict[str, Any], summary: dict[str, Any]) -> str:
+    """A README.md for the output folder: what was trained on what, how, and how to load it."""
+    lora = not config["full"]
+    out = Path(config["output"]).name or "out"
+    what = (f"a LoRA adapter (r={config['lora_r']}, alpha={config['lora_alpha']}, dropout={config['lora_dropout']}, "
+            f"targets {config['lora_targets']})" if lora else "a full fine-tune")
+    lines = [
+        "---", f"base_model: {config['model']}", "library_name: " + ("peft" if lora else "idefics3"),
+        "tags: [idefics3, smolvlm, fine-tuned]", "---", "",
+        f"# {out}", "",
+        f"This is {what} of `{config['model']}`, trained with `idefics3 finetune`.", "",
+        "## Command", "", "```", config.get("command") or "(Python API)", "```", "",
+        "## Data", "",
+        f"- training data: `{config['data']}` ({summary['train_rows']} rows; {summary['bad_rows']})",
+    ]
+    if config.get("eval_data"):
+        lines.append(f"- evaluation data: `{config['eval_data']}`")
+    lines += [f"- loss on: {config['loss_on']} tokens", "", "## Training", "",
+              f"- steps: {summary['steps']} (batch {config['batch_size']} x accumulation {config['grad_accum']} x "
+              f"{summary['world_size']} process(es)), epochs seen: {summary['epochs']:.2f}",
+              f"- optimiser: AdamW, lr {config['lr']}, warmup {config['warmup']}, {config['schedule']} decay, "
+              f"weight decay {config['weight_decay']}, clip {config['max_grad_norm']}",
+              f"- frozen parts: {', '.join(config['freeze']) or 'none'}; dtype {summary['dtype']}; seed {config['seed']}",
+              f"- final training loss: {summary['final_loss']}" +
+              (f"; final eval loss: {summary['eval_loss']}" if summary.get("eval_loss") is not None else ""),
+              "", "## Use", ""]
+    if lora:
+        lines += ["```python", "from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor",
+                  "from idefics3.finetune import load_adapter, merge_lora", "",
+                  f"model = Idefics3ForConditionalGeneration.from_pretrained({config['model']!r})",
+                  f"load_adapter(model, '{out}/adapter')  # or: merge_lora(model) after it",
+                  f"processor = Idefics3Processor.from_pretrained('{out}')", "```", "",
+                  "With transformers + peft: `PeftModel.from_pretrained(base_model, 'adapter')`. To write a plain "
+                  f"checkpoint: `idefics3 merge --model {config['model']} --adapter {out}/adapter --output merged/`."]
+    else:
+        lines += ["```python", "from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor", "",
+                  f"model = Idefics3ForConditionalGeneration.from_pretrained('{out}')",
+                  f"processor = Idefics3Processor.from_pretrained('{out}')", "```"]
+    lines += ["", "Metrics per step are in `metrics.jsonl`.", ""]
+    return "\n".join(lines)
