@@ -87,6 +87,17 @@ def test_stop_strings(tiny_hf_model, model, processor, tokenizer, hf_tokenizer, 
     assert stop in tokenizer.decode(ours[0, t:].tolist(), skip_special_tokens=False)
 
 
+def test_stop_strings_stop_each_row_of_a_batch(tiny_hf_model, model, mixed_batch, tokenizer, hf_tokenizer):
+    t = mixed_batch["input_ids"].shape[1]
+    free = model.generate(**mixed_batch, max_new_tokens=NEW)[:, t:].tolist()
+    stops = [tokenizer.decode(free[0][3:4]), tokenizer.decode(free[2][6:8])]
+    ref = tiny_hf_model.generate(**mixed_batch, do_sample=False, pad_token_id=2, max_new_tokens=NEW,
+                                 stop_strings=stops, tokenizer=hf_tokenizer)
+    ours = model.generate(**mixed_batch, max_new_tokens=NEW, stop_strings=stops, tokenizer=tokenizer)
+    assert torch.equal(ours, ref)
+    assert (ours[0, t + 4:] == 2).all()  # row 0 stopped after its 4th token
+
+
 def test_end_of_utterance_stops_even_if_generation_config_forgets_it(tiny_checkpoint, tmp_path, processor,
                                                                      chat_prompt):
     """A fine-tuned checkpoint with eos [2] only: generation still stops at <end_of_utterance> (49279)."""
