@@ -149,8 +149,9 @@ class ParquetSource:
         self._groups: list[tuple[int, int, int]] = []  # (file index, row group, first global row)
         total = 0
         for f, path in enumerate(paths):
-            meta = pq.ParquetFile(path).metadata
-            missing = {"images", "texts"} - set(meta.schema.names)
+            file = pq.ParquetFile(path)
+            meta = file.metadata
+            missing = {"images", "texts"} - set(file.schema_arrow.names)
             if missing:
                 raise ValueError(f"{path} lacks the column(s) {sorted(missing)} of the Cauldron layout")
             for g in range(meta.num_row_groups):
