@@ -33,7 +33,9 @@ from typing import Any
 import torch
 
 from .sampling import BatchSampler, SamplingParams, ban_tokens
-from .stopping import ABORT, StopCondition, finish_reason
+from .stopping import StopCondition, finish_reason
+
+DEFAULT_MAX_SEQ_LEN = 4096
 
 
 @dataclass
@@ -73,7 +75,12 @@ class _Sequence:
 
 
 class Engine:
-    """Steps a changing batch of sequences together over one `model.make_cache(max_batch, max_seq_len)`."""
+    """Steps a changing batch of sequences together over one `model.make_cache(max_batch, max_seq_len)`.
+
+    max_seq_len (prompt + new tokens per sequence) defaults to 4096, or the model's context if shorter: the
+    cache is allocated up front, and a context of 131072 (Idefics3-8B) would not fit. max_prefill_tokens caps
+    the padded size of one batched prefill. Not thread-safe: drive add/step/abort from one thread.
+    """
 
     def __init__(self, model: Any, max_batch: int = 8, max_seq_len: int | None = None,
                  eos_token_ids: list[int] | None = None, max_prefill_tokens: int = 16384,
@@ -86,7 +93,7 @@ class Engine:
         self.model = model
         self.device = model.device
         self.max_batch = max_batch
-        self.max_seq_len = max_seq_len or text.max_position_embeddings
+        self.max_seq_len = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, text.max_position_embeddings)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_prefill_tokens = max_prefill_tokens
         self.pad_token_id = pad_token_id if pad_token_id is not None else (text.pad_token_id or 0)

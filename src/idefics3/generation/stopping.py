@@ -13,7 +13,6 @@ from typing import Any, Protocol
 
 STOP = "stop"      # an eos id or a stop string was generated
 LENGTH = "length"  # max_new_tokens reached, or the sequence filled its cache slot
-ABORT = "abort"    # removed by the caller
 
 
 class StopCondition(Protocol):
