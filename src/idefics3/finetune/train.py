@@ -74,6 +74,7 @@ class Trainer:
                  progress: Callable[[StepInfo], None] | None = None) -> None:
         self.config, self.world, self.progress = config, world, progress
         self.out = config.output_dir
+        self.metrics = MetricsLog(self.out)
         self.stop_requested = False
 
     # ------------------------------------------------------------------------------------------ setup
@@ -97,7 +98,6 @@ class Trainer:
         if self.pad_id is None:
             self.pad_id = self.processor.tokenizer.eos_token_id or 0
         self.stats = BadRowStats()
-        self.metrics = MetricsLog(self.out)
         self.step, self.position, self.elapsed_before, self.resumed_from = 0, 0, 0.0, None
 
     def _fsdp(self) -> bool:
@@ -279,8 +279,8 @@ class Trainer:
 
     def run(self) -> FinetuneResult:
         c = self.config
-        self._build()
         self._check_output()
+        self._build()
         if c.resume:
             self._resume()
         stream = ExampleStream(self.source, self.encoder, c.seed, self.world.rank, self.world.size, self.position,
