@@ -146,6 +146,16 @@ def test_setting_variants_match_reference(changes):
     assert_same_as_reference(images, **{**CHEAP, **changes})
 
 
+def test_thread_count_does_not_change_the_output():
+    images = [[photo(90, 60), noise(30, 40)], [document(40, 60)], [gradient(7, 80)]]
+    settings = ImageSettings.from_dict(CHEAP)
+    single, grids = preprocess(images, settings, workers=1)
+    for workers in (2, 5):
+        out, more_grids = preprocess(images, settings, workers=workers)
+        assert more_grids == grids
+        assert all(np.array_equal(out[k], single[k]) for k in single)
+
+
 def test_no_padding_returns_unpadded_frames():
     settings = {**CHEAP, "do_pad": False}
     expected = reference_processor(**settings)(images=[[photo(60, 45)]], return_tensors=None)

@@ -10,9 +10,9 @@ bit, because the models were trained on its output:
 4. rescale and normalise; 5. pad the batch with all-zero frames and build `pixel_attention_mask`.
 
 Every resize is a PIL (LANCZOS by default) resize of a uint8 image, so pixels are re-quantised after each step,
-exactly as the reference does. A working image is either a PIL "RGB" image (the normal case) or, for float array
-inputs only, an (H, W, 3) float array: the reference keeps such images as floats in [0, 1] and converts them to
-uint8 (truncating) around each resize; `_resize` follows those rules step by step.
+exactly as the reference does (resize.py). A working image is a
+PIL "RGB" image, or, for float array inputs only, an (H, W, 3) float array that the reference keeps as floats in
+[0, 1] and truncates to uint8 around each resize.
 
 Speed without drift: rescale + normalise of uint8 pixels is a per-channel lookup table computed with the
 reference's own float operations (float64 product then float32, then float32 `(x - mean) / std`), so every
@@ -22,6 +22,8 @@ output value is identical while the whole step costs one gather per frame, writt
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Union
@@ -30,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .load import to_rgb
+from .resize import resize
 
 # Absolute cap of the first resize, as in transformers (`MAX_IMAGE_SIZE`, "4k resolution").
 MAX_IMAGE_SIZE = 4096
@@ -170,39 +173,14 @@ def image_size(image: WorkImage) -> tuple[int, int]:
     return image.shape[0], image.shape[1]
 
 
-def _to_uint8_for_pil(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
-    """The reference's array -> PIL rule: integral values in [0, 255] are cast as they are; other floats must lie
-    in [0, 1] and are multiplied by 255 (float64 product, float32 result) then truncated. Returns (uint8, scaled)."""
-    if pixels.dtype == np.uint8:
-        return pixels, False
-    if np.allclose(pixels, pixels.astype(int)):
-        if pixels.min() < 0 or pixels.max() > 255:
-            raise ValueError(f"image values must lie in [0, 255], got [{pixels.min()}, {pixels.max()}]")
-        return pixels.astype(np.uint8), False
-    if pixels.min() < 0 or pixels.max() > 1:
-        raise ValueError("a float image that is not integral must lie in [0, 1], "
-                         f"got [{pixels.min()}, {pixels.max()}]")
-    return (pixels.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
-
-
-def _resize(image: WorkImage, height: int, width: int, resample: int) -> WorkImage:
-    if isinstance(image, Image.Image):
-        return image.resize((width, height), resample=resample)
-    pixels, scaled = _to_uint8_for_pil(image)
-    resized = Image.fromarray(pixels).resize((width, height), resample=resample)
-    if not scaled:
-        return resized
-    return (np.asarray(resized).astype(np.float64) * (1 / 255)).astype(np.float32)
-
-
 def resize_longest_edge(image: WorkImage, settings: ImageSettings) -> WorkImage:
     """Step 1: the resize to `size` (longest edge, or an explicit height/width)."""
-    return _resize(image, *_first_resize_size(*image_size(image), settings.size), settings.resample)
+    return resize(image, *_first_resize_size(*image_size(image), settings.size), settings.resample)
 
 
 def resize_for_encoder(image: WorkImage, settings: ImageSettings) -> WorkImage:
     """Step 2: the resize that makes both sides multiples of the tile."""
-    return _resize(image, *encoder_size(*image_size(image), settings.tile), settings.resample)
+    return resize(image, *encoder_size(*image_size(image), settings.tile), settings.resample)
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -218,7 +196,7 @@ def split_into_frames(image: WorkImage, settings: ImageSettings) -> tuple[list[n
         image = resize_longest_edge(image, settings)
     tile = settings.tile
     if not settings.do_image_splitting:
-        return [_pixels(_resize(image, tile, tile, settings.resample))], 0, 0
+        return [_pixels(resize(image, tile, tile, settings.resample))], 0, 0
     image = resize_for_encoder(image, settings)
     height, width = image_size(image)
     if height <= tile and width <= tile:
@@ -226,7 +204,7 @@ def split_into_frames(image: WorkImage, settings: ImageSettings) -> tuple[list[n
     rows, cols = (height - tile) // tile + 1, (width - tile) // tile + 1
     pixels = _pixels(image)
     frames = [pixels[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
-    frames.append(_pixels(_resize(image, tile, tile, settings.resample)))  # the global image, last
+    frames.append(_pixels(resize(image, tile, tile, settings.resample)))  # the global image, last
     return frames, rows, cols
 
 
@@ -271,8 +249,8 @@ def _write_frame(dest: np.ndarray, frame: np.ndarray, settings: ImageSettings) -
     std = _per_channel(settings.image_std, "image_std")
     if frame.dtype == np.uint8 and (settings.do_rescale or settings.do_normalize):
         table = _lookup_table(settings.do_rescale, float(settings.rescale_factor), settings.do_normalize, mean, std)
-        for c in range(3):
-            dest[c, :height, :width] = table[c][frame[:, :, c]]
+        for c in range(3):  # a gather per channel; uint8 indices are always in range
+            np.take(table[c], frame[:, :, c], out=dest[c, :height, :width], mode="clip")
         return
     values = _rescale_normalize(frame, settings.do_rescale, float(settings.rescale_factor),
                                 settings.do_normalize, mean, std, channel_axis=2)
@@ -286,7 +264,7 @@ def _output_dtype(frames: list[list[np.ndarray]], settings: ImageSettings, any_e
     return np.result_type(*[frame.dtype for sample in frames for frame in sample])
 
 
-def batch_frames(frames: list[list[np.ndarray]], settings: ImageSettings) -> dict[str, Any]:
+def batch_frames(frames: list[list[np.ndarray]], settings: ImageSettings, workers: int = 1) -> dict[str, Any]:
     """Step 4-5 for a batch: per-sample lists of (h, w, 3) frames -> `pixel_values` [B, N, 3, H, W] and
     `pixel_attention_mask` [B, N, H, W] (int64), zero-padded bottom/right and with all-zero frames appended
     to samples with fewer frames. With `do_pad=False` frames are returned unpadded as nested lists."""
@@ -306,23 +284,57 @@ def batch_frames(frames: list[list[np.ndarray]], settings: ImageSettings) -> dic
     dtype = _output_dtype(frames, settings, any(len(sample) < n_max for sample in frames))
     pixel_values = np.zeros((len(frames), n_max, 3, height, width), dtype=dtype)  # [B, N, 3, H, W]
     mask = np.zeros((len(frames), n_max, height, width), dtype=np.int64)  # [B, N, H, W]
-    for b, sample in enumerate(frames):
-        for n, frame in enumerate(sample):
-            _write_frame(pixel_values[b, n], frame, settings)
-            mask[b, n, :frame.shape[0], :frame.shape[1]] = 1
+    slots = [(b, n, frame) for b, sample in enumerate(frames) for n, frame in enumerate(sample)]
+    for b, n, frame in slots:
+        mask[b, n, :frame.shape[0], :frame.shape[1]] = 1
+
+    def write(slot: tuple[int, int, np.ndarray]) -> None:
+        _write_frame(pixel_values[slot[0], slot[1]], slot[2], settings)
+
+    if workers > 1 and len(slots) > 1:  # numpy releases the GIL in the gathers
+        list(thread_pool(workers).map(write, slots))
+    else:
+        for slot in slots:
+            write(slot)
     return {"pixel_values": pixel_values, "pixel_attention_mask": mask}
 
 
-def preprocess(images: list[list[Any]], settings: ImageSettings,
-               max_pixels: int | None = None) -> tuple[dict[str, Any], list[list[tuple[int, int]]]]:
-    """Per-sample lists of in-memory images -> (`pixel_values`/`pixel_attention_mask`, per-sample (rows, cols))."""
+def default_threads() -> int:
+    """Threads for image work: the usable cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A shared pool per size and per process (a pool inherited through fork has no threads)."""
+    return _pool(workers, os.getpid())
+
+
+@lru_cache(maxsize=8)
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="idefics3-image")
+
+
+def preprocess(images: list[list[Any]], settings: ImageSettings, max_pixels: int | None = None,
+               workers: int | None = None) -> tuple[dict[str, Any], list[list[tuple[int, int]]]]:
+    """Per-sample lists of in-memory images -> (`pixel_values`/`pixel_attention_mask`, per-sample (rows, cols)).
+
+    Images are converted, resized and tiled on `workers` threads (default: the usable cores, at most 8; PIL and
+    numpy release the GIL), then written into the batch. The output does not depend on the thread count."""
+    workers = default_threads() if workers is None else max(1, workers)
+    jobs = [image for sample in images for image in sample]
+
+    def one(image: Any) -> tuple[list[np.ndarray], int, int]:
+        return split_into_frames(to_rgb(image, settings.do_convert_rgb, max_pixels), settings)
+
+    results = iter(list(thread_pool(workers).map(one, jobs)) if workers > 1 and len(jobs) > 1 else map(one, jobs))
     frames: list[list[np.ndarray]] = []
     grids: list[list[tuple[int, int]]] = []
     for sample in images:
         frames.append([])
         grids.append([])
-        for image in sample:
-            tiles, rows, cols = split_into_frames(to_rgb(image, settings.do_convert_rgb, max_pixels), settings)
+        for _ in sample:
+            tiles, rows, cols = next(results)
             frames[-1].extend(tiles)
             grids[-1].append((rows, cols))
-    return batch_frames(frames, settings), grids
+    return batch_frames(frames, settings, workers), grids

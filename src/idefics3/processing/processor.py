@@ -45,13 +45,14 @@ class Idefics3Processor:
 
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageSettings | None = None, image_seq_len: int = 169,
                  chat_template: str | dict[str, str] | None = None, max_pixels: int | None = -1,
-                 load_timeout: float | None = DEFAULT_TIMEOUT) -> None:
+                 load_timeout: float | None = DEFAULT_TIMEOUT, num_threads: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or ImageSettings()
         self.image_seq_len = int(image_seq_len)
         self.chat_template = chat_template if chat_template is not None else tokenizer.chat_template
         self.max_pixels = max_pixels  # -1: Pillow's MAX_IMAGE_PIXELS; None: no limit
         self.load_timeout = load_timeout
+        self.num_threads = num_threads  # image work; None: the usable cores, at most 8
         self.tokens = ImageTokens()
         self.image_token, self.fake_image_token = self.tokens.image, self.tokens.fake_image
         self.global_image_token = self.tokens.global_image
@@ -78,7 +79,8 @@ class Idefics3Processor:
         """Load from a checkpoint folder or Hub id; keyword overrides (e.g. `size={"longest_edge": 3*364}`,
         `do_image_splitting=False`, `image_seq_len`, `padding_side`, `chat_template`, `max_pixels`) win."""
         folder = resolve_model_path(ref, revision)
-        valid = _IMAGE_KEYS | _TOKENIZER_LOAD_KEYS | {"image_seq_len", "chat_template", "max_pixels", "load_timeout"}
+        valid = _IMAGE_KEYS | _TOKENIZER_LOAD_KEYS | {"image_seq_len", "chat_template", "max_pixels", "load_timeout",
+                                                      "num_threads"}
         unknown = sorted(set(overrides) - valid)
         if unknown:
             raise TypeError(f"unknown from_pretrained option(s) {unknown}; valid: {sorted(valid)}")
@@ -95,7 +97,8 @@ class Idefics3Processor:
         return cls(tokenizer, ImageSettings.from_dict(image_config),
                    image_seq_len=overrides.get("image_seq_len", processor_config.get("image_seq_len", 169)),
                    chat_template=chat, max_pixels=overrides.get("max_pixels", -1),
-                   load_timeout=overrides.get("load_timeout", DEFAULT_TIMEOUT))
+                   load_timeout=overrides.get("load_timeout", DEFAULT_TIMEOUT),
+                   num_threads=overrides.get("num_threads"))
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the transformers 4.x layout: preprocessor_config.json, processor_config.json, the chat template
@@ -148,9 +151,9 @@ class Idefics3Processor:
             bounds = [0, *accumulate(count_placeholders(texts, self.tokens))]
             per_sample = [list(images[a:b]) for a, b in zip(bounds, bounds[1:])]
             return per_sample + ([list(images[bounds[-1]:])] if len(images) > bounds[-1] else [])
-        if not all(isinstance(s, list) and all(is_image_like(i) for i in s) for s in images):
+        if not all(isinstance(s, (list, tuple)) and all(is_image_like(i) for i in s) for s in images):
             raise TypeError("images must be an image, a list of images, or a list of lists of images (one per sample)")
-        return images if any(images) else None
+        return [list(s) for s in images] if any(images) else None
 
     def _check_counts(self, texts: list[str] | None, images: list[list[Any]] | None) -> None:
         if texts is None:
@@ -167,7 +170,7 @@ class Idefics3Processor:
     def process_images(self, images: list[list[Any]], **settings: Any) -> tuple[dict[str, Any], list[list[tuple]]]:
         """Per-sample image lists -> (pixel_values/pixel_attention_mask arrays, per-sample (rows, cols) grids)."""
         options = self.image_processor.updated(**settings) if settings else self.image_processor
-        return preprocess(images, options, self._pixel_limit)
+        return preprocess(images, options, self._pixel_limit, self.num_threads)
 
     def __call__(self, text: str | list[str] | None = None, images: Any = None, return_tensors: str | None = None,
                  image_seq_len: int | None = None, images_kwargs: dict | None = None,
