@@ -138,9 +138,11 @@ def test_bad_bytes_and_strings(files):
         load_image(b"")
     with pytest.raises(ImageLoadError, match="not an image file"):
         load_image(b"\x89PNG but not really" * 4)
-    with pytest.raises(ImageLoadError, match="not an existing file"):
+    with pytest.raises(ImageLoadError, match="no such image file"):
         load_image(str(files / "no-such-image.png"))
-    with pytest.raises(ImageLoadError, match="not valid base64"):
+    with pytest.raises(ImageLoadError, match="neither an existing file nor valid base64"):
+        load_image("/tmp/nofolder/nosuchfileatall")
+    with pytest.raises(ImageLoadError, match="neither an existing file nor valid base64"):
         load_image("data:image/png;base64,@@@@not-base64@@@@")
     with pytest.raises(ImageLoadError, match="not base64-encoded"):
         load_image("data:image/svg+xml,<svg></svg>")

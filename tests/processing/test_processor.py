@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from idefics3 import BatchFeature, Idefics3Processor
-from processing.processing_data import document, gradient, noise, photo
+from processing.processing_data import document, exif_rotated_jpeg, gradient, noise, photo
 
 PROMPT = "<image>In this image, we see"
 
@@ -169,9 +169,12 @@ def test_images_from_paths_and_base64(folders, reference, ours, tmp_path):
     buffer = io.BytesIO()
     document(40, 50).save(buffer, format="PNG")
     encoded = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    rotated = tmp_path / "rotated.jpg"
+    rotated.write_bytes(exif_rotated_jpeg(90, 40, orientation=8))
     folder = folders["idefics3"]
-    expected = reference(folder)(text="<image><image>", images=[str(path), encoded], return_tensors="pt")
-    assert_same(ours(folder)(text="<image><image>", images=[str(path), encoded], return_tensors="pt"), expected)
+    sources = [str(path), encoded, str(rotated)]
+    expected = reference(folder)(text="<image>" * 3, images=sources, return_tensors="pt")
+    assert_same(ours(folder)(text="<image>" * 3, images=sources, return_tensors="pt"), expected)
 
 
 # ---------------------------------------------------------------------------------------------- loading & saving

@@ -123,12 +123,14 @@ def _decode_string(src: str, timeout: float | None, max_pixels: int | None) -> I
             raise ImageLoadError(f"data URI {_short(src)} is not base64-encoded")
         payload = src[match.end():]
     elif not _BASE64.match(src) or len(src) < 16:
-        raise ImageLoadError(
-            f"image source {_short(src)} is not an existing file, an http(s) URL, a data: URI or base64 data")
+        what = "no such image file" if "." in src or os.sep in src else "not an image source"
+        raise ImageLoadError(f"{what}: {_short(src)} is not an existing file, an http(s) URL, a data: URI or "
+                             "base64 data")
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise ImageLoadError(f"image source {_short(src)} is not valid base64: {err}") from err
+        raise ImageLoadError(f"image source {_short(src)} is neither an existing file nor valid base64 "
+                             f"({err})") from err
     return _decode(data, "base64 image data", max_pixels)
 
 
