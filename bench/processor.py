@@ -6,7 +6,7 @@ Two workloads, run alternately (ours, then each reference, repeated) so that mac
 Outputs are checked to be identical to the PIL reference before timing. Prints per-workload medians and the
 ratio reference/ours (> 1 means we are faster).
 
-    python bench/processor.py [--folder PATH] [--reps 7] [--size N]   (default: the SmolVLM test folder)
+    python bench/processor.py [--folder PATH] [--reps 7] [--size N] [--threads N]   (default: SmolVLM test folder)
 """
 
 from __future__ import annotations
@@ -80,12 +80,13 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--size", type=int, default=None, help="longest_edge override (e.g. 1456)")
+    parser.add_argument("--threads", type=int, default=None, help="our image threads (default: usable cores, <= 8)")
     args = parser.parse_args()
     overrides = {"size": {"longest_edge": args.size}} if args.size else {}
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    ours = Idefics3Processor.from_pretrained(args.folder, **overrides)
+    ours = Idefics3Processor.from_pretrained(args.folder, num_threads=args.threads, **overrides)
     references = reference_processors(args.folder, overrides)
-    print(f"folder {args.folder}  size {ours.size}  tile {ours.max_image_size}  reps {args.reps}")
+    print(f"folder {args.folder}  size {ours.size}  tile {ours.max_image_size}  reps {args.reps}  "
+          f"our threads {args.threads or 'default'}")
     for name, (texts, images) in workloads().items():
         def run(processor):
             return processor(text=texts, images=images, padding=True, return_tensors="pt")
