@@ -3,10 +3,10 @@ global batch: DDP, and FSDP2 sharding, with only rank 0 writing files."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -45,3 +45,26 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_checkpoint, col
     assert adapter.keys() == expected.keys()
     for key, value in expected.items():
         assert (adapter[key] - value).abs().max() < 1e-5, key
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_fsdp_with_text_only_rows_on_one_rank(tmp_path, tiny_checkpoint, colour_task):
+    """Sharded layers all-gather in every forward, so a rank whose batch has no image must still run the vision
+    tower; without that the ranks would wait on each other forever."""
+    rows = colour_task[0].read_text().splitlines()[:4]
+    text_only = json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "Say red."}]},
+                                         {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]})
+    mixed = [line for row in rows for line in (row, text_only)]  # image rows at even slots: rank 0 only
+    data = colour_task[0].parent / "mixed.jsonl"
+    data.write_text("\n".join(mixed) + "\n")
+    options = dict(max_steps=2, lr=3e-3, warmup=1, lora_r=4, lora_dropout=0.0, no_split=True, shuffle=False)
+    finetune(model=str(tiny_checkpoint), data=str(data), output=str(tmp_path / "single"), batch_size=2, **options)
+    args = ["--model", str(tiny_checkpoint), "--data", str(data), "--output", str(tmp_path / "fsdp"), "--fsdp",
+            "--batch-size", "1", "--max-steps", "2", "--lr", "3e-3", "--warmup", "1", "--lora-r", "4",
+            "--lora-dropout", "0", "--no-split", "--no-shuffle", "--device", "cpu"]
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "idefics3.finetune",
+                           "finetune", *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "single")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -2,7 +2,8 @@
 
 `add_finetune_parser(subparsers)` and `add_merge_parser(subparsers)` add them to any argparse subparsers
 object (the `idefics3` CLI, or `python -m idefics3.finetune`); each parser's `func(args)` returns the exit
-code: 0 done, 130 stopped by Ctrl-C after saving a checkpoint, 2 bad arguments, data or files.
+code: 0 done, 130 stopped by Ctrl-C after saving a checkpoint, 2 bad arguments, data or files. Both `func` and
+`run` are set, for either dispatch convention.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (always at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output")
     g.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run_finetune)
+    p.set_defaults(func=run_finetune, run=run_finetune)
     return p
 
 
@@ -109,14 +110,15 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--output", required=True)
     p.add_argument("--dtype", default="auto", help="auto (the base's), bf16, fp16 or fp32")
-    p.set_defaults(func=run_merge)
+    p.set_defaults(func=run_merge, run=run_merge)
     return p
 
 
 def _logging() -> None:
+    """Progress messages of this package on stderr (rank 0 only), whatever the root logger was set to."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
+    logging.getLogger("idefics3.finetune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def run_finetune(args: argparse.Namespace) -> int:

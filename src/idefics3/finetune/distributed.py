@@ -96,3 +96,48 @@ def wrap(module: nn.Module, world: World, fsdp: bool, shard_units: list[nn.Modul
     ids = [world.device.index] if world.device.type == "cuda" else None
     # Text-only batches leave the vision tower (and its adapters) without gradients.
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+# ---------------------------------------------------------------------------------------------- state dicts
+# Checkpoints always hold full (unsharded) tensors under the model's own names, so that a run can resume with or
+# without FSDP's sharding being the same; under FSDP these calls are collectives (every rank must call them).
+
+def full_trainable_state(model: nn.Module, wrapped: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The trainable parameters, unsharded, on CPU when sharded."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                      ignore_frozen_params=True))
+        return {k.removeprefix("model."): v for k, v in full.items()}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_training_state(model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                        trainable: dict[str, torch.Tensor], optimizer_state: dict[str, Any], sharded: bool) -> None:
+    """Put checkpointed trainable weights and optimiser state back (every rank reads the same full state)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(wrapped, {"model." + k: v for k, v in trainable.items()}, options=options)
+        set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=options)
+        return
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != set(params):
+        raise ValueError(f"the checkpoint holds other trainable weights than this run ({len(trainable)} tensors vs "
+                         f"{len(params)}); was it made with other settings?")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(optimizer_state)

@@ -6,6 +6,11 @@ instead of producing [B, T, V] logits for every position: with the loss on the a
 few dozen rows instead of thousands, which saves most of the head's time and memory. It returns the *sum* of
 the token losses; the loop divides by the number of labelled tokens in the whole optimiser step (over
 accumulation and ranks), so the update does not depend on how a step is split into micro-batches or processes.
+
+Under FSDP every rank must run the same modules in the same order (each sharded layer all-gathers its weights),
+so with `always_run_vision` a batch without images still runs the vision tower on one dummy frame and adds
+0 × its output to the embeddings (where real image features enter, so that the backward pass also reaches the
+layers in the same order on every rank): same collectives everywhere, zero gradient.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from .encode import IGNORE
 class TokenLoss(nn.Module):
     """batch -> sum of the cross-entropy of every labelled next token (fp32)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, always_run_vision: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.always_run_vision = always_run_vision
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 pixel_values: torch.Tensor | None = None,
@@ -32,6 +38,10 @@ class TokenLoss(nn.Module):
         if pixel_values is not None:
             features = m.get_image_features(pixel_values, pixel_attention_mask)  # [N, S, D]
             embeds = m.merge_image_features(input_ids, embeds, features)
+        elif self.always_run_vision:
+            size = m.config.vision_config.image_size
+            dummy = m.get_image_features(torch.ones(1, 1, 3, size, size, device=input_ids.device))
+            embeds = embeds + dummy.sum().to(embeds.dtype) * 0.0
         hidden = m.model.text_model(embeds, None, attention_mask)  # [B, T, D]; right padding: positions 0..L-1
         targets = labels[:, 1:]  # [B, T-1]
         keep = targets != IGNORE

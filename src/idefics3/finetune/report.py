@@ -1,4 +1,4 @@
-"""What a run leaves behind for people: metrics.jsonl and the README.md model card.
+"""What a run leaves behind: the adapter or full checkpoint, processor files, metrics.jsonl and README.md.
 
 metrics.jsonl gets one JSON object per optimiser step (step, epoch, loss, lr, tokens_per_s, time, and
 eval_loss on evaluation steps). On resume the rows after the checkpoint's step are dropped first, so the file
@@ -11,6 +11,10 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from .lora import save_adapter
 
 METRICS = "metrics.jsonl"
 
@@ -80,3 +84,25 @@ def model_card(config: dict[str, Any], summary: dict[str, Any]) -> str:
                   f"processor = Idefics3Processor.from_pretrained('{out}')", "```"]
     lines += ["", "Metrics per step are in `metrics.jsonl`.", ""]
     return "\n".join(lines)
+
+
+def write_outputs(config: Any, model: torch.nn.Module, sharded: bool, processor: Any,
+                  trainable: dict[str, torch.Tensor], summary: dict[str, Any], saved_dtype: torch.dtype) -> None:
+    """Write the trained result into config.output (rank 0), from the gathered `trainable` tensors. A sharded
+    model cannot save itself: a full checkpoint is then rebuilt from the base model plus those tensors."""
+    out = Path(config.output)
+    if not config.full:
+        save_adapter(model, out / "adapter", config.lora_settings(), config.model, tensors=trainable)
+    else:
+        if sharded:
+            from ..model.idefics3 import Idefics3ForConditionalGeneration
+
+            model = Idefics3ForConditionalGeneration.from_pretrained(config.model, dtype=torch.float32)
+            model.load_state_dict(trainable, strict=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.to(saved_dtype)
+        model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(model_card(config.to_dict(), summary), encoding="utf-8")
+

@@ -31,12 +31,11 @@ from . import distributed as dist_utils
 from .collate import collate, label_tokens
 from .config import FinetuneConfig
 from .data import open_source
-from .lora import save_adapter
 from .objective import TokenLoss
 from .recompute import checkpointed_layers
-from .report import MetricsLog, model_card
+from .report import MetricsLog, write_outputs
 from .schedule import lr_at
-from .setup import (load_processor, make_encoder, make_optimizer, precision, prepare_model, trainable_named)
+from .setup import load_processor, make_encoder, make_optimizer, precision, prepare_model, trainable_named
 from .stream import BadRowStats, ExampleStream, iterate_once
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class Trainer:
         self.encoder = make_encoder(c, self.processor, self.model.config)
         self.source = open_source(c.data)
         self.eval_source = open_source(c.eval_data) if c.eval_data else None
-        self.loss_module = TokenLoss(self.model)
+        self.loss_module = TokenLoss(self.model, always_run_vision=c.fsdp and w.distributed)
         self.wrapped = dist_utils.wrap(self.loss_module, w, c.fsdp, checkpointed_layers(self.model))
         self.optimizer = make_optimizer(self.model, c, w.device)
         self.trainable = list(trainable_named(self.model).values())
@@ -104,49 +103,13 @@ class Trainer:
         return self.config.fsdp and self.world.distributed
 
     # ------------------------------------------------------------------------------------------ state
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(self.wrapped, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-            return {k.removeprefix("model."): v for k, v in full.items()}
-        return {n: p.detach() for n, p in trainable_named(self.model).items()}
-
-    def _optimizer_state(self) -> dict[str, Any]:
-        if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(self.wrapped, self.optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.optimizer.state_dict()
-
-    def _load_state(self, found: ckpt.Checkpoint) -> None:
-        trainable = found.trainable()
-        if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(self.wrapped, {"model." + k: v for k, v in trainable.items()}, options=options)
-            set_optimizer_state_dict(self.wrapped, self.optimizer, found.optimizer(), options=options)
-        else:
-            expected = set(trainable_named(self.model))
-            if set(trainable) != expected:
-                raise ValueError(f"checkpoint {found.path} holds other trainable weights than this run "
-                                 f"({len(trainable)} vs {len(expected)}); was it made with other settings?")
-            with torch.no_grad():
-                params = dict(self.model.named_parameters())
-                for name, value in trainable.items():
-                    params[name].copy_(value)
-            self.optimizer.load_state_dict(found.optimizer())
-
     def save(self) -> None:
         """Checkpoint the current step (collective; rank 0 writes)."""
         state = {"positions": dist_utils.gather_objects(self.world, self.position),
                  "rng": dist_utils.gather_objects(self.world, ckpt.rng_state()),
                  "bad_rows": dist_utils.gather_objects(self.world, dict(self.stats.counts))}
-        trainable, optimizer = self._trainable_state(), self._optimizer_state()
+        trainable = dist_utils.full_trainable_state(self.model, self.wrapped, self._fsdp())
+        optimizer = dist_utils.full_optimizer_state(self.wrapped, self.optimizer, self._fsdp())
         if self.world.is_main:
             settings = {k: getattr(self.config, k) for k in FinetuneConfig.RESUME_KEYS}
             info = {"world_size": self.world.size, "positions": state["positions"], "elapsed": self._elapsed(),
@@ -169,7 +132,8 @@ class Trainer:
                    if k in FinetuneConfig.RESUME_KEYS and v != getattr(self.config, k)}
         if differs:
             raise ValueError(f"--resume with other settings than the checkpointed run: {differs}")
-        self._load_state(found)
+        dist_utils.load_training_state(self.model, self.wrapped, self.optimizer, found.trainable(),
+                                       found.optimizer(), self._fsdp())
         ckpt.set_rng_state(found.rng()[self.world.rank])
         self.step, self.position = found.step, info["positions"][self.world.rank]
         self.elapsed_before = float(info.get("elapsed", 0.0))
@@ -237,8 +201,9 @@ class Trainer:
             if not dist_utils.any_rank(self.world, has_batch):
                 break
             batch = collate(chunk, self.pad_id) if has_batch else last
-            if batch is None:  # a rank with no evaluation rows at all still joins the collectives
-                continue
+            if batch is None:  # a rank without evaluation rows still joins the collectives, on a dummy batch
+                ids = torch.tensor([[self.pad_id, self.pad_id]])
+                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
             with self._autocast():
                 value = float(module(**self._to_device(batch)))
             if has_batch:
@@ -311,11 +276,25 @@ class Trainer:
         if not interrupted:
             if c.save_every and self.step % c.save_every:
                 self.save()
-            self._write_outputs(loss, eval_loss)
         counts = BadRowStats()
         for per_rank in dist_utils.gather_objects(self.world, dict(self.stats.counts)):
             counts.merge(per_rank)
+        if not interrupted:
+            self._write_outputs(loss, eval_loss, counts)
         return FinetuneResult(self.out, self.step, loss, eval_loss, interrupted, self.resumed_from, dict(counts.counts))
+
+    def _write_outputs(self, loss: float | None, eval_loss: float | None, counts: BadRowStats) -> None:
+        c = self.config
+        trainable = dist_utils.full_trainable_state(self.model, self.wrapped, self._fsdp())  # collective
+        if self.world.is_main:
+            summary = {"train_rows": len(self.source), "bad_rows": counts.summary(), "steps": self.step,
+                       "world_size": self.world.size, "dtype": str(self.precision.compute).removeprefix("torch."),
+                       "epochs": self.step * c.batch_size * c.grad_accum * self.world.size / len(self.source),
+                       "final_loss": None if loss is None else round(loss, 4),
+                       "eval_loss": None if eval_loss is None else round(eval_loss, 4)}
+            write_outputs(c, self.model, self._fsdp(), self.processor, trainable, summary, self.precision.saved)
+            log.info("wrote %s (%s)", self.out, counts.summary())
+        dist_utils.barrier(self.world)
 
     def _record(self, loss: float, norm: float, tokens: int, dt: float, eval_loss: float | None,
                 stream: ExampleStream, mean_dt: float) -> None:
@@ -330,41 +309,6 @@ class Trainer:
         if self.progress is not None:
             self.progress(StepInfo(self.step, self.total_steps, loss, lr, tokens / dt, self._elapsed(),
                                    mean_dt * (self.total_steps - self.step), stream.epoch, norm, eval_loss))
-
-    def _write_outputs(self, loss: float | None, eval_loss: float | None) -> None:
-        c = self.config
-        trainable = self._trainable_state()  # collective under FSDP
-        counts = BadRowStats()
-        for per_rank in dist_utils.gather_objects(self.world, dict(self.stats.counts)):
-            counts.merge(per_rank)
-        if self.world.is_main:
-            if c.full:
-                self._save_full(trainable)
-            else:
-                save_adapter(self.model, self.out / "adapter", c.lora_settings(), c.model, tensors=trainable)
-            self.processor.save_pretrained(self.out)
-            summary = {"train_rows": len(self.source), "bad_rows": counts.summary(), "steps": self.step,
-                       "world_size": self.world.size, "epochs": self.step * c.batch_size * c.grad_accum *
-                       self.world.size / len(self.source), "dtype": str(self.precision.compute).removeprefix("torch."),
-                       "final_loss": None if loss is None else round(loss, 4),
-                       "eval_loss": None if eval_loss is None else round(eval_loss, 4)}
-            (self.out / "README.md").write_text(model_card(c.to_dict(), summary), encoding="utf-8")
-            log.info("wrote %s (%s)", self.out, counts.summary())
-        dist_utils.barrier(self.world)
-
-    def _save_full(self, trainable: dict[str, torch.Tensor]) -> None:
-        if self._fsdp():  # the sharded model cannot save itself: fill an unsharded CPU copy
-            from ..model.idefics3 import Idefics3ForConditionalGeneration
-
-            model = Idefics3ForConditionalGeneration.from_pretrained(self.config.model, dtype=torch.float32)
-            model.load_state_dict(trainable, strict=False)
-        else:
-            model = self.model
-        state_dtype = self.precision.saved
-        with torch.no_grad():
-            for p in model.parameters():
-                p.data = p.data.to(state_dtype)
-        model.save_pretrained(self.out)
 
 
 def finetune(config: FinetuneConfig | None = None, progress: Callable[[StepInfo], None] | None = None,
