@@ -3,10 +3,11 @@
     from idefics3.finetune import finetune
     finetune(model="HuggingFaceTB/SmolVLM-256M-Instruct", data="train.jsonl", output="out/", max_steps=500)
 
-Modules: data (reading rows), encode (labels), collate (batches), stream (order, sharding, bad rows),
-lora (adapters in PEFT's format), objective (the loss), recompute (gradient checkpointing), schedule,
-checkpoint (atomic, verified), distributed (torchrun), setup, train (the loop), report (metrics, model card),
-cli (the `finetune` and `merge` subcommands).
+Modules: config (every option), data (reading rows), encode (labels), collate (batches), stream (order,
+sharding, bad rows), lora (adapters in PEFT's format), merge (adapter -> plain checkpoint), objective (the loss),
+recompute (gradient checkpointing), schedule, checkpoint (atomic, verified), distributed (torchrun, sharded state),
+setup (model, optimiser, precision), train (the loop), report (outputs, metrics, model card), cli (the `finetune`
+and `merge` subcommands).
 """
 
 from __future__ import annotations

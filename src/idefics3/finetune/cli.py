@@ -144,6 +144,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("aborted without saving (second interrupt)", file=sys.stderr)
+        return 130
     if not main:
         return 130 if result.interrupted else 0
     if result.bad_rows:
@@ -155,8 +158,9 @@ def run_finetune(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     what = "adapter in " + str(result.output / "adapter") if not config.full else "checkpoint in " + str(result.output)
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}"
-          + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "") + f"; {what}")
+    losses = "".join(f", {name} {value:.4f}" for name, value in (("final loss", result.final_loss),
+                                                                 ("eval loss", result.eval_loss)) if value is not None)
+    print(f"done: {result.steps} steps{losses}; {what}")
     return 0
 
 

@@ -7,6 +7,7 @@ assistant's answers. `--full` trains every parameter outside the frozen parts in
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ class FinetuneConfig:
     command: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora_targets, str) and "," in self.lora_targets:
+        if isinstance(self.lora_targets, str) and re.fullmatch(r"[\w.,\s-]+", self.lora_targets) \
+                and self.lora_targets != "all-linear":  # "q_proj,v_proj" is a list; anything else a regex
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
         if isinstance(self.freeze, str):
             self.freeze = [p.strip() for p in self.freeze.split(",") if p.strip()]
