@@ -13,7 +13,6 @@ from finetune.finetune_data import colour_image
 from idefics3 import Idefics3ForConditionalGeneration
 from idefics3.finetune.lora import (LoraSettings, LoRALinear, inject_lora, load_adapter, lora_modules, merge_lora,
                                     save_adapter)
-from idefics3.finetune.merge import merge_adapter
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +116,17 @@ def test_a_peft_adapter_loads_here(tiny_checkpoint, inputs, tmp_path):
     torch.testing.assert_close(logits(model.eval(), inputs), logits(peft_model, inputs), rtol=1e-4, atol=1e-4)
 
 
-def test_merged_checkpoint_loads_in_transformers_and_here(tiny_checkpoint, inputs, tmp_path):
+def test_merge_command_writes_a_checkpoint_transformers_and_we_load(tiny_checkpoint, inputs, tmp_path):
     model = ours(tiny_checkpoint)
     settings = LoraSettings(r=4, alpha=8, dropout=0.0, targets="all-linear")
     inject_lora(model, settings)
     randomise_adapters(model)
     expected = logits(model, inputs)
     save_adapter(model, tmp_path / "adapter", settings)
-    merge_adapter(tiny_checkpoint, tmp_path / "adapter", tmp_path / "merged")
+    from idefics3.finetune.__main__ import main
+
+    assert main(["merge", "--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"),
+                 "--output", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "tokenizer.json").is_file()  # processor files travel along
     torch.testing.assert_close(logits(ours(tmp_path / "merged"), inputs), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits(hf_model(tmp_path / "merged"), inputs), expected, rtol=1e-4, atol=1e-4)
