@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .encoder_cache import EncoderCache
 from .sampling import BatchSampler, SamplingParams, ban_tokens
 from .stopping import StopCondition, finish_reason
 
@@ -84,13 +85,14 @@ class Engine:
 
     def __init__(self, model: Any, max_batch: int = 8, max_seq_len: int | None = None,
                  eos_token_ids: list[int] | None = None, max_prefill_tokens: int = 16384,
-                 pad_token_id: int | None = None) -> None:
+                 pad_token_id: int | None = None, encoder_cache: EncoderCache | None = None) -> None:
         text = model.config.text_config
         if eos_token_ids is None:
             from .config import GenerationConfig  # only for the default; the engine itself reads no files
 
             eos_token_ids = GenerationConfig.for_model(model).eos_token_id
         self.model = model
+        self.encoder_cache = encoder_cache
         self.device = model.device
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, text.max_position_embeddings)
@@ -191,7 +193,7 @@ class Engine:
         position_ids = torch.tensor(positions, dtype=torch.long, device=self.device)  # [G, T]
         slot_list = [s.slot for s in seqs]
         slots = torch.tensor(slot_list, dtype=torch.long, device=self.device)
-        features = encode_images(self.model, [s.request for s in seqs])
+        features = encode_images(self.model, [s.request for s in seqs], cache=self.encoder_cache)
         out = self.model(input_ids, position_ids=position_ids, image_hidden_states=features,
                          kv_cache=self.cache, cache_slots=slots, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # [G, V]: every row's last real token is the last column
@@ -284,14 +286,24 @@ def _check_images(request: Request, image_token_id: int, image_seq_len: int) -> 
                          f"({image_seq_len} tokens per frame); build prompts and pixels with the processor")
 
 
-def encode_images(model: Any, requests: list[Request], max_frames: int = 64) -> torch.Tensor | None:
+def encode_images(model: Any, requests: list[Request], max_frames: int = 64,
+                  cache: EncoderCache | None = None) -> torch.Tensor | None:
     """Image features of the requests, concatenated in request order: [sum N, S_img, D_text] or None.
 
     Frames of equal size from all requests are encoded together, in chunks of at most max_frames.
+    With a cache, a request whose frames were encoded before reuses those features.
     """
     parts: list[torch.Tensor | None] = []
     pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
+    keys: dict[int, tuple] = {}
     for i, r in enumerate(requests):
+        if r.image_hidden_states is None and cache is not None and r.pixel_values is not None \
+                and r.pixel_values.shape[0] > 0:
+            keys[i] = cache.key(model, r.pixel_values, r.pixel_attention_mask)
+            hit = cache.get(keys[i])
+            if hit is not None:
+                parts.append(hit)
+                continue
         if r.image_hidden_states is not None:
             parts.append(r.image_hidden_states.to(model.device))
         elif r.pixel_values is not None and r.pixel_values.shape[0] > 0:
@@ -314,5 +326,7 @@ def encode_images(model: Any, requests: list[Request], max_frames: int = 64) -> 
         for i, pv, _ in group:
             parts[i] = features[offset:offset + pv.shape[0]]
             offset += pv.shape[0]
+            if i in keys:
+                cache.put(keys[i], parts[i].clone())  # a copy: the batch's features tensor can then be freed
     present = [p for p in parts if p is not None]
     return torch.cat(present) if present else None

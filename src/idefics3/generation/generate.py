@@ -12,12 +12,14 @@ generator when a seed is given), so a row gets the same tokens alone or in any b
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .config import GenerationConfig
+from .encoder_cache import EncoderCache
 from .engine import Engine, Request
 from .sampling import SamplingParams
 from .stopping import StopStrings
@@ -35,7 +37,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
              *, streamer: Any | None = None, callback: Callable[[int, int], None] | None = None,
              tokenizer: Any | None = None, seed: int | None = None,
              generator: torch.Generator | list[torch.Generator] | None = None,
-             **settings: Any) -> torch.Tensor:
+             encoder_cache: EncoderCache | None | bool = True, **settings: Any) -> torch.Tensor:
     """Generate continuations of a batch of prompts; returns LongTensor [B, T + new] (prompt + new ids).
 
     Args:
@@ -49,6 +51,9 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         tokenizer: needed for stop_strings (anything with `decode`).
         seed: seeds a torch.Generator per row (each row draws what it would draw alone).
         generator: one generator shared by all rows (drawn in row order), or one per row.
+        encoder_cache: True (the default) keeps image features per model, keyed by the pixels' content, so a
+            second question about the same image skips the vision encoder; False disables it; or pass an
+            EncoderCache to share one explicitly.
         **settings: GenerationConfig fields: max_new_tokens, max_length, min_new_tokens, do_sample,
             temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id, stop_strings.
     """
@@ -73,7 +78,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
     generators = _generators(generator, b)
     engine = Engine(model, max_batch=b, max_seq_len=max(len(r) for r in rows) + max_new,
                     eos_token_ids=config.eos_token_id, max_prefill_tokens=1 << 62,
-                    pad_token_id=config.resolved_pad_token_id)
+                    pad_token_id=config.resolved_pad_token_id, encoder_cache=_encoder_cache(model, encoder_cache))
     for i, prompt in enumerate(rows):
         params = _sampling_params(config, max_new, seed)
         pv, pm, feats = frames[i]
@@ -90,6 +95,20 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
     if streamer is not None:
         streamer.end()
     return _assemble(input_ids, new, config.resolved_pad_token_id)
+
+
+_MODEL_CACHES: "weakref.WeakKeyDictionary[Any, EncoderCache]" = weakref.WeakKeyDictionary()
+
+
+def _encoder_cache(model: Any, choice: EncoderCache | None | bool) -> EncoderCache | None:
+    if isinstance(choice, EncoderCache):
+        return choice
+    if choice is None or choice is False:
+        return None
+    cache = _MODEL_CACHES.get(model)
+    if cache is None:
+        cache = _MODEL_CACHES[model] = EncoderCache()
+    return cache
 
 
 def _resolve_config(model: Any, base: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:

@@ -51,11 +51,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, slots, positions, k, v, kv_len)  # [B, Hkv, L, hd]
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # [B, H, L, hd]
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # [B, H, T, hd]
+        # GQA inside SDPA: each kv head serves H/Hkv query heads without copying the cache.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
 
 

@@ -1,0 +1,219 @@
+"""CPU speed targets (issue 5): idefics3 against transformers' best configuration, one run, alternating.
+
+Workload: a SmolVLM-256M-shaped checkpoint (real configuration, seeded random bf16 weights, the real
+SmolVLM processor files), one photo-like 1024x768 image at the default resolution (4x3 tiles + the
+global image = 13 frames of 512 px), a short question, 64 new tokens greedy (forced: min_new_tokens).
+
+Each configuration runs in its own fresh process (so its peak RSS is its own), and the processes
+alternate A B C A B C. Printed: time to first token (preprocessing included) and decode tokens/s
+for idefics3 and for transformers in fp32 and bf16 (sdpa); decode as a fraction of the memory-bandwidth
+limit (weight bytes read per token / copy bandwidth measured on the spot); the FLOP rate of the vision
+encoder + prefill against the bf16 matmul rate measured on the spot; batched decode (8 sequences
+against 1); the encoder-cache hit TTFT; peak resident memory. Usage:
+
+    python bench/speed.py [--rounds 3] [--new-tokens 64] [--threads 2] [--skip-transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import run_child, write_random_checkpoint  # noqa: E402
+
+PRESET = "SmolVLM-256M-Instruct"
+QUESTION = "What is shown in this picture? Answer in detail."
+
+
+def prepare(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from checkpoints import write_processor_files
+
+    write_random_checkpoint(folder, PRESET, dtype=torch.bfloat16)
+    if not (folder / "tokenizer.json").is_file():
+        write_processor_files(folder, tile=512, longest_edge=2048, image_seq_len=64)
+        gen = {"bos_token_id": 1, "eos_token_id": [49279], "pad_token_id": 2}
+        (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy: the memory-bandwidth yardstick."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * nbytes / best
+
+
+def bf16_matmul_rate(repeats: int = 5) -> float:
+    """FLOP/s of a large bf16 matrix multiply shaped like the encoder's MLP (13312 x 768 x 3072)."""
+    a = torch.randn(13312, 768, dtype=torch.bfloat16)
+    b = torch.randn(768, 3072, dtype=torch.bfloat16)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+CHILD = r"""
+import json, sys, time, statistics, torch
+import numpy as np
+from PIL import Image
+which, folder, n_new, reps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+
+def photo():
+    # smooth colour fields, a few shapes and sensor-like noise: compresses and resizes like a photo
+    y, x = np.mgrid[0:768, 0:1024].astype(np.float32)
+    rng = np.random.default_rng(0)
+    img = np.stack([128 + 100 * np.sin(x / 97 + c) * np.cos(y / 71 - c) for c in range(3)], -1)
+    for _ in range(12):
+        cx, cy, r = rng.integers(0, 1024), rng.integers(0, 768), rng.integers(20, 160)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": %(question)r}]}]
+image = photo()
+out = {"which": which}
+if which.startswith("transformers"):
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+    dtype = torch.bfloat16 if which.endswith("bf16") else torch.float32
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+    class Clock:
+        def __init__(self): self.times = []
+        def put(self, v): self.times.append(time.perf_counter())
+        def end(self): pass
+    def run(n, batch=1):
+        t0 = time.perf_counter()
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[prompt] * batch, images=[[image]] * batch, return_tensors="pt", padding=True)
+        t_pre = time.perf_counter()
+        clock = Clock()
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock if batch == 1 else None)
+        return t0, t_pre, clock.times[1:], inputs
+else:
+    from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
+    processor = Idefics3Processor.from_pretrained(folder)
+    model = Idefics3ForConditionalGeneration.from_pretrained(folder)
+    def run(n, batch=1):
+        t0 = time.perf_counter()
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[prompt] * batch, images=[[image]] * batch, return_tensors="pt", padding=True)
+        t_pre = time.perf_counter()
+        times = []
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n,
+                       callback=lambda row, tok: times.append(time.perf_counter()) if row == 0 else None)
+        return t0, t_pre, times, inputs
+with torch.inference_mode():
+    run(2)  # warm-up: kernels, thread pools, lazy tables
+    ttft, pre, decode = [], [], []
+    for _ in range(reps):
+        t0, t_pre, times, inputs = run(n_new)
+        ttft.append(times[0] - t0); pre.append(t_pre - t0); decode.append((n_new - 1) / (times[-1] - times[0]))
+    out.update(ttft=statistics.median(ttft), preprocess=statistics.median(pre), decode=statistics.median(decode),
+               prompt_tokens=int(inputs["input_ids"].shape[1]), frames=int(inputs["pixel_values"].shape[1]),
+               dtype=str(model.dtype).replace("torch.", ""))
+    if which == "idefics3":
+        t0, t_pre, times, _ = run(n_new, batch=8)
+        out["decode_batch8"] = 8 * (n_new - 1) / (times[-1] - times[0])
+        t0, t_pre, times, _ = run(2)  # the same image again: the encoder cache answers
+        out["ttft_cached"] = times[0] - t0
+out["peak_mb"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
+print(json.dumps(out))
+""" % {"question": QUESTION}
+
+
+def encoder_prefill_flops(prompt_tokens: int, frames: int) -> float:
+    """FLOPs of the vision encoder over all frames plus the text prefill (matmuls and attention)."""
+    from idefics3 import Idefics3Config
+    from idefics3.presets import preset
+
+    c = Idefics3Config.from_dict(preset(PRESET))
+    v, t = c.vision_config, c.text_config
+    s, d, i = v.patches_per_side ** 2, v.hidden_size, v.intermediate_size
+    per_frame = 2 * s * 3 * v.patch_size ** 2 * d + v.num_hidden_layers * (2 * s * (4 * d * d + 2 * d * i) + 4 * s * s * d)
+    connector = 2 * c.image_seq_len * c.connector_input_size * t.hidden_size
+    hd, kv = t.head_dim, t.num_key_value_heads
+    per_tok = 2 * t.num_hidden_layers * (t.hidden_size * hd * (2 * t.num_attention_heads + 2 * kv)
+                                         + 3 * t.hidden_size * t.intermediate_size)
+    attn = 2 * t.num_hidden_layers * t.num_attention_heads * hd * prompt_tokens ** 2  # causal: half of 4·T²·d
+    lm_head = 2 * t.hidden_size * t.vocab_size  # only the last position
+    return frames * (per_frame + connector) + prompt_tokens * per_tok + attn + lm_head
+
+
+def decode_bytes_per_token(dtype_bytes: int = 2) -> float:
+    """Weight bytes one decode step reads: every text-side matrix and norm plus lm_head (one embedding row)."""
+    from idefics3 import Idefics3Config
+    from idefics3.presets import preset
+
+    t = Idefics3Config.from_dict(preset(PRESET)).text_config
+    hd, kv = t.head_dim, t.num_key_value_heads
+    per_layer = t.hidden_size * hd * (2 * t.num_attention_heads + 2 * kv) + 3 * t.hidden_size * t.intermediate_size
+    return dtype_bytes * (t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (one process per config per round)")
+    ap.add_argument("--reps", type=int, default=1, help="measured runs inside each process")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dir", default="/tmp/idefics3-bench/speed-smolvlm-256m")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = prepare(Path(args.dir))
+    configs = ["idefics3"] + ([] if args.skip_transformers else ["transformers-fp32", "transformers-bf16"])
+    rows: dict[str, list[dict]] = {c: [] for c in configs}
+    bandwidth, matmul = [], []
+    for r in range(args.rounds):
+        bandwidth.append(copy_bandwidth())
+        matmul.append(bf16_matmul_rate())
+        for c in configs:
+            rows[c].append(run_child(CHILD, c, str(folder), str(args.new_tokens), str(args.reps), str(args.threads)))
+            print(f"round {r + 1} {c}: " + json.dumps(rows[c][-1]), flush=True)
+    med = lambda c, k: statistics.median(x[k] for x in rows[c])  # noqa: E731
+    spread = lambda c, k: (max(x[k] for x in rows[c]) - min(x[k] for x in rows[c])) / 2  # noqa: E731
+    bw, mm = statistics.median(bandwidth), statistics.median(matmul)
+    print(f"\nmachine: {args.threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {mm / 1e9:.0f} GFLOP/s")
+    print(f"{'config':<20}{'dtype':>9}{'TTFT s':>10}{'(prep s)':>10}{'decode tok/s':>14}{'peak MiB':>10}")
+    for c in configs:
+        print(f"{c:<20}{rows[c][0]['dtype']:>9}{med(c, 'ttft'):>10.3f}{med(c, 'preprocess'):>10.3f}"
+              f"{med(c, 'decode'):>14.2f}{med(c, 'peak_mb'):>10.0f}   (decode ±{spread(c, 'decode'):.2f}, "
+              f"TTFT ±{spread(c, 'ttft'):.3f})")
+    ours = "idefics3"
+    limit = bw / decode_bytes_per_token()
+    print(f"\ndecode: {med(ours, 'decode'):.2f} tok/s = {med(ours, 'decode') / limit:.0%} of the bandwidth limit "
+          f"({limit:.1f} tok/s = {bw / 1e9:.1f} GB/s / {decode_bytes_per_token() / 1e6:.0f} MB per token)")
+    flops = encoder_prefill_flops(rows[ours][0]["prompt_tokens"], rows[ours][0]["frames"])
+    compute_s = med(ours, "ttft") - med(ours, "preprocess")
+    print(f"encoder+prefill: {flops / 1e12:.2f} TFLOP in {compute_s:.2f} s = {flops / compute_s / 1e9:.0f} GFLOP/s "
+          f"= {flops / compute_s / mm:.0%} of the bf16 matmul rate")
+    print(f"batched decode: 8 sequences {med(ours, 'decode_batch8'):.1f} tok/s = "
+          f"{med(ours, 'decode_batch8') / med(ours, 'decode'):.1f}x one sequence")
+    print(f"encoder cache hit: TTFT {med(ours, 'ttft_cached'):.3f} s (miss {med(ours, 'ttft'):.3f} s)")
+    if not args.skip_transformers:
+        best_decode = max(med(c, "decode") for c in configs[1:])
+        best_ttft = min(med(c, "ttft") for c in configs[1:])
+        best_mem = min(med(c, "peak_mb") for c in configs[1:])
+        print(f"\nvs transformers' best: decode {med(ours, 'decode') / best_decode:.2f}x, "
+              f"TTFT {best_ttft / med(ours, 'ttft'):.2f}x faster, peak memory {med(ours, 'peak_mb') / best_mem:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
