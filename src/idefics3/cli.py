@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-split", action="store_true", help="do not cut images into tiles (one frame each)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16 on cuda, else fp32)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16 on cuda and on CPUs with bf16 instructions, else fp16 on mps, fp32)")
     run.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     run.add_argument("--temperature", type=float, metavar="T", help="sample with temperature T (0: greedy)")
@@ -145,8 +145,10 @@ def load_model(folder: Path, args: argparse.Namespace) -> Any:
         raise CliError("--device cuda was asked for, but CUDA is not available")
     if device == "mps" and not torch.backends.mps.is_available():
         raise CliError("--device mps was asked for, but MPS is not available")
-    dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device == "cuda" else "float32")
-    return Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype), device=device).eval()
+    from .device import default_dtype
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
+    return Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device).eval()
 
 
 def load_images(sources: list[str]) -> list[Any]:

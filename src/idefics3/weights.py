@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError, Idefics3Config
+from .device import runnable_dtype
 from .hub import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,8 @@ def load_pretrained(cls: type, ref: str | os.PathLike, dtype: torch.dtype | str 
     config = Idefics3Config.from_pretrained(folder)
     target = parse_dtype(dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None or dtype == "auto":  # the checkpoint's dtype, unless this CPU cannot compute in it
+        target = runnable_dtype(target, device)
     files = checkpoint_files(folder)
     found = checkpoint_keys(files)
     with no_init():

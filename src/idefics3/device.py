@@ -1,0 +1,49 @@
+"""Which dtype to run in on this machine: bf16 where the hardware computes it natively, else a safe fallback.
+
+On CPUs, bf16 halves the bytes every decode step reads, but it only pays where the CPU has bf16
+instructions (AVX512-BF16 or AMX on x86, the BF16 extension on Arm); elsewhere PyTorch emulates it
+slowly, and fp32 is the better choice. The probe reads the CPU flags once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (x86 avx512_bf16 / amx_bf16, Arm bf16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set()
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:  # not Linux: Apple silicon from M2 has bf16; stay conservative elsewhere
+        return platform.system() == "Darwin" and platform.machine() == "arm64"
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The fastest dtype that keeps the model's accuracy on `device`."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def runnable_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """`dtype`, unless it is bf16 on a CPU that would only emulate it: then fp32 (logged)."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_bf16():
+        log.info("this CPU has no bf16 instructions: running in float32 instead of the checkpoint's bfloat16")
+        return torch.float32
+    return dtype
