@@ -161,8 +161,9 @@ class Engine:
         batch = self._batch
         if batch is None:
             batch = self._batch = _DecodeBatch.build(self.running, self.device)
+        kv_len = max(s.total_len for s in self.running)  # the newest token sits at total_len - 1
         out = self.model(batch.input_ids, position_ids=batch.positions, kv_cache=self.cache,
-                         cache_slots=batch.slots, logits_to_keep=1)
+                         cache_slots=batch.slots, logits_to_keep=1, kv_len=kv_len)
         logits = out.logits[:, -1].float()  # [R, V]
         tokens = self._sample(logits, self.running, batch.sampler, batch.slots)
         batch.input_ids = tokens[:, None]
@@ -195,7 +196,7 @@ class Engine:
         slots = torch.tensor(slot_list, dtype=torch.long, device=self.device)
         features = encode_images(self.model, [s.request for s in seqs], cache=self.encoder_cache)
         out = self.model(input_ids, position_ids=position_ids, image_hidden_states=features,
-                         kv_cache=self.cache, cache_slots=slots, logits_to_keep=1)
+                         kv_cache=self.cache, cache_slots=slots, logits_to_keep=1, kv_len=t)
         logits = out.logits[:, -1].float()  # [G, V]: every row's last real token is the last column
         if any(s.request.params.repetition_penalty != 1.0 for s in seqs):
             self._mark_prompts(seqs)

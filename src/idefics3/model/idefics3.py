@@ -127,7 +127,9 @@ class Idefics3ForConditionalGeneration(nn.Module):
                 pixel_attention_mask: torch.Tensor | None = None,
                 image_hidden_states: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 cache_slots: torch.Tensor | None = None, logits_to_keep: int = 0,
-                labels: torch.Tensor | None = None, **ignored: Any) -> Idefics3Output:
+                labels: torch.Tensor | None = None, kv_len: int | None = None, **ignored: Any) -> Idefics3Output:
+        """kv_len (cached calls): 1 + the largest position_ids value, if the caller knows it; it spares a
+        device-to-host sync per step."""
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("pass either pixel_values or image_hidden_states, not both")
         if input_ids.dim() != 2:
@@ -141,7 +143,7 @@ class Idefics3ForConditionalGeneration(nn.Module):
             embeds = self.merge_image_features(input_ids, embeds, image_hidden_states)
         elif bool((input_ids == self.config.image_token_id).any()) and kv_cache is None:
             raise ValueError("the prompt has <image> tokens but no pixel_values or image_hidden_states were given")
-        h = self.model.text_model(embeds, position_ids, attention_mask, kv_cache, cache_slots)  # [B, T, D]
+        h = self.model.text_model(embeds, position_ids, attention_mask, kv_cache, cache_slots, kv_len)  # [B, T, D]
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)  # [B, T', V]

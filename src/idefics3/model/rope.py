@@ -47,8 +47,11 @@ class RotaryTable:
         emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
         self._cos, self._sin = emb.cos(), emb.sin()
 
-    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                 needed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """needed: 1 + the largest position, when known (else read from the tensor: a host sync)."""
+        if needed is None:
+            needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
         if self._cos is None or self._cos.device != position_ids.device or self._cos.shape[0] < needed:
             self._grow(needed, position_ids.device)
         return self._cos[position_ids].to(dtype), self._sin[position_ids].to(dtype)

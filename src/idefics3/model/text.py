@@ -89,13 +89,15 @@ def build_mask(positions: torch.Tensor, attention_mask: torch.Tensor | None, cac
                kv_len: int) -> tuple[torch.Tensor | None, bool]:
     """The attention mask for one forward, as (bool mask [B, 1, T, L] or None, is_causal).
 
-    Cached: query (b, t) sees slot positions 0..positions[b, t]. Plain: causal over the T tokens, with
-    padded keys (attention_mask == 0) hidden; a fully padded query row sees itself so it stays finite.
+    Cached: query (b, t) sees slot positions 0..positions[b, t]; one token of one row sees the whole
+    kv_len (by the contract kv_len = its position + 1), so it needs no mask. Plain: causal over the T
+    tokens, with padded keys (attention_mask == 0) hidden; a fully padded query row sees itself so it
+    stays finite. Built with tensor ops only: no host synchronisation on the decode path.
     """
     b, t = positions.shape
     if cached:
-        if t == 1 and bool((positions[:, 0] == kv_len - 1).all()):
-            return None, False  # one new token per row, all rows at the same length: sees everything
+        if b == 1 and t == 1:
+            return None, False
         keys = torch.arange(kv_len, device=positions.device)
         return (keys[None, None, None, :] <= positions[:, None, :, None]), False  # [B, 1, T, L]
     if attention_mask is None or bool(attention_mask.all()):
@@ -122,17 +124,22 @@ class TextModel(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+        """kv_len: 1 + the largest position in this call, when the caller knows it (saves a host sync)."""
         b, t, _ = inputs_embeds.shape
         if position_ids is None:
             if cache is not None:
                 raise ValueError("a cached forward needs position_ids (the position of every token in its slot)")
             position_ids = torch.arange(t, device=inputs_embeds.device).expand(b, t)  # [B, T]
-        kv_len = int(position_ids.max()) + 1 if cache is not None else t
+            kv_len = t
+        if kv_len is None:
+            kv_len = int(position_ids.max()) + 1
         if cache is not None and kv_len > cache.max_seq_len:
             raise ValueError(f"position {kv_len - 1} does not fit the KV cache ({cache.max_seq_len} positions)")
         mask, is_causal = build_mask(position_ids, attention_mask, cache is not None, kv_len)
-        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)  # [B, T, hd] each
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype, kv_len)  # [B, T, hd] each
+        if cache is None:
+            kv_len = t
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, is_causal, cache, i, slots, position_ids, kv_len)
