@@ -7,9 +7,13 @@ and each concept lives in its own module.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# The built-in tiny model (src/idefics3/demo/model, recipe in demo/recipe.py): every command's default --model.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
 
 _EXPORTS = {
     "Idefics3Config": "idefics3.config",

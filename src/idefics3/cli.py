@@ -1,4 +1,4 @@
-"""The `idefics3` command line: `generate`, `chat` and `info`.
+"""The `idefics3` command line: `generate`, `chat`, `info`, and `demo` / `eval` (src/idefics3/demo/commands.py).
 
     idefics3 generate --model HuggingFaceTB/SmolVLM-256M-Instruct --image cat.jpg "What is in this image?"
     idefics3 chat --model ./my-checkpoint
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=cmd_chat)
     info = sub.add_parser("info", parents=[common], help="configuration, parameters, tokens per image")
     info.set_defaults(run=cmd_info)
+    from .demo.commands import add_demo_parser, add_eval_parser  # the built-in model's demo and evaluation
+
+    add_demo_parser(sub, [common])
+    add_eval_parser(sub, [common])
     return parser
 
 

@@ -1,0 +1,50 @@
+"""Write the demo task as fine-tuning data: PNG files plus a JSONL of chats that `idefics3 finetune` reads.
+
+    python -m idefics3.demo.dataset OUT_FOLDER --seed 0 --count 20000
+
+Each line is {"messages": [...], "kind": ...} with image parts naming PNGs relative to the JSONL file.
+The same seed always writes the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .questions import KINDS, examples
+
+# Training mix: the types that need finer looking get more examples.
+TRAIN_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.5, "position": 1.5, "word": 1.5, "two": 1.5}
+
+
+def write_dataset(folder: str | Path, seed: int, count: int, weights: dict[str, float] | None = None,
+                  name: str = "data.jsonl") -> Path:
+    """Render `count` examples from `seed` into `folder`/images and `folder`/`name`; return the JSONL path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    stem = Path(name).stem
+    with path.open("w", encoding="utf-8") as f:
+        for i, ex in enumerate(examples(seed, count, weights)):
+            rels = []
+            for j, image in enumerate(ex.images):
+                rel = f"images/{stem}-{i:06d}-{j}.png"
+                image.save(folder / rel)
+                rels.append(rel)
+            f.write(json.dumps({"messages": ex.messages(rels), "kind": ex.kind}) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--count", type=int, default=20000)
+    ap.add_argument("--equal", action="store_true", help=f"equal shares of {', '.join(KINDS)}")
+    args = ap.parse_args()
+    print(write_dataset(args.folder, args.seed, args.count, None if args.equal else TRAIN_WEIGHTS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Held-out evaluation on the demo task: exact-match accuracy per question type.
+
+    idefics3 eval [--model M] [--seed 1000] [--count 200]   (parser in demo/commands.py)
+
+The questions come from `questions.examples(seed, count)` with equal shares of every type; the packaged model
+was trained on seed 0, so any other seed is held out. An answer counts when it equals the expected one after
+trimming spaces and a final full stop, ignoring case. `answer(...)` is the one-question helper that the demo
+command shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .questions import KINDS, Example, examples
+
+MAX_NEW_TOKENS = 8
+
+
+def normalise(text: str) -> str:
+    return text.strip().rstrip(".").strip().lower()
+
+
+def answer(model: Any, processor: Any, images: list[Image.Image], question: str,
+           max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+    """The model's greedy answer to `question` about `images` (given before the question)."""
+    with torch.inference_mode():
+        return _answer(model, processor, images, question, max_new_tokens)
+
+
+def _answer(model: Any, processor: Any, images: list[Image.Image], question: str, max_new_tokens: int) -> str:
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return processor.decode(new, skip_special_tokens=True).strip()
+
+
+@dataclass
+class Record:
+    kind: str
+    question: str
+    expected: str
+    got: str
+    seconds: float
+
+    @property
+    def correct(self) -> bool:
+        return normalise(self.got) == normalise(self.expected)
+
+
+@dataclass
+class EvalReport:
+    records: list[Record] = field(default_factory=list)
+
+    def accuracy(self, kind: str | None = None) -> float:
+        rows = [r for r in self.records if kind is None or r.kind == kind]
+        return sum(r.correct for r in rows) / len(rows) if rows else float("nan")
+
+    def counts(self, kind: str) -> tuple[int, int]:
+        rows = [r for r in self.records if r.kind == kind]
+        return sum(r.correct for r in rows), len(rows)
+
+    def lines(self) -> list[str]:
+        """The table `idefics3 eval` prints."""
+        out = []
+        for kind in KINDS:
+            right, total = self.counts(kind)
+            if total:
+                out.append(f"{kind:<9} {right:>4}/{total:<4} {100 * right / total:6.1f}%")
+        total_s = sum(r.seconds for r in self.records)
+        out.append(f"{'all':<9} {sum(r.correct for r in self.records):>4}/{len(self.records):<4} "
+                   f"{100 * self.accuracy():6.1f}%   ({total_s:.1f}s, {1000 * total_s / max(1, len(self.records)):.0f} ms"
+                   f" per question)")
+        return out
+
+
+def evaluate(model: Any, processor: Any, seed: int = 1000, count: int = 200,
+             on_record: Callable[[Record], None] | None = None) -> EvalReport:
+    """Ask `count` held-out questions drawn from `seed`; return every answer with its timing."""
+    report = EvalReport()
+    for ex in examples(seed, count):
+        report.records.append(_ask(model, processor, ex))
+        if on_record is not None:
+            on_record(report.records[-1])
+    return report
+
+
+def _ask(model: Any, processor: Any, ex: Example) -> Record:
+    start = time.perf_counter()
+    got = answer(model, processor, ex.images, ex.question)
+    return Record(ex.kind, ex.question, ex.answer, got, time.perf_counter() - start)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`idefics3 eval`: load the model, ask, print one line per type (and the wrong answers if asked)."""
+    from ..cli import load_model, load_processor, model_folder
+
+    if args.count <= 0:
+        raise ValueError(f"--count must be positive, got {args.count}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = model_folder(args)
+    processor = load_processor(folder, args)
+    model = load_model(folder, args)
+    print(f"model: {folder}\nquestions: {args.count} from seed {args.seed}")
+    report = evaluate(model, processor, args.seed, args.count)
+    if args.show_errors:
+        for r in report.records:
+            if not r.correct:
+                print(f"  [{r.kind}] {r.question} expected {r.expected!r}, got {r.got!r}")
+    for line in report.lines():
+        print(line)
+    return 0

@@ -1,0 +1,136 @@
+"""Questions about synthetic scenes, with one short exact answer each, grouped into six types.
+
+    colour    What colour is the circle?               -> red        (the shape is unique in the scene)
+    shape     What shape is the blue one?              -> triangle
+    count     How many shapes are there? / How many squares are there?   -> 3
+    position  Is the red circle left of the blue square?  -> yes / What colour is the shape at the top? -> green
+    word      What word is written in the image?       -> fox
+    two       Which image has more circles?            -> first / second  (two images)
+
+`make_example(rng, kind)` draws a scene (or two) fitting the question and returns an `Example`; answers are
+one word, so exact match is a fair score. A seed fixes everything.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .scenes import GRID, SHAPES, Scene, random_scene, render
+
+KINDS = ("colour", "shape", "count", "position", "word", "two")
+
+
+@dataclass
+class Example:
+    kind: str
+    question: str
+    answer: str
+    images: list[Image.Image]
+
+    def messages(self, image_paths: list[str] | None = None) -> list[dict]:
+        """The chat: the images (by path when given) before the question, then the answer."""
+        parts = [{"type": "image", **({"image": p} if image_paths else {})} for p in (image_paths or self.images)]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": self.question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": self.answer}]}]
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _colour(rng: random.Random) -> tuple[str, str, Scene]:
+    while True:
+        scene = random_scene(rng, with_word=rng.random() < 0.3)
+        unique = [o for o in scene.objects if scene.count(o.shape) == 1]
+        if unique:
+            o = rng.choice(unique)
+            return f"What colour is the {o.shape}?", o.colour, scene
+
+
+def _shape(rng: random.Random) -> tuple[str, str, Scene]:
+    scene = random_scene(rng, with_word=rng.random() < 0.3)
+    o = rng.choice(scene.objects)
+    return rng.choice([f"What shape is the {o.colour} one?", f"What is the {o.colour} shape?"]), o.shape, scene
+
+
+def _count(rng: random.Random) -> tuple[str, str, Scene]:
+    scene = random_scene(rng, with_word=rng.random() < 0.3)
+    if rng.random() < 0.5:
+        return "How many shapes are there?", str(scene.count()), scene
+    shape = rng.choice(SHAPES)
+    return f"How many {_plural(shape)} are there?", str(scene.count(shape)), scene
+
+
+def _position(rng: random.Random) -> tuple[str, str, Scene]:
+    while True:
+        scene = random_scene(rng, n_objects=rng.randint(2, 4), with_word=rng.random() < 0.3)
+        objs = scene.objects
+        if rng.random() < 0.5:
+            a, b = rng.sample(objs, 2)
+            if a.col == b.col:
+                continue
+            side = rng.choice(["left", "right"])
+            truth = a.col < b.col if side == "left" else a.col > b.col
+            return (f"Is the {a.colour} {a.shape} {side} of the {b.colour} {b.shape}?",
+                    "yes" if truth else "no", scene)
+        where = rng.choice(["top", "bottom"])
+        rows = [o.row for o in objs]
+        target = min(rows) if where == "top" else max(rows)
+        if rows.count(target) != 1:
+            continue
+        o = objs[rows.index(target)]
+        return f"What colour is the shape at the {where}?", o.colour, scene
+
+
+def _word(rng: random.Random) -> tuple[str, str, Scene]:
+    scene = random_scene(rng, n_objects=rng.randint(0, 3), with_word=True)
+    assert scene.word is not None
+    return rng.choice(["What word is written in the image?", "What does the text say?"]), scene.word, scene
+
+
+def _two(rng: random.Random) -> tuple[str, str, list[Scene]]:
+    shape = rng.choice([*SHAPES, None])
+    while True:
+        first, second = random_scene(rng), random_scene(rng)
+        a, b = first.count(shape), second.count(shape)
+        if a != b:
+            break
+    noun = "shapes" if shape is None else _plural(shape)
+    return f"Which image has more {noun}?", "first" if a > b else "second", [first, second]
+
+
+_MAKERS = {"colour": _colour, "shape": _shape, "count": _count, "position": _position, "word": _word}
+
+
+def make_example(rng: random.Random, kind: str) -> Example:
+    """One question of `kind` (one of KINDS) with its scene(s) rendered."""
+    if kind == "two":
+        question, answer, scenes = _two(rng)
+        return Example(kind, question, answer, [render(s) for s in scenes])
+    if kind not in _MAKERS:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {', '.join(KINDS)}")
+    question, answer, scene = _MAKERS[kind](rng)
+    return Example(kind, question, answer, [render(scene)])
+
+
+def examples(seed: int, count: int, weights: dict[str, float] | None = None) -> Iterator[Example]:
+    """`count` examples from `seed`, one at a time; the kinds interleave in proportion to `weights`
+    (equal shares when None)."""
+    weights = weights or {k: 1.0 for k in KINDS}
+    rng = random.Random(seed)
+    kinds = list(weights)
+    total = sum(weights.values())
+    credit = {k: 0.0 for k in kinds}
+    for _ in range(count):  # deterministic, smooth interleaving of the kinds
+        for k in kinds:
+            credit[k] += weights[k] / total
+        kind = max(kinds, key=lambda k: credit[k])
+        credit[kind] -= 1.0
+        yield make_example(rng, kind)
+
+
+__all__ = ["KINDS", "Example", "make_example", "examples", "GRID"]

@@ -1,0 +1,121 @@
+"""The recipe of the packaged demo model: data, tokenizer, a random-init checkpoint, `idefics3 finetune --full`.
+
+    python -m idefics3.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 5000] [--install]
+
+1. `dataset.write_dataset` renders `count` training questions from `seed` (held-out evaluation uses other seeds).
+2. A byte-level BPE is trained with `tokenizers` on the task's chats (`tokenizer.train_tokenizer`).
+3. `init_checkpoint` writes the tiny Idefics3 configuration below with random weights, the tokenizer and the
+   processor files (64-px tiles, 128-px longest edge: a scene becomes 2x2 tiles + the global image).
+4. `python -m idefics3.finetune finetune --full` trains every weight from scratch on the data.
+5. The trained folder is copied to WORK_FOLDER/model (and, with --install, over the packaged model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Idefics3Config
+from ..model.idefics3 import Idefics3ForConditionalGeneration
+from .dataset import TRAIN_WEIGHTS, write_dataset
+from .questions import KINDS
+from .scenes import CANVAS, COLOURS, SHAPES, WORDS
+from .tokenizer import SMOLVLM_CHAT_TEMPLATE, train_tokenizer, write_image_processor_files
+
+log = logging.getLogger(__name__)
+
+PACKAGED = Path(__file__).resolve().parent / "model"
+TILE = 64
+VOCAB = 400
+VISION = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4,
+          "image_size": TILE, "patch_size": 16}
+TEXT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024}
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+               "special_tokens_map.json")
+FINETUNE_ARGS = ["--full", "--batch-size", "16", "--lr", "2e-3", "--warmup", "100", "--schedule", "cosine",
+                 "--weight-decay", "0.01", "--dtype", "fp32", "--device", "cpu"]
+
+
+def tokenizer_corpus(jsonl: Path) -> list[str]:
+    """The chats as the template renders them, plus every answer word (so each is a few tokens at most)."""
+    texts = []
+    for line in jsonl.read_text(encoding="utf-8").splitlines():
+        msgs = json.loads(line)["messages"]
+        question = msgs[0]["content"][-1]["text"]
+        answer = msgs[1]["content"][0]["text"]
+        texts.append(f"User:{question}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n")
+    words = [*COLOURS, *SHAPES, *WORDS, "yes", "no", "first", "second", *map(str, range(10))]
+    return texts + [f"Assistant: {w}" for w in words] * 50
+
+
+def init_checkpoint(folder: str | Path, texts: list[str], seed: int = 0) -> Path:
+    """A random-weight checkpoint of the demo configuration with a tokenizer trained on `texts`."""
+    folder = Path(folder)
+    ids = train_tokenizer(texts, vocab_size=VOCAB, folder=folder)
+    vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+    bos, eos, pad = ids["<|im_start|>"], ids["<end_of_utterance>"], ids["<|im_end|>"]
+    raw = {"model_type": "idefics3", "scale_factor": 2, "image_token_id": ids["<image>"],
+           "tie_word_embeddings": False, "pad_token_id": pad, "torch_dtype": "float32",
+           "vision_config": dict(VISION),
+           "text_config": {**TEXT, "vocab_size": vocab, "bos_token_id": bos, "eos_token_id": eos,
+                           "pad_token_id": pad}}
+    config = Idefics3Config.from_dict(raw)
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    gen = {"bos_token_id": bos, "eos_token_id": [eos], "pad_token_id": pad, "max_new_tokens": 8}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_image_processor_files(folder, tile=TILE, longest_edge=CANVAS, image_seq_len=config.image_seq_len)
+    return folder
+
+
+def finetune_command(init: Path, data: Path, output: Path, steps: int, seed: int) -> list[str]:
+    return [sys.executable, "-m", "idefics3.finetune", "finetune", "--model", str(init), "--data", str(data),
+            "--output", str(output), "--max-steps", str(steps), "--seed", str(seed), *FINETUNE_ARGS]
+
+
+def install(trained: Path, dest: Path) -> Path:
+    """Copy the model files (not the training logs) of `trained` into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (trained / name).is_file():
+            shutil.copy2(trained / name, dest / name)
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("work", help="folder for the data, the initial and the trained checkpoint")
+    ap.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    ap.add_argument("--count", type=int, default=40000, help="training questions")
+    ap.add_argument("--steps", type=int, default=5000, help="optimiser steps of 16 questions")
+    ap.add_argument("--install", action="store_true", help=f"copy the result over {PACKAGED}")
+    args = ap.parse_args()
+    work = Path(args.work)
+    start = time.monotonic()
+    data = write_dataset(work / "data", args.seed, args.count, TRAIN_WEIGHTS, name="train.jsonl")
+    print(f"data: {args.count} questions ({', '.join(KINDS)}) in {time.monotonic() - start:.0f}s", flush=True)
+    init = init_checkpoint(work / "init", tokenizer_corpus(data), seed=args.seed)
+    cmd = finetune_command(init, data, work / "trained", args.steps, args.seed)
+    print("$", " ".join(cmd), flush=True)
+    # One thread: this model's matrices are so small that a second thread costs more than it gives,
+    # and far more when the cores are shared.
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    model = install(work / "trained", work / "model")
+    if args.install:
+        install(model, PACKAGED)
+    print(f"done in {(time.monotonic() - start) / 60:.1f} min: {model}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Synthetic scenes for the demo task: simple shapes in several colours, sizes and places, and maybe a word.
+
+A scene is a 4x4 grid of 32-px cells on a 128x128 canvas (two tiles a side for the demo model, so the
+processor splits it into 2x2 tiles plus the global image). Each object sits in its own cell, jittered
+inside it; every object in a scene has its own colour, so "the red one" always names one object. A word,
+when present, takes two horizontally adjacent cells and is drawn in black with Pillow's default font.
+Everything is drawn from a `random.Random`, so a seed fixes the scene.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+
+CANVAS = 128
+GRID = 4
+CELL = CANVAS // GRID
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 70, 225),
+    "yellow": (235, 200, 20), "purple": (150, 40, 190)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 7, "large": 12}  # half-width in pixels
+WORDS = ("cat", "dog", "sun", "car", "hat", "cup", "pen", "key", "bus", "fox", "owl", "bee", "egg", "map",
+         "box", "jam")
+FONT_SIZE = 22
+MAX_OBJECTS = 5
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One object: what it is and the grid cell it occupies (row 0 is the top, col 0 the left)."""
+
+    shape: str
+    colour: str
+    size: str
+    row: int
+    col: int
+
+
+@dataclass
+class Scene:
+    objects: list[Shape]
+    word: str | None = None
+    word_cell: tuple[int, int] | None = None  # (row, first col) of the two cells the word takes
+    jitter: list[tuple[int, int]] = field(default_factory=list)  # pixel offsets per object
+    word_offset: tuple[int, int] = (0, 0)
+
+    def count(self, shape: str | None = None) -> int:
+        return sum(1 for o in self.objects if shape is None or o.shape == shape)
+
+
+def random_scene(rng: random.Random, n_objects: int | None = None, with_word: bool = False,
+                 shapes: tuple[str, ...] = SHAPES) -> Scene:
+    """A scene of `n_objects` (1..5 when None) shapes in distinct colours and free cells, maybe a word."""
+    n = rng.randint(1, MAX_OBJECTS) if n_objects is None else n_objects
+    free = [(r, c) for r in range(GRID) for c in range(GRID)]
+    word = word_cell = None
+    if with_word:
+        word_cell = (rng.randrange(GRID), rng.randrange(GRID - 1))
+        word = rng.choice(WORDS)
+        free = [cell for cell in free if not (cell[0] == word_cell[0] and cell[1] in (word_cell[1], word_cell[1] + 1))]
+    cells = rng.sample(free, n)
+    colours = rng.sample(list(COLOURS), n)
+    objects = [Shape(rng.choice(shapes), colour, rng.choice(list(SIZES)), r, c)
+               for (r, c), colour in zip(cells, colours)]
+    jitter = []
+    for o in objects:
+        room = CELL // 2 - SIZES[o.size] - 1
+        jitter.append((rng.randint(-room, room), rng.randint(-room, room)))
+    offset = (rng.randint(-6, 6), rng.randint(-4, 4))
+    return Scene(objects, word, word_cell, jitter, offset)
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw the scene on a white 128x128 canvas."""
+    img = Image.new("RGB", (CANVAS, CANVAS), "white")
+    draw = ImageDraw.Draw(img)
+    for o, (dx, dy) in zip(scene.objects, scene.jitter):
+        cx, cy = o.col * CELL + CELL // 2 + dx, o.row * CELL + CELL // 2 + dy
+        h = SIZES[o.size]
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((cx - h + 1, cy - h + 1, cx + h - 1, cy + h - 1), fill=fill)
+        else:
+            draw.polygon([(cx - h, cy + h), (cx, cy - h), (cx + h, cy + h)], fill=fill)
+    if scene.word is not None and scene.word_cell is not None:
+        r, c = scene.word_cell
+        cx, cy = (c + 1) * CELL + scene.word_offset[0], r * CELL + CELL // 2 + scene.word_offset[1]
+        left, top, right, bottom = draw.textbbox((0, 0), scene.word, font=_font())
+        draw.text((cx - (right + left) / 2, cy - (bottom + top) / 2), scene.word, fill="black", font=_font())
+    return img
