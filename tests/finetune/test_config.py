@@ -37,6 +37,19 @@ def test_options_are_parsed_and_checked():
             config(**bad)
 
 
+def test_building_the_parser_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; from idefics3.finetune.cli import add_finetune_parser, add_merge_parser, "
+            "DEFAULT_TARGETS; p = argparse.ArgumentParser(); s = p.add_subparsers(); add_finetune_parser(s); "
+            "add_merge_parser(s); print('torch' in sys.modules, list(DEFAULT_TARGETS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    from idefics3.finetune.lora import DEFAULT_TARGETS
+
+    assert out[0] == "False" and out[1].strip() == str(list(DEFAULT_TARGETS))
+
+
 def test_progress_bar_shows_loss_lr_throughput_and_eta():
     stream = io.StringIO()
     bar = ProgressBar(stream)

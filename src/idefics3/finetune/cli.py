@@ -16,7 +16,8 @@ import sys
 import time
 from typing import Any
 
-from .lora import DEFAULT_TARGETS
+# lora.DEFAULT_TARGETS, repeated so that building the parser does not import torch (fast --help)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _duration(seconds: float) -> str:
