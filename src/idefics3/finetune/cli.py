@@ -122,6 +122,13 @@ def _logging() -> None:
     logging.getLogger("idefics3.finetune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def _command() -> str:
+    """The command line as a user would type it (for the model card)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} " if world > 1 else ""
+    return launcher + "idefics3 finetune " + shlex.join(sys.argv[2:])
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig
     from .stream import DataError
@@ -140,7 +147,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             max_length=args.max_length, shuffle=not args.no_shuffle, strict=args.strict, dtype=args.dtype,
             gradient_checkpointing=args.gradient_checkpointing, device=args.device, fsdp=args.fsdp,
             save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
-            resume=args.resume, seed=args.seed, command="idefics3 finetune " + shlex.join(sys.argv[2:]))
+            resume=args.resume, seed=args.seed, command=_command())
         result = finetune(config, progress=ProgressBar() if main else None)
     except (ValueError, FileNotFoundError, FileExistsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -76,8 +76,8 @@ def model_card(config: dict[str, Any], summary: dict[str, Any]) -> str:
                   f"model = Idefics3ForConditionalGeneration.from_pretrained({config['model']!r})",
                   f"load_adapter(model, '{out}/adapter')  # or: merge_lora(model) after it",
                   f"processor = Idefics3Processor.from_pretrained('{out}')", "```", "",
-                  "With transformers + peft: `PeftModel.from_pretrained(base_model, 'adapter')`. To write a plain "
-                  f"checkpoint: `idefics3 merge --model {config['model']} --adapter {out}/adapter --output merged/`."]
+                  f"With transformers + peft: `PeftModel.from_pretrained(base_model, '{out}/adapter')`. To write a "
+                  f"plain checkpoint: `idefics3 merge --model {config['model']} --adapter {out}/adapter --output merged/`."]
     else:
         lines += ["```python", "from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor", "",
                   f"model = Idefics3ForConditionalGeneration.from_pretrained('{out}')",
