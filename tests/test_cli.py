@@ -108,3 +108,12 @@ def test_bad_input_is_one_line_and_nonzero(case, tiny_checkpoint, image_file, tm
 def test_debug_shows_the_traceback(tmp_path):
     res = cli("info", "--model", str(tmp_path), "--debug")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_finetune_and_merge_are_subcommands(tmp_path):
+    for command in ("finetune", "merge"):
+        out = cli(command, "--help")
+        assert out.returncode == 0 and f"usage: idefics3 {command}" in out.stdout
+    out = cli("merge", "--model", str(tmp_path / "absent"), "--adapter", str(tmp_path / "a"), "--output",
+              str(tmp_path / "m"))
+    assert out.returncode != 0 and "does not exist" in out.stderr and "Traceback" not in out.stderr

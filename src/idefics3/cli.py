@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(sub, [common])
     add_eval_parser(sub, [common])
+    from .finetune.cli import add_finetune_parser, add_merge_parser  # training: LoRA or full, and merging
+
+    add_finetune_parser(sub)
+    add_merge_parser(sub)
     return parser
 
 
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format=f"{PROG}: %(message)s")
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line
-        if args.debug:
+        if debug:
             raise
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 1
