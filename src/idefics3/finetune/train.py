@@ -3,7 +3,8 @@
 One optimiser step reads `grad_accum` micro-batches of `batch_size` examples on every process, counts the
 labelled tokens of the whole step over all of them (an all-reduce under torchrun), and backpropagates each
 micro-batch's summed loss divided by that count: the step's gradient is the mean over every labelled token,
-however the step is split. Then: gradient clipping, AdamW, the learning rate for the next step, metrics.
+however the step is split. Then: gradient clipping, AdamW, the learning rate for the next step, metrics. The next
+step's examples are read, decoded and tiled on a worker thread meanwhile.
 
 Nothing is lost: every `save_every` steps (and on Ctrl-C / SIGTERM, and at the end when saving is on) the
 trainable weights, optimiser, RNG states and each rank's data position are checkpointed atomically; `resume`
@@ -20,6 +21,8 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -162,10 +165,15 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.wrapped.no_sync()
 
-    def train_step(self, stream: ExampleStream) -> tuple[float, float, int]:
-        """One optimiser step; returns (mean token loss, gradient norm, input tokens over all ranks)."""
+    def next_micro_batches(self, stream: ExampleStream) -> tuple[list[dict[str, torch.Tensor]], int, dict]:
+        """The micro-batches of one step, with the stream position and bad-row counts right after them."""
         c = self.config
         micro = [collate([stream.next() for _ in range(c.batch_size)], self.pad_id) for _ in range(c.grad_accum)]
+        return micro, stream.position, dict(stream.stats.counts)
+
+    def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
+        """One optimiser step; returns (mean token loss, gradient norm, input tokens over all ranks)."""
+        c = self.config
         n_labels, n_inputs = dist_utils.all_sum(self.world, sum(label_tokens(b) for b in micro),
                                                 sum(int(b["attention_mask"].sum()) for b in micro))
         lr = lr_at(self.step, c.lr, c.warmup, self.total_steps, c.schedule)
@@ -249,22 +257,28 @@ class Trainer:
         if c.resume:
             self._resume()
         stream = ExampleStream(self.source, self.encoder, c.seed, self.world.rank, self.world.size, self.position,
-                               c.shuffle, c.strict, self.stats)
+                               c.shuffle, c.strict, BadRowStats(self.stats.counts.copy()))
         self.started = time.perf_counter()
         loss = eval_loss = None
         step_times: list[float] = []
         interrupted = False
-        with self._signals():
+        # Images are decoded and tiled for the next step on a worker thread while this step computes; the
+        # checkpointed data position is that of the batches actually trained on.
+        with self._signals(), ThreadPoolExecutor(1, thread_name_prefix="idefics3-data") as loader:
+            pending = loader.submit(self.next_micro_batches, stream) if self.step < self.total_steps else None
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                loss, norm, tokens = self.train_step(stream)
+                micro, position, counts = pending.result()
+                if self.step + 1 < self.total_steps:
+                    pending = loader.submit(self.next_micro_batches, stream)
+                loss, norm, tokens = self.train_step(micro)
                 dt = time.perf_counter() - t0
-                self.position = stream.position
+                self.position, self.stats = position, BadRowStats(Counter(counts), stream.stats.examples)
                 eval_loss = self.evaluate() if c.eval_every and self.step % c.eval_every == 0 else None
                 if eval_loss is None and self.step == self.total_steps:
                     eval_loss = self.evaluate()
                 step_times = (step_times + [dt])[-20:]
-                self._record(loss, norm, tokens, dt, eval_loss, stream, sum(step_times) / len(step_times))
+                self._record(loss, norm, tokens, dt, eval_loss, sum(step_times) / len(step_times))
                 stop = dist_utils.any_rank(self.world, self.stop_requested) if self.world.distributed \
                     else self.stop_requested
                 if (c.save_every and self.step % c.save_every == 0) or (stop and self.step < self.total_steps):
@@ -297,18 +311,19 @@ class Trainer:
         dist_utils.barrier(self.world)
 
     def _record(self, loss: float, norm: float, tokens: int, dt: float, eval_loss: float | None,
-                stream: ExampleStream, mean_dt: float) -> None:
+                mean_dt: float) -> None:
         if not self.world.is_main:
             return
         lr = self.optimizer.param_groups[0]["lr"]
-        row = {"step": self.step, "epoch": round(stream.epoch, 4), "loss": loss, "lr": lr,
+        epoch = self.position * self.world.size / len(self.source)
+        row = {"step": self.step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                "tokens_per_s": tokens / dt, "grad_norm": norm, "time": round(self._elapsed(), 3)}
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
         self.metrics.append(row)
         if self.progress is not None:
             self.progress(StepInfo(self.step, self.total_steps, loss, lr, tokens / dt, self._elapsed(),
-                                   mean_dt * (self.total_steps - self.step), stream.epoch, norm, eval_loss))
+                                   mean_dt * (self.total_steps - self.step), epoch, norm, eval_loss))
 
 
 def finetune(config: FinetuneConfig | None = None, progress: Callable[[StepInfo], None] | None = None,
