@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from idefics3.demo.dataset import write_dataset
-from idefics3.demo.questions import KINDS, examples, make_example
+from idefics3.demo.questions import KINDS, examples, make_example, warmup_examples
 from idefics3.demo.scenes import CANVAS, COLOURS, SHAPES, WORDS, random_scene, render
 
 
@@ -58,3 +58,11 @@ def test_dataset_is_chat_jsonl_with_relative_images(tmp_path):
         assert user["content"][-1]["type"] == "text"
     with pytest.raises(ValueError, match="unknown question kind"):
         make_example(random.Random(0), "smell")
+
+
+def test_warmup_is_one_shape_colour_and_shape_questions(tmp_path):
+    exs = list(warmup_examples(0, 10))
+    assert [e.kind for e in exs] == ["shape", "colour"] * 5
+    assert all(len(e.images) == 1 for e in exs)
+    path = write_dataset(tmp_path, seed=0, count=4, name="warm.jsonl", warmup=True)
+    assert len(path.read_text().splitlines()) == 4

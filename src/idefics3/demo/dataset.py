@@ -12,21 +12,23 @@ import argparse
 import json
 from pathlib import Path
 
-from .questions import KINDS, examples
+from .questions import KINDS, examples, warmup_examples
 
 # Training mix: the types that need finer looking get more examples.
 TRAIN_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.5, "position": 1.5, "word": 1.5, "two": 1.5}
 
 
 def write_dataset(folder: str | Path, seed: int, count: int, weights: dict[str, float] | None = None,
-                  name: str = "data.jsonl") -> Path:
-    """Render `count` examples from `seed` into `folder`/images and `folder`/`name`; return the JSONL path."""
+                  name: str = "data.jsonl", warmup: bool = False) -> Path:
+    """Render `count` examples from `seed` into `folder`/images and `folder`/`name`; return the JSONL path.
+    warmup: the curriculum's one-shape scenes (`questions.warmup_examples`) instead of the task mix."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / name
     stem = Path(name).stem
     with path.open("w", encoding="utf-8") as f:
-        for i, ex in enumerate(examples(seed, count, weights)):
+        source = warmup_examples(seed, count) if warmup else examples(seed, count, weights)
+        for i, ex in enumerate(source):
             rels = []
             for j, image in enumerate(ex.images):
                 rel = f"images/{stem}-{i:06d}-{j}.png"

@@ -78,9 +78,9 @@ class EvalReport:
             if total:
                 out.append(f"{kind:<9} {right:>4}/{total:<4} {100 * right / total:6.1f}%")
         total_s = sum(r.seconds for r in self.records)
-        out.append(f"{'all':<9} {sum(r.correct for r in self.records):>4}/{len(self.records):<4} "
-                   f"{100 * self.accuracy():6.1f}%   ({total_s:.1f}s, {1000 * total_s / max(1, len(self.records)):.0f} ms"
-                   f" per question)")
+        n = len(self.records)
+        out.append(f"{'all':<9} {sum(r.correct for r in self.records):>4}/{n:<4} {100 * self.accuracy():6.1f}%   "
+                   f"({total_s:.1f}s, {1000 * total_s / max(1, n):.0f} ms per question)")
         return out
 
 
