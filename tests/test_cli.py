@@ -83,7 +83,7 @@ def test_info(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("case", ["missing image", "unreadable image", "not a checkpoint", "no such folder",
-                                  "unknown flag", "no model", "image count", "bad number"])
+                                  "unknown flag", "image count", "bad number"])
 def test_bad_input_is_one_line_and_nonzero(case, tiny_checkpoint, image_file, tmp_path):
     model = str(tiny_checkpoint)
     text_file = tmp_path / "notes.png"
@@ -94,7 +94,6 @@ def test_bad_input_is_one_line_and_nonzero(case, tiny_checkpoint, image_file, tm
         "not a checkpoint": ["generate", "--model", str(tmp_path), "hi"],
         "no such folder": ["info", "--model", str(tmp_path / "missing" / "model")],
         "unknown flag": ["generate", "--model", model, "--frobnicate", "hi"],
-        "no model": ["info"],
         "image count": ["generate", "--model", model, "--image", str(image_file), "<image> and <image>?"],
         "bad number": ["generate", "--model", model, "--max-new-tokens", "many", "hi"],
     }[case]
@@ -117,3 +116,11 @@ def test_finetune_and_merge_are_subcommands(tmp_path):
     out = cli("merge", "--model", str(tmp_path / "absent"), "--adapter", str(tmp_path / "a"), "--output",
               str(tmp_path / "m"))
     assert out.returncode != 0 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_without_model_the_built_in_demo_model_is_used():
+    import idefics3
+
+    out = cli("info")
+    assert out.returncode == 0, out.stderr
+    assert str(idefics3.DEMO_MODEL) in out.stdout or "demo" in out.stdout

@@ -256,3 +256,21 @@ def test_batch_feature():
         features.labels
     with pytest.raises(ValueError, match="return_tensors must be one of"):
         BatchFeature({"input_ids": [[1]]}, tensor_type="tf")
+
+
+def test_same_lazily_opened_file_twice_in_one_call(smolvlm_folder, tmp_path):
+    """One PIL object used for two placeholders must not be decoded by two threads at once."""
+    import numpy as np
+    from PIL import Image
+
+    from idefics3 import Idefics3Processor
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
+    processor = Idefics3Processor.from_pretrained(smolvlm_folder, size={"longest_edge": 1024})
+    separate = processor(text="<image><image>hi", images=[Image.open(path), Image.open(path)], return_tensors="pt")
+    for _ in range(5):
+        shared = Image.open(path)
+        out = processor(text="<image><image>hi", images=[shared, shared], return_tensors="pt")
+        assert (out["pixel_values"] == separate["pixel_values"]).all()
+        assert (out["input_ids"] == separate["input_ids"]).all()

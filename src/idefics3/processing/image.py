@@ -315,6 +315,27 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="idefics3-image")
 
 
+def _decode_shared(jobs: list[Any], convert_rgb: bool, max_pixels: int | None) -> None:
+    """An image object passed more than once would be decoded by two threads at once (PIL is not thread-safe
+    there): convert such objects once, here, and let every job share the result."""
+    seen: dict[int, int] = {}
+    for i, image in enumerate(jobs):
+        if not isinstance(image, (str, bytes)) and id(image) in seen:
+            first = seen[id(image)]
+            if not isinstance(jobs[first], _Converted):
+                jobs[first] = _Converted(to_rgb(jobs[first], convert_rgb, max_pixels))
+            jobs[i] = jobs[first]
+        else:
+            seen.setdefault(id(image), i)
+
+
+class _Converted:
+    """An image already converted by to_rgb (shared by several jobs)."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+
 def preprocess(images: list[list[Any]], settings: ImageSettings, max_pixels: int | None = None,
                workers: int | None = None) -> tuple[dict[str, Any], list[list[tuple[int, int]]]]:
     """Per-sample lists of in-memory images -> (`pixel_values`/`pixel_attention_mask`, per-sample (rows, cols)).
@@ -323,8 +344,12 @@ def preprocess(images: list[list[Any]], settings: ImageSettings, max_pixels: int
     numpy release the GIL), then written into the batch. The output does not depend on the thread count."""
     workers = default_threads() if workers is None else max(1, workers)
     jobs = [image for sample in images for image in sample]
+    if workers > 1 and len(jobs) > 1:
+        _decode_shared(jobs, settings.do_convert_rgb, max_pixels)
 
     def one(image: Any) -> tuple[list[np.ndarray], int, int]:
+        if isinstance(image, _Converted):
+            return split_into_frames(image.image, settings)
         return split_into_frames(to_rgb(image, settings.do_convert_rgb, max_pixels), settings)
 
     results = iter(list(thread_pool(workers).map(one, jobs)) if workers > 1 and len(jobs) > 1 else map(one, jobs))
