@@ -35,6 +35,14 @@ def write_random_checkpoint(folder: Path, name: str = "SmolVLM-256M-Instruct", d
     return folder
 
 
+def decode_bytes_per_token(config: Idefics3Config, dtype_bytes: int = 2) -> int:
+    """Weight bytes one decode step reads: every decoder matrix plus lm_head (the embedding: one row only)."""
+    t = config.text_config
+    per_layer = (t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+                 + 3 * t.hidden_size * t.intermediate_size)
+    return dtype_bytes * (t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size)
+
+
 def run_child(code: str, *args: str) -> dict:
     """Run python code in a fresh process; it prints one JSON line last, which is returned."""
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)

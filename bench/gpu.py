@@ -25,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import decode_bytes_per_token  # noqa: E402
 
 
 def photo():
@@ -123,9 +125,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
                 results[which].append(run(which))
                 peaks[which] = torch.cuda.max_memory_allocated() / 2**30
-    t = raw["text_config"]
-    text_bytes = 2 * (t["num_hidden_layers"] * (t["hidden_size"] * 128 * (2 * 32 + 2 * 8) + 3 * t["hidden_size"]
-                                                * t["intermediate_size"]) + t["vocab_size"] * t["hidden_size"])
+    text_bytes = decode_bytes_per_token(ours.config)
     limit = bandwidth / text_bytes
     print(f"device: {torch.cuda.get_device_name()}, weights {weights_gb:.1f} GB bf16, copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s, decode limit {limit:.0f} tok/s ({text_bytes / 1e9:.1f} GB per token)")

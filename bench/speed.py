@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import run_child, write_random_checkpoint  # noqa: E402
+from common import decode_bytes_per_token, run_child, write_random_checkpoint  # noqa: E402
 
 PRESET = "SmolVLM-256M-Instruct"
 QUESTION = "What is shown in this picture? Answer in detail."
@@ -159,17 +159,6 @@ def encoder_prefill_flops(prompt_tokens: int, frames: int) -> float:
     return frames * (per_frame + connector) + prompt_tokens * per_tok + attn + lm_head
 
 
-def decode_bytes_per_token(dtype_bytes: int = 2) -> float:
-    """Weight bytes one decode step reads: every text-side matrix and norm plus lm_head (one embedding row)."""
-    from idefics3 import Idefics3Config
-    from idefics3.presets import preset
-
-    t = Idefics3Config.from_dict(preset(PRESET)).text_config
-    hd, kv = t.head_dim, t.num_key_value_heads
-    per_layer = t.hidden_size * hd * (2 * t.num_attention_heads + 2 * kv) + 3 * t.hidden_size * t.intermediate_size
-    return dtype_bytes * (t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (one process per config per round)")
@@ -200,9 +189,13 @@ def main() -> None:
               f"{med(c, 'decode'):>14.2f}{med(c, 'peak_mb'):>10.0f}   (decode ±{spread(c, 'decode'):.2f}, "
               f"TTFT ±{spread(c, 'ttft'):.3f})")
     ours = "idefics3"
-    limit = bw / decode_bytes_per_token()
+    from idefics3 import Idefics3Config
+    from idefics3.presets import preset
+
+    per_token = decode_bytes_per_token(Idefics3Config.from_dict(preset(PRESET)))
+    limit = bw / per_token
     print(f"\ndecode: {med(ours, 'decode'):.2f} tok/s = {med(ours, 'decode') / limit:.0%} of the bandwidth limit "
-          f"({limit:.1f} tok/s = {bw / 1e9:.1f} GB/s / {decode_bytes_per_token() / 1e6:.0f} MB per token)")
+          f"({limit:.1f} tok/s = {bw / 1e9:.1f} GB/s / {per_token / 1e6:.0f} MB per token)")
     flops = encoder_prefill_flops(rows[ours][0]["prompt_tokens"], rows[ours][0]["frames"])
     compute_s = med(ours, "ttft") - med(ours, "preprocess")
     print(f"encoder+prefill: {flops / 1e12:.2f} TFLOP in {compute_s:.2f} s = {flops / compute_s / 1e9:.0f} GFLOP/s "

@@ -352,10 +352,10 @@ def parameter_counts(folder: Path) -> dict[str, int]:
     """Parameters per part, read from the safetensors headers (no weights loaded)."""
     from math import prod
 
-    from .weights import checkpoint_files, checkpoint_keys
+    from .weights import checkpoint_files, checkpoint_keys, read_headers
 
     counts = {"vision": 0, "connector": 0, "text": 0, "lm_head": 0}
-    for key, (shape, _) in checkpoint_keys(checkpoint_files(folder)).items():
+    for key, (shape, _) in checkpoint_keys(read_headers(checkpoint_files(folder))).items():
         part = ("vision" if "vision_model" in key else "connector" if "connector" in key
                 else "lm_head" if key.startswith("lm_head") else "text")
         counts[part] += prod(shape)

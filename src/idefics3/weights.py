@@ -108,14 +108,15 @@ def read_header(path: Path) -> dict[str, dict]:
     return {name: {**t, "base": 8 + n} for name, t in header.items()}
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(files: list[Path], headers: dict[Path, dict[str, dict]] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every (key, tensor) of the files, as zero-copy views of a private memory map of each file.
 
     Nothing is read until used, and the weights stay file-backed (one copy, shared with the page
     cache); a dtype or device conversion makes the only copy. Writes copy-on-write, never to the file.
     """
     for path in files:
-        header = read_header(path)
+        header = headers[path] if headers is not None else read_header(path)
         storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
         raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # [file bytes]
         for key, t in header.items():
@@ -127,9 +128,14 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield key, chunk.view(dtype).reshape(t["shape"])
 
 
-def checkpoint_keys(files: list[Path]) -> dict[str, tuple[list[int], Path]]:
+def read_headers(files: list[Path]) -> dict[Path, dict[str, dict]]:
+    """The tensor table of every file, read once and shared by the key check and the loader."""
+    return {path: read_header(path) for path in files}
+
+
+def checkpoint_keys(headers: dict[Path, dict[str, dict]]) -> dict[str, tuple[list[int], Path]]:
     """key -> (shape, file) from the safetensors headers only."""
-    return {key: (list(t["shape"]), path) for path in files for key, t in read_header(path).items()}
+    return {key: (list(t["shape"]), path) for path, header in headers.items() for key, t in header.items()}
 
 
 @contextlib.contextmanager
@@ -178,13 +184,14 @@ def load_pretrained(cls: type, ref: str | os.PathLike, dtype: torch.dtype | str 
     if dtype is None or dtype == "auto":  # the checkpoint's dtype, unless this CPU cannot compute in it
         target = runnable_dtype(target, device)
     files = checkpoint_files(folder)
-    found = checkpoint_keys(files)
+    headers = read_headers(files)
+    found = checkpoint_keys(headers)
     with no_init():
         model = cls(config)
     tied = config.tie_word_embeddings
     _check_keys(model, found, tied)
     state = {}
-    for key, tensor in iter_tensors(files):
+    for key, tensor in iter_tensors(files, headers):
         if tied and key == "lm_head.weight":
             continue
         state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)

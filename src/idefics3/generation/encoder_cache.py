@@ -62,7 +62,8 @@ class EncoderCache:
         if size > self.max_bytes:
             return
         if key in self._entries:
-            self._bytes -= self._entries.pop(key).numel() * features.element_size()
+            old = self._entries.pop(key)
+            self._bytes -= old.numel() * old.element_size()
         self._entries[key] = features
         self._bytes += size
         while self._bytes > self.max_bytes:

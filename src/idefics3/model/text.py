@@ -138,8 +138,6 @@ class TextModel(nn.Module):
             raise ValueError(f"position {kv_len - 1} does not fit the KV cache ({cache.max_seq_len} positions)")
         mask, is_causal = build_mask(position_ids, attention_mask, cache is not None, kv_len)
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype, kv_len)  # [B, T, hd] each
-        if cache is None:
-            kv_len = t
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, is_causal, cache, i, slots, position_ids, kv_len)
