@@ -10,6 +10,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +42,20 @@ def decode_bytes_per_token(config: Idefics3Config, dtype_bytes: int = 2) -> int:
     per_layer = (t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
                  + 3 * t.hidden_size * t.intermediate_size)
     return dtype_bytes * (t.num_hidden_layers * per_layer + t.vocab_size * t.hidden_size)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy: the memory-bandwidth yardstick."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * nbytes / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def run_child(code: str, *args: str) -> dict:

@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import decode_bytes_per_token, run_child, write_random_checkpoint  # noqa: E402
+from common import copy_bandwidth, decode_bytes_per_token, run_child, write_random_checkpoint  # noqa: E402
 
 PRESET = "SmolVLM-256M-Instruct"
 QUESTION = "What is shown in this picture? Answer in detail."
@@ -43,14 +43,6 @@ def prepare(folder: Path) -> Path:
         gen = {"bos_token_id": 1, "eos_token_id": [49279], "pad_token_id": 2}
         (folder / "generation_config.json").write_text(json.dumps(gen))
     return folder
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes moved per second (read + write) by a large tensor copy: the memory-bandwidth yardstick."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * nbytes / best
 
 
 def bf16_matmul_rate(repeats: int = 5) -> float:

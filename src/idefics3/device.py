@@ -16,17 +16,23 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo ("avx512f", "avx512_bf16", ...); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 arithmetic (x86 avx512_bf16 / amx_bf16, Arm bf16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set()
-            for line in f:
-                if line.lower().startswith(("flags", "features")):
-                    flags.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:  # not Linux: Apple silicon from M2 has bf16; stay conservative elsewhere
+    flags = cpu_flags()
+    if not flags:  # not Linux: Apple silicon from M2 has bf16; stay conservative elsewhere
         return platform.system() == "Darwin" and platform.machine() == "arm64"
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..kernels.cpu_decode import cpu_decoder_for
 from .encoder_cache import EncoderCache
 from .sampling import BatchSampler, SamplingParams, ban_tokens
 from .stopping import StopCondition, finish_reason
@@ -80,12 +81,15 @@ class Engine:
 
     max_seq_len (prompt + new tokens per sequence) defaults to 4096, or the model's context if shorter: the
     cache is allocated up front, and a context of 131072 (Idefics3-8B) would not fit. max_prefill_tokens caps
-    the padded size of one batched prefill. Not thread-safe: drive add/step/abort from one thread.
+    the padded size of one batched prefill. fast_decode: decode steps go through the fused CPU kernel
+    (kernels/cpu_decode.py) where it can run; prefill always uses the model. Not thread-safe: drive
+    add/step/abort from one thread.
     """
 
     def __init__(self, model: Any, max_batch: int = 8, max_seq_len: int | None = None,
                  eos_token_ids: list[int] | None = None, max_prefill_tokens: int = 16384,
-                 pad_token_id: int | None = None, encoder_cache: EncoderCache | None = None) -> None:
+                 pad_token_id: int | None = None, encoder_cache: EncoderCache | None = None,
+                 fast_decode: bool = True) -> None:
         text = model.config.text_config
         if eos_token_ids is None:
             from .config import GenerationConfig  # only for the default; the engine itself reads no files
@@ -104,6 +108,7 @@ class Engine:
         self.vocab_size = text.vocab_size
         with torch.inference_mode():
             self.cache = model.make_cache(max_batch, self.max_seq_len)
+        self.fast_decoder = cpu_decoder_for(model, self.cache) if fast_decode else None
         self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
@@ -162,9 +167,12 @@ class Engine:
         if batch is None:
             batch = self._batch = _DecodeBatch.build(self.running, self.device)
         kv_len = max(s.total_len for s in self.running)  # the newest token sits at total_len - 1
-        out = self.model(batch.input_ids, position_ids=batch.positions, kv_cache=self.cache,
-                         cache_slots=batch.slots, logits_to_keep=1, kv_len=kv_len)
-        logits = out.logits[:, -1].float()  # [R, V]
+        if self.fast_decoder is not None:
+            logits = self.fast_decoder(batch.input_ids, batch.positions, batch.slots, kv_len)  # [R, 1, V]
+        else:
+            logits = self.model(batch.input_ids, position_ids=batch.positions, kv_cache=self.cache,
+                                cache_slots=batch.slots, logits_to_keep=1, kv_len=kv_len).logits
+        logits = logits[:, -1].float()  # [R, V]
         tokens = self._sample(logits, self.running, batch.sampler, batch.slots)
         batch.input_ids = tokens[:, None]
         batch.positions = batch.positions + 1

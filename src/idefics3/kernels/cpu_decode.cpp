@@ -1,0 +1,426 @@
+// One fused decode step of the Llama text decoder on x86 CPUs with AVX-512 (bf16 via AVX512-BF16).
+//
+// Why: at batch 1 a decode step reads every weight once (~269 MB for SmolVLM-256M), so its speed is the
+// memory bandwidth; aten's bf16 GEMV reaches a fraction of it and eager dispatch of ~25 small ops per
+// layer adds more. Here the whole step (embedding, 30 layers, final norm, lm_head) runs inside one
+// OpenMP parallel region: every matrix is streamed once in its own row-major layout (the model's
+// tensors, shared with the plain path, nothing repacked) and each weight load serves all R rows of
+// the batch, which is what makes batch 8 nearly as cheap as batch 1.
+//
+// Numerics follow the plain PyTorch path: fp32 accumulation everywhere, RMSNorm and softmax in fp32,
+// and in bf16 the values are rounded to bf16 at the same points where the plain path stores a bf16
+// tensor (norm output, projections, RoPE, residual stream, SiLU*up, logits).
+//
+// The file includes no torch header (it compiles in about a second) and exposes a C ABI used through
+// ctypes by cpu_decode.py, which checks shapes, dtypes and the CPU before anything here runs.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// Element traits: storage type T, lanes per 512-bit weight load, a multiply-accumulate of one load.
+struct F32 {
+  using T = float;
+  using V = __m512;
+  static constexpr int L = 16;
+  static V load(const T* p) { return _mm512_loadu_ps(p); }
+  static V load_tail(const T* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p); }
+  static __m512 mac(__m512 acc, V w, V x) { return _mm512_fmadd_ps(w, x, acc); }
+  static float to_f(T v) { return v; }
+  static T from_f(float v) { return v; }
+  static float round(float v) { return v; }
+  // 16 elements (masked) widened to fp32, for attention and RoPE
+  static __m512 load16(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  using V = __m512i;
+  static constexpr int L = 32;
+  static V load(const T* p) { return _mm512_loadu_si512(p); }
+  static V load_tail(const T* p, int n) { return _mm512_maskz_loadu_epi16(__mmask32((1ull << n) - 1u), p); }
+  static __m512 mac(__m512 acc, V w, V x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
+  static float to_f(T v) { return bf16_to_float(v); }
+  static T from_f(float v) { return float_to_bf16(v); }
+  static float round(float v) { return bf16_to_float(float_to_bf16(v)); }
+  static __m512 load16(const T* p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+};
+
+constexpr int NR = 4;  // weight rows per tile: the unit of work split between threads
+constexpr int RB = 8;  // batch rows served by one pass over a weight row
+
+// out[r] = dot(w, x[r, :]) for r < rb. The row is streamed once, front to back (measured: one sequential
+// stream per thread beats interleaving several rows, even with software prefetch), and each of its
+// loads feeds all rb batch rows. na accumulators per batch row break the dependency chain when rb is small.
+template <class A, int rb, int na>
+inline void dot_row(const typename A::T* w, int64_t K, const typename A::T* x, int64_t xs, float* out) {
+  __m512 acc[rb][na];
+  for (int r = 0; r < rb; ++r)
+    for (int a = 0; a < na; ++a) acc[r][a] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + na * A::L <= K; k += na * A::L) {
+    for (int a = 0; a < na; ++a) {
+      const typename A::V wv = A::load(w + k + a * A::L);
+      for (int r = 0; r < rb; ++r) acc[r][a] = A::mac(acc[r][a], wv, A::load(x + r * xs + k + a * A::L));
+    }
+  }
+  for (; k < K; k += A::L) {
+    const int n = int(std::min<int64_t>(A::L, K - k));
+    const typename A::V wv = A::load_tail(w + k, n);
+    for (int r = 0; r < rb; ++r) acc[r][0] = A::mac(acc[r][0], wv, A::load_tail(x + r * xs + k, n));
+  }
+  for (int r = 0; r < rb; ++r) {
+    __m512 sum = acc[r][0];
+    for (int a = 1; a < na; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+    out[r] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// Row n of W [N, K] against all R rows of x [R, K]: emit(r, n, value).
+template <class A, class Emit>
+inline void row_times_batch(const typename A::T* W, int64_t K, int64_t n, const typename A::T* x, int64_t R,
+                            Emit& emit) {
+  const typename A::T* w = W + n * K;
+  float out[RB];
+  for (int64_t r0 = 0; r0 < R; r0 += RB) {
+    const int rb = int(std::min<int64_t>(RB, R - r0));
+    const typename A::T* xr = x + r0 * K;
+    switch (rb) {
+      case 8: dot_row<A, 8, 1>(w, K, xr, K, out); break;
+      case 7: dot_row<A, 7, 1>(w, K, xr, K, out); break;
+      case 6: dot_row<A, 6, 1>(w, K, xr, K, out); break;
+      case 5: dot_row<A, 5, 1>(w, K, xr, K, out); break;
+      case 4: dot_row<A, 4, 1>(w, K, xr, K, out); break;
+      case 3: dot_row<A, 3, 1>(w, K, xr, K, out); break;
+      case 2: dot_row<A, 2, 2>(w, K, xr, K, out); break;
+      default: dot_row<A, 1, 3>(w, K, xr, K, out); break;
+    }
+    for (int r = 0; r < rb; ++r) emit(r0 + r, n, out[r]);
+  }
+}
+
+// Tile t (rows t*NR .. min(N, t*NR+NR)) of y = x W^T.
+template <class A, class Emit>
+inline void gemv_tile(const typename A::T* W, int64_t N, int64_t K, int64_t t, const typename A::T* x, int64_t R,
+                      Emit& emit) {
+  for (int64_t n = t * NR; n < std::min(N, t * NR + NR); ++n) row_times_batch<A>(W, K, n, x, R, emit);
+}
+
+inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
+
+// RMSNorm of one row in fp32: out = w * round(h * rsqrt(mean(h^2) + eps)).
+template <class A>
+inline void rms_norm(const float* h, const typename A::T* w, int64_t D, float eps, typename A::T* out) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < D; ++i) ss += h[i] * h[i];
+  const float rs = 1.f / std::sqrt(ss / float(D) + eps);
+  for (int64_t i = 0; i < D; ++i) out[i] = A::from_f(A::to_f(w[i]) * A::round(h[i] * rs));
+}
+
+// Half-split RoPE of one head in place (x holds values already rounded to T), as the plain path does it.
+template <class A>
+inline void rope(float* x, const typename A::T* cos, const typename A::T* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  float tmp[512];
+  for (int64_t i = 0; i < hd; ++i) {
+    const float rot = i < half ? -x[i + half] : x[i - half];
+    tmp[i] = A::round(A::round(x[i] * A::to_f(cos[i])) + A::round(rot * A::to_f(sin[i])));
+  }
+  std::memcpy(x, tmp, hd * sizeof(float));
+}
+
+// exp(x) for 16 lanes: range reduction to r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial
+// (relative error ~2e-7, about libm's exp in fp32); inputs below -87 give ~1e-38 instead of 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+
+// The sums of 8 vectors, in order, into out[0..8).
+inline void reduce8(const __m512* v, float* out) {
+  __m512 t[4];
+  for (int i = 0; i < 4; ++i)  // [v2i block sums (8 lanes) | v2i+1 block sums (8 lanes)]
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x88), _mm512_shuffle_f32x4(t[0], t[1], 0xDD));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], 0x88), _mm512_shuffle_f32x4(t[2], t[3], 0xDD));
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 y = _mm512_add_ps(x, _mm512_shuffle_ps(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512 z = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), y);
+  _mm256_storeu_ps(out, _mm512_castps512_ps256(z));
+}
+
+// One query head over positions 0..n-1 of its kv head: out = softmax(q K^T * scale) V, in fp32.
+// hd = 16 * nv; q sits in registers, scores are computed 8 positions per reduction, and the output
+// accumulates in registers. s: scratch for n scores.
+template <class A, int nv>
+void attend(const float* q, const typename A::T* K, const typename A::T* V, int64_t n, float scale, float* s,
+            float* out) {
+  constexpr int64_t hd = 16 * nv;
+  __m512 qv[nv];
+  for (int v = 0; v < nv; ++v) qv[v] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * v), _mm512_set1_ps(scale));
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m512 acc[8];
+    for (int j = 0; j < 8; ++j) {
+      acc[j] = _mm512_mul_ps(qv[0], A::load16(K + (t + j) * hd, 0xffff));
+      for (int v = 1; v < nv; ++v) acc[j] = _mm512_fmadd_ps(qv[v], A::load16(K + (t + j) * hd + 16 * v, 0xffff), acc[j]);
+    }
+    reduce8(acc, s + t);
+  }
+  for (; t < n; ++t) {
+    __m512 acc = _mm512_mul_ps(qv[0], A::load16(K + t * hd, 0xffff));
+    for (int v = 1; v < nv; ++v) acc = _mm512_fmadd_ps(qv[v], A::load16(K + t * hd + 16 * v, 0xffff), acc);
+    s[t] = _mm512_reduce_add_ps(acc);
+  }
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, lanes(n - t), mx, _mm512_maskz_loadu_ps(lanes(n - t), s + t));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (t = 0; t < n; t += 16) {
+    const __mmask16 k = lanes(n - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m));
+    _mm512_mask_storeu_ps(s + t, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  __m512 o[nv];
+  for (int v = 0; v < nv; ++v) o[v] = _mm512_setzero_ps();
+  for (t = 0; t < n; ++t) {
+    const __m512 p = _mm512_set1_ps(s[t]);
+    for (int v = 0; v < nv; ++v) o[v] = _mm512_fmadd_ps(p, A::load16(V + t * hd + 16 * v, 0xffff), o[v]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int v = 0; v < nv; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(o[v], inv));
+}
+
+template <class A>
+void attend_any(int64_t hd, const float* q, const typename A::T* K, const typename A::T* V, int64_t n, float scale,
+                float* s, float* out) {
+  switch (hd / 16) {
+    case 1: return attend<A, 1>(q, K, V, n, scale, s, out);
+    case 2: return attend<A, 2>(q, K, V, n, scale, s, out);
+    case 4: return attend<A, 4>(q, K, V, n, scale, s, out);
+    case 6: return attend<A, 6>(q, K, V, n, scale, s, out);
+    case 8: return attend<A, 8>(q, K, V, n, scale, s, out);
+    case 16: return attend<A, 16>(q, K, V, n, scale, s, out);
+    default: return;  // excluded by the Python side (SUPPORTED_HEAD_DIMS)
+  }
+}
+
+// act[n] = round(round(silu(gate[n])) * up[n]) for n < count (gate and up already rounded to T).
+template <class A>
+void silu_times(const float* gate, const float* up, int64_t count, typename A::T* act) {
+  float tmp[16];
+  for (int64_t n = 0; n < count; n += 16) {
+    const __mmask16 k = lanes(count - n);
+    const __m512 g = _mm512_maskz_loadu_ps(k, gate + n);
+    const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(tmp, sg);
+    for (int64_t i = 0; i < std::min<int64_t>(16, count - n); ++i) act[n + i] = A::from_f(A::round(tmp[i]) * up[n + i]);
+  }
+}
+
+}  // namespace
+
+// ---- the model, as pointers into tensors owned by Python ---------------------------------------------------
+struct Layer {
+  const void *ln1, *wq, *wk, *wv, *wo, *ln2, *wg, *wu, *wd;
+  void *kc, *vc;  // [max_batch, Hkv, max_seq, hd]
+};
+
+struct Model {
+  int dtype;  // 0 float32, 1 bfloat16
+  int64_t n_layers, D, I, H, Hkv, hd, V, max_batch, max_seq;
+  float eps;
+  std::vector<Layer> layers;
+  const void *embed, *norm, *lm_head;
+};
+
+namespace {
+
+template <class A>
+void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, const int64_t* slots,
+          const void* cos_p, const void* sin_p, void* logits_p, int n_threads) {
+  using T = typename A::T;
+  const int64_t D = m.D, I = m.I, H = m.H, Hkv = m.Hkv, hd = m.hd, V = m.V, S = m.max_seq;
+  const int64_t NQ = H * hd, NK = Hkv * hd, NQKV = NQ + 2 * NK, group = H / Hkv;
+  const float scale = 1.f / std::sqrt(float(hd));
+  const T* cos = static_cast<const T*>(cos_p);  // [R, hd]
+  const T* sin = static_cast<const T*>(sin_p);
+  T* logits = static_cast<T*>(logits_p);  // [R, V]
+  int64_t max_len = 0;
+  for (int64_t r = 0; r < R; ++r) max_len = std::max(max_len, pos[r] + 1);
+
+  std::vector<float> h(R * D), y(R * D), qkv(R * NQKV), gate(R * I), up(R * I), scores(R * H * max_len);
+  std::vector<T> x(R * std::max(D, H * hd)), att(R * NQ), act(R * I);
+  const int64_t tq = tiles(NQ), tk = tiles(NK), t_attn = tq + 2 * tk;
+
+#pragma omp parallel num_threads(n_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const T* e = static_cast<const T*>(m.embed) + ids[r] * D;
+      for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::to_f(e[i]);
+    }
+    for (int64_t l = 0; l < m.n_layers; ++l) {
+      const Layer& L = m.layers[l];
+      T* kc = static_cast<T*>(L.kc);
+      T* vc = static_cast<T*>(L.vc);
+      // the previous layer's MLP residual, then this layer's input norm
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
+        if (l > 0)
+          for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::round(h[r * D + i] + A::round(y[r * D + i]));
+        rms_norm<A>(&h[r * D], static_cast<const T*>(L.ln1), D, m.eps, &x[r * D]);
+      }
+      // q, k, v: one loop over the tiles of the three matrices
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < t_attn; ++t) {
+        const T* W = static_cast<const T*>(t < tq ? L.wq : t < tq + tk ? L.wk : L.wv);
+        const int64_t base = t < tq ? 0 : t < tq + tk ? NQ : NQ + NK;
+        const int64_t tt = t < tq ? t : t < tq + tk ? t - tq : t - tq - tk;
+        auto emit = [&](int64_t r, int64_t n, float v) { qkv[r * NQKV + base + n] = A::round(v); };
+        gemv_tile<A>(W, base == 0 ? NQ : NK, D, tt, x.data(), R, emit);
+      }
+      // RoPE on q and k heads; k and v go into the cache at (slot, head, position)
+#pragma omp for schedule(static)
+      for (int64_t idx = 0; idx < R * (H + 2 * Hkv); ++idx) {
+        const int64_t r = idx / (H + 2 * Hkv), j = idx % (H + 2 * Hkv);
+        float* v = &qkv[r * NQKV + j * hd];
+        if (j < H + Hkv) rope<A>(v, cos + r * hd, sin + r * hd, hd);
+        if (j >= H) {
+          const int64_t slot = slots ? slots[r] : r;
+          const int64_t kvh = j < H + Hkv ? j - H : j - H - Hkv;
+          T* dst = (j < H + Hkv ? kc : vc) + ((slot * Hkv + kvh) * S + pos[r]) * hd;
+          for (int64_t d = 0; d < hd; ++d) dst[d] = A::from_f(v[d]);
+        }
+      }
+      // attention of each query head over its slot's positions 0..pos (two-pass softmax in fp32)
+#pragma omp for schedule(static)
+      for (int64_t idx = 0; idx < R * H; ++idx) {
+        const int64_t r = idx / H, head = idx % H, kvh = head / group, n = pos[r] + 1;
+        const int64_t slot = slots ? slots[r] : r;
+        const float* q = &qkv[r * NQKV + head * hd];
+        const T* K = kc + (slot * Hkv + kvh) * S * hd;
+        const T* Vc = vc + (slot * Hkv + kvh) * S * hd;
+        float o[512];
+        attend_any<A>(hd, q, K, Vc, n, scale, &scores[idx * max_len], o);
+        for (int64_t d = 0; d < hd; ++d) att[r * NQ + head * hd + d] = A::from_f(o[d]);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tiles(D); ++t) {
+        auto emit = [&](int64_t r, int64_t n, float v) { y[r * D + n] = v; };
+        gemv_tile<A>(static_cast<const T*>(L.wo), D, NQ, t, att.data(), R, emit);
+      }
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::round(h[r * D + i] + A::round(y[r * D + i]));
+        rms_norm<A>(&h[r * D], static_cast<const T*>(L.ln2), D, m.eps, &x[r * D]);
+      }
+      // gate and up for 16 rows (4 tiles), then SiLU(gate) * up for those rows
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < (I + 15) / 16; ++t) {
+        auto emit_g = [&](int64_t r, int64_t n, float v) { gate[r * I + n] = A::round(v); };
+        auto emit_u = [&](int64_t r, int64_t n, float v) { up[r * I + n] = A::round(v); };
+        for (int64_t tt = 4 * t; tt < std::min(tiles(I), 4 * t + 4); ++tt) {
+          gemv_tile<A>(static_cast<const T*>(L.wg), I, D, tt, x.data(), R, emit_g);
+          gemv_tile<A>(static_cast<const T*>(L.wu), I, D, tt, x.data(), R, emit_u);
+        }
+        const int64_t n0 = 16 * t, count = std::min<int64_t>(16, I - n0);
+        for (int64_t r = 0; r < R; ++r) silu_times<A>(&gate[r * I + n0], &up[r * I + n0], count, &act[r * I + n0]);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tiles(D); ++t) {
+        auto emit = [&](int64_t r, int64_t n, float v) { y[r * D + n] = v; };
+        gemv_tile<A>(static_cast<const T*>(L.wd), D, I, t, act.data(), R, emit);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::round(h[r * D + i] + A::round(y[r * D + i]));
+      rms_norm<A>(&h[r * D], static_cast<const T*>(m.norm), D, m.eps, &x[r * D]);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles(V); ++t) {
+      auto emit = [&](int64_t r, int64_t n, float v) { logits[r * V + n] = A::from_f(v); };
+      gemv_tile<A>(static_cast<const T*>(m.lm_head), V, D, t, x.data(), R, emit);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// layer_ptrs: n_layers x 11 addresses (ln1, q, k, v, o, ln2, gate, up, down, k cache, v cache).
+void* idefics3_decoder_create(int dtype, int64_t n_layers, int64_t D, int64_t I, int64_t H, int64_t Hkv,
+                              int64_t hd, int64_t V, int64_t max_batch, int64_t max_seq, float eps,
+                              const int64_t* layer_ptrs, const void* embed, const void* norm, const void* lm_head) {
+  Model* m = new Model{dtype, n_layers, D, I, H, Hkv, hd, V, max_batch, max_seq, eps, {}, embed, norm, lm_head};
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const int64_t* p = layer_ptrs + 11 * l;
+    auto c = [&](int i) { return reinterpret_cast<const void*>(p[i]); };
+    m->layers.push_back(Layer{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8),
+                              reinterpret_cast<void*>(p[9]), reinterpret_cast<void*>(p[10])});
+  }
+  return m;
+}
+
+void idefics3_decoder_destroy(void* handle) { delete static_cast<Model*>(handle); }
+
+// One decode step of R rows; returns 0, or 1 (token id), 2 (position), 3 (slot) for an out-of-range input.
+int idefics3_decoder_step(void* handle, int64_t R, const int64_t* ids, const int64_t* pos, const int64_t* slots,
+                          const void* cos, const void* sin, void* logits, int n_threads) {
+  const Model& m = *static_cast<Model*>(handle);
+  for (int64_t r = 0; r < R; ++r) {
+    if (ids[r] < 0 || ids[r] >= m.V) return 1;
+    if (pos[r] < 0 || pos[r] >= m.max_seq) return 2;
+    if ((slots ? slots[r] : r) < 0 || (slots ? slots[r] : r) >= m.max_batch) return 3;
+  }
+  if (m.dtype == 1)
+    step<BF16>(m, R, ids, pos, slots, cos, sin, logits, n_threads);
+  else
+    step<F32>(m, R, ids, pos, slots, cos, sin, logits, n_threads);
+  return 0;
+}
+
+}  // extern "C"

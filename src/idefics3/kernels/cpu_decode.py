@@ -1,0 +1,197 @@
+"""The fused CPU decode step: one C++ call per token (cpu_decode.cpp) instead of ~750 small aten ops.
+
+    decoder = cpu_decoder_for(model, cache)          # None where it cannot run here (reason logged once)
+    logits = decoder(input_ids, positions, slots, kv_len)   # [R, 1, V], like model(...).logits
+
+It computes what `model(input_ids, position_ids=positions, kv_cache=cache, cache_slots=slots,
+logits_to_keep=1, kv_len=kv_len).logits` computes, for the text decoder only (decode steps carry no
+images), and writes the new keys/values into the same `KVCache`, so the plain model can prefill and
+this kernel decode. It reads the model's own weight tensors and the cache buffers through raw
+pointers: nothing is copied or repacked, so it costs no memory. It is therefore bound to the tensors
+it saw when built: build it once the weights are final (the engine builds one per engine), and not
+across `model.to(...)` or LoRA injection (a model with LoRA layers gets None).
+
+The source is compiled at first use with torch's extension builder (g++ and ninja; about a second,
+since it includes no torch header) into torch's extensions cache, so once per machine and source
+version. It needs AVX-512 (F, BW, VL), plus AVX512-BF16 for bf16 weights. Set IDEFICS3_KERNELS=0 to
+turn it off; `cpu_decoder_for` returns None then, as it does on other devices, dtypes or CPUs, for
+configurations with biases, and when the build fails, and the caller keeps the plain path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..device import cpu_flags
+from ..model.idefics3 import Idefics3ForConditionalGeneration
+from ..model.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "IDEFICS3_KERNELS"
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # attention is specialised per head size
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
+
+
+@functools.lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL | str:
+    """The compiled kernel library, or why it could not be built (compiled once per machine, loaded once)."""
+    try:
+        from torch.utils.cpp_extension import load, verify_ninja_availability
+
+        verify_ninja_availability()
+        start = time.perf_counter()
+        path = load(name="idefics3_cpu_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"], is_python_module=False)
+        lib = ctypes.CDLL(path)
+    except Exception as e:  # no compiler, no ninja, a failed build: the plain path stays
+        detail = str(e).strip().splitlines()
+        return f"the fused CPU decode kernel did not build ({type(e).__name__}: {detail[-1] if detail else ''})"
+    log.info("fused CPU decode kernel ready in %.1f s (%s)", time.perf_counter() - start, path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.idefics3_decoder_create.restype = ptr
+    lib.idefics3_decoder_create.argtypes = [ctypes.c_int, *[i64] * 9, ctypes.c_float, ptr, ptr, ptr, ptr]
+    lib.idefics3_decoder_destroy.argtypes = [ptr]
+    lib.idefics3_decoder_step.restype = ctypes.c_int
+    lib.idefics3_decoder_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    return lib
+
+
+def unsupported_reason(model: Any, cache: KVCache) -> str | None:
+    """Why the kernel cannot decode for this model and cache here, or None when it can (no build involved)."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return f"{ENV_SWITCH}=0"
+    if not isinstance(model, Idefics3ForConditionalGeneration):
+        return f"the model is a {type(model).__name__}, not an Idefics3ForConditionalGeneration"
+    if model.device.type != "cpu" or cache.device.type != "cpu":
+        return f"the model is on {model.device.type}, not the CPU"
+    dtype = model.dtype
+    if dtype not in _DTYPES:
+        return f"no kernel for {dtype}"
+    flags = cpu_flags()
+    missing = [f for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq") if f not in flags]
+    if dtype == torch.bfloat16 and "avx512_bf16" not in flags:
+        missing.append("avx512_bf16")
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    t = model.config.text_config
+    if t.attention_bias or t.mlp_bias:
+        return "the decoder has biases"
+    if t.head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {t.head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
+    if cache.dtype != dtype:
+        return f"the cache is {cache.dtype}, the model {dtype}"
+    expect = (cache.max_batch, t.num_key_value_heads, cache.max_seq_len, t.head_dim)
+    if any(tuple(b.shape) != expect or not b.is_contiguous() for b in (*cache.k, *cache.v)):
+        return "the cache buffers do not have the [batch, kv heads, positions, head_dim] layout"
+    for name, module in _linears(model):
+        if type(module) is not nn.Linear or module.bias is not None:
+            return f"{name} is a {type(module).__name__}, not a plain nn.Linear without bias"
+    for name, w in _tensors(model):
+        if w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous():
+            return f"{name} is not a contiguous {dtype} CPU tensor"
+    return None
+
+
+def cpu_decoder_for(model: Any, cache: KVCache) -> "CpuDecoder | None":
+    """A CpuDecoder over the model and cache, or None (the reason logged once) where it cannot run."""
+    reason = unsupported_reason(model, cache)
+    if reason is None:
+        lib = load_library()
+        if isinstance(lib, str):
+            _log_once(logging.WARNING, lib + "; decoding on the plain path")
+            return None
+        return CpuDecoder(model, cache, lib)
+    _log_once(logging.INFO, f"fused CPU decode off: {reason}")
+    return None
+
+
+def _linears(model: Any) -> list[tuple[str, nn.Module]]:
+    layers = model.model.text_model.layers
+    out = [(f"layers.{i}.{p}", layer.get_submodule(p)) for i, layer in enumerate(layers) for p in _PROJECTIONS]
+    return out + [("lm_head", model.lm_head)]
+
+
+def _tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
+    text = model.model.text_model
+    out = [("embed_tokens", text.embed_tokens.weight), ("norm", text.norm.weight)]
+    for i, layer in enumerate(text.layers):
+        out += [(f"layers.{i}.input_layernorm", layer.input_layernorm.weight),
+                (f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm.weight)]
+    return out + [(name, m.weight) for name, m in _linears(model)]
+
+
+class CpuDecoder:
+    """One fused decode step over a model's text decoder and a KVCache (see the module docstring)."""
+
+    def __init__(self, model: Any, cache: KVCache, lib: ctypes.CDLL) -> None:
+        t = model.config.text_config
+        text = model.model.text_model
+        per_layer = []
+        for i, layer in enumerate(text.layers):
+            a, m = layer.self_attn, layer.mlp
+            per_layer.append([layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                              a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight,
+                              m.up_proj.weight, m.down_proj.weight, cache.k[i], cache.v[i]])
+        # the tensors stay referenced here, so the addresses below stay valid as long as this object lives
+        self._tensors = [w for row in per_layer for w in row] + [text.embed_tokens.weight, text.norm.weight,
+                                                                 model.lm_head.weight]
+        ptrs = torch.tensor([[w.data_ptr() for w in row] for row in per_layer], dtype=torch.int64)  # [L, 11]
+        self._lib, self._ptrs = lib, ptrs
+        self.dtype = model.dtype
+        self.vocab_size, self.max_batch, self.max_seq_len = t.vocab_size, cache.max_batch, cache.max_seq_len
+        self.rotary = text.rotary
+        handle = lib.idefics3_decoder_create(
+            _DTYPES[self.dtype], t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
+            t.num_key_value_heads, t.head_dim, t.vocab_size, cache.max_batch, cache.max_seq_len, t.rms_norm_eps,
+            ptrs.data_ptr(), text.embed_tokens.weight.data_ptr(), text.norm.weight.data_ptr(),
+            model.lm_head.weight.data_ptr())
+        self._handle = handle
+        weakref.finalize(self, lib.idefics3_decoder_destroy, handle)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
+                 kv_len: int) -> torch.Tensor:
+        """input_ids, positions [R, 1] (long); slots [R] cache rows or None for 0..R-1 -> logits [R, 1, V]."""
+        rows = input_ids.shape[0]
+        if input_ids.shape != (rows, 1) or positions.shape != (rows, 1):
+            raise ValueError(f"decode takes one token per row: input_ids {tuple(input_ids.shape)}, "
+                             f"positions {tuple(positions.shape)}")
+        if kv_len > self.max_seq_len:
+            raise ValueError(f"position {kv_len - 1} does not fit the KV cache ({self.max_seq_len} positions)")
+        ids = input_ids.reshape(rows).to(torch.long).contiguous()  # [R]
+        pos = positions.reshape(rows).to(torch.long).contiguous()  # [R]
+        rows_in_cache = None if slots is None else slots.reshape(rows).to(torch.long).contiguous()  # [R]
+        cos, sin = self.rotary(positions, self.dtype, kv_len)  # [R, 1, hd] each
+        cos, sin = cos.contiguous(), sin.contiguous()
+        logits = torch.empty(rows, 1, self.vocab_size, dtype=self.dtype)  # [R, 1, V]
+        rc = self._lib.idefics3_decoder_step(
+            self._handle, rows, ids.data_ptr(), pos.data_ptr(),
+            None if rows_in_cache is None else rows_in_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            logits.data_ptr(), torch.get_num_threads())
+        if rc:
+            what = {1: f"a token id outside 0..{self.vocab_size - 1}",
+                    2: f"a position outside 0..{self.max_seq_len - 1}",
+                    3: f"a slot outside 0..{self.max_batch - 1}"}[rc]
+            raise ValueError(f"decode got {what}")
+        return logits

@@ -1,0 +1,200 @@
+"""The fused CPU decode kernel against the plain cached forward: logits, cache writes, greedy tokens, fallbacks.
+
+Tiny random models of our own classes (no checkpoint files); sequences of different lengths sit in
+non-ordered slots of one cache, prefilled by the plain model, then decoded by both paths from copies
+of that cache. fp32 must agree to ~1e-5 and give the same greedy tokens; bf16 within 3% of the logit
+scale (teacher-forced, as bf16 rounding may flip near-ties). Skipped where the kernel cannot build or
+the CPU lacks the instructions.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from checkpoints import tiny_config
+from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
+from idefics3.device import cpu_flags
+from idefics3.generation.engine import Request
+from idefics3.kernels import cpu_decode
+from idefics3.kernels.cpu_decode import CpuDecoder, cpu_decoder_for, load_library
+
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
+BF16 = AVX512 and "avx512_bf16" in cpu_flags()
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+# name: (text overrides, tie_word_embeddings)
+SHAPES = {
+    "gqa-hd16": (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2), False),
+    "mha-hd64-tied": (dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2), True),
+    "gqa3-hd32-llama3": (dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                              rope_parameters=LLAMA3), False),
+}
+
+
+@pytest.fixture(scope="module")
+def library():
+    if not AVX512:
+        pytest.skip("the CPU lacks AVX-512")
+    lib = load_library()
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    return lib
+
+
+def tiny_model(shape: str, dtype: torch.dtype, seed: int = 0, **text) -> Idefics3ForConditionalGeneration:
+    overrides, tied = SHAPES[shape]
+    raw = tiny_config(text={"vocab_size": 1001, "intermediate_size": 56, **overrides, **text},
+                      tie_word_embeddings=tied, model_type="idefics3")
+    if "rope_parameters" in raw["text_config"]:
+        raw["text_config"].pop("rope_theta")
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(Idefics3Config.from_dict(raw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def prefill(model, lengths: list[int], slots: list[int], max_batch: int, seed: int = 1):
+    """Prompts of the given lengths prefilled one by one into the given slots; returns cache, last ids, positions."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = model.make_cache(max_batch, 64)
+    last = []
+    for n, slot in zip(lengths, slots):
+        ids = torch.randint(3, 1000, (1, n), generator=gen)
+        out = model(ids, position_ids=torch.arange(n)[None], kv_cache=cache, cache_slots=torch.tensor([slot]),
+                    logits_to_keep=1, kv_len=n)
+        last.append(int(out.logits[0, -1].argmax()))
+    return cache, torch.tensor(last)[:, None], torch.tensor(lengths)[:, None]
+
+
+def plain_step(model, cache, ids, pos, slots):
+    kv_len = int(pos.max()) + 1
+    return model(ids, position_ids=pos, kv_cache=cache, cache_slots=slots, logits_to_keep=1, kv_len=kv_len).logits
+
+
+def compare(shape: str, dtype: torch.dtype, lengths: list[int], slots: list[int] | None, max_batch: int,
+            steps: int = 4) -> None:
+    model = tiny_model(shape, dtype)
+    with torch.inference_mode():
+        cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
+        fast_cache = copy.deepcopy(cache)
+        decoder = cpu_decoder_for(model, fast_cache)
+        assert isinstance(decoder, CpuDecoder)
+        slot_t = None if slots is None else torch.tensor(slots)
+        fast_ids = ids
+        for _ in range(steps):
+            ref = plain_step(model, cache, ids, pos, slot_t).float()  # [R, 1, V]
+            got = decoder(fast_ids, pos, slot_t, int(pos.max()) + 1).float()
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            scale = ref.abs().max()
+            if dtype == torch.float32:
+                assert (got - ref).abs().max() <= 2e-5 * scale
+                assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            else:
+                assert (got - ref).abs().max() <= 0.03 * scale
+            ids = ref.argmax(-1)  # [R, 1]; bf16 is teacher-forced with the plain path's tokens
+            fast_ids = got.argmax(-1) if dtype == torch.float32 else ids
+            pos = pos + 1
+        rows = torch.arange(len(lengths)) if slots is None else torch.tensor(slots)
+        tol = 1e-5 if dtype == torch.float32 else 0.03
+        for k, fk in zip(cache.k + cache.v, fast_cache.k + fast_cache.v):
+            written, fast = k[rows].float(), fk[rows].float()  # the rows in use, every position
+            assert (written - fast).abs().max() <= tol * written.abs().max()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fp32_matches_plain_path(library, shape):
+    compare(shape, torch.float32, lengths=[5, 11, 2], slots=[2, 0, 3], max_batch=4)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_bf16_matches_plain_path(library, shape):
+    if not BF16:
+        pytest.skip("the CPU lacks AVX512-BF16")
+    compare(shape, torch.bfloat16, lengths=[5, 11, 2], slots=[2, 0, 3], max_batch=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_one_without_slots(library, dtype):
+    if dtype == torch.bfloat16 and not BF16:
+        pytest.skip("the CPU lacks AVX512-BF16")
+    compare("gqa-hd16", dtype, lengths=[7], slots=None, max_batch=1, steps=6)
+
+
+def test_more_rows_than_one_pass(library):
+    """Nine rows: the kernel serves batch rows 8 at a time from one weight load."""
+    compare("gqa-hd16", torch.float32, lengths=[3, 1, 4, 1, 5, 9, 2, 6, 5], slots=[8, 1, 0, 7, 2, 6, 3, 5, 4],
+            max_batch=9, steps=2)
+
+
+def test_out_of_range_inputs_raise(library):
+    model = tiny_model("gqa-hd16", torch.float32)
+    decoder = cpu_decoder_for(model, model.make_cache(2, 16))
+    with pytest.raises(ValueError, match="token id"):
+        decoder(torch.tensor([[5000]]), torch.tensor([[0]]), None, 1)
+    with pytest.raises(ValueError, match="slot"):
+        decoder(torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([7]), 1)
+    with pytest.raises(ValueError, match="KV cache"):
+        decoder(torch.tensor([[5]]), torch.tensor([[16]]), None, 17)
+
+
+def test_engine_fast_and_plain_decode_agree(library):
+    model = tiny_model("gqa-hd16", torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (4, 9, 6)]
+
+    def run(fast: bool) -> list[list[int]]:
+        engine = Engine(model, max_batch=2, max_seq_len=64, eos_token_ids=[0], fast_decode=fast)
+        assert (engine.fast_decoder is not None) == fast
+        ids = [engine.add(Request(p, SamplingParams(max_new_tokens=7))) for p in prompts]
+        out = {i: [] for i in ids}
+        while engine.has_work():
+            for ev in engine.step():
+                out[ev.seq_id].append(ev.token_id)
+        return [out[i] for i in ids]
+
+    assert run(True) == run(False)
+
+
+# ---- the switch and the fallbacks: no build needed ----------------------------------------------------------
+def test_env_switch_turns_it_off(monkeypatch, caplog):
+    monkeypatch.setenv("IDEFICS3_KERNELS", "0")
+    model = tiny_model("gqa-hd16", torch.float32)
+    with caplog.at_level(logging.INFO, logger="idefics3.kernels.cpu_decode"):
+        assert cpu_decoder_for(model, model.make_cache(1, 8)) is None
+        assert Engine(model, max_batch=1, max_seq_len=8, eos_token_ids=[0]).fast_decoder is None
+    assert "IDEFICS3_KERNELS=0" in caplog.text
+
+
+def test_unsupported_configurations_fall_back(monkeypatch):
+    model = tiny_model("gqa-hd16", torch.float32)
+    cache = model.make_cache(1, 8)
+    biased = tiny_model("gqa-hd16", torch.float32, attention_bias=True)
+    assert "biases" in cpu_decode.unsupported_reason(biased, biased.make_cache(1, 8))
+    wrapped = copy.deepcopy(model)
+    wrapped.model.text_model.layers[1].mlp.up_proj = torch.nn.Sequential(wrapped.model.text_model.layers[1].mlp.up_proj)
+    assert "up_proj" in cpu_decode.unsupported_reason(wrapped, cache)
+    assert "cache" in cpu_decode.unsupported_reason(model, copy.deepcopy(model).to(torch.bfloat16).make_cache(1, 8))
+    assert "Idefics3" in cpu_decode.unsupported_reason(object(), cache)
+    monkeypatch.setattr(cpu_decode, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert "avx512f" in cpu_decode.unsupported_reason(model, cache)
+    assert cpu_decoder_for(model, cache) is None
+
+
+def test_failed_build_falls_back(monkeypatch, caplog):
+    if not AVX512:
+        pytest.skip("the CPU lacks AVX-512: the build is never tried")
+    monkeypatch.setattr(cpu_decode, "load_library", lambda: "the fused CPU decode kernel did not build (no g++)")
+    model = tiny_model("gqa-hd16", torch.float32)
+    with caplog.at_level(logging.WARNING, logger="idefics3.kernels.cpu_decode"):
+        engine = Engine(model, max_batch=1, max_seq_len=16, eos_token_ids=[0])
+    assert engine.fast_decoder is None and "no g++" in caplog.text
+    engine.add(Request([5, 6, 7], SamplingParams(max_new_tokens=3)))
+    while engine.has_work():
+        engine.step()
