@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..kernels.cpu_decode import cpu_decoder_for
+from ..kernels.cpu_vision import fuse_vision_epilogues
 from .encoder_cache import EncoderCache
 from .sampling import BatchSampler, SamplingParams, ban_tokens
 from .stopping import StopCondition, finish_reason
@@ -82,8 +83,9 @@ class Engine:
     max_seq_len (prompt + new tokens per sequence) defaults to 4096, or the model's context if shorter: the
     cache is allocated up front, and a context of 131072 (Idefics3-8B) would not fit. max_prefill_tokens caps
     the padded size of one batched prefill. fast_decode: decode steps go through the fused CPU kernel
-    (kernels/cpu_decode.py) where it can run; prefill always uses the model. Not thread-safe: drive
-    add/step/abort from one thread.
+    (kernels/cpu_decode.py) where it can run, and on CPU the vision encoder's linears get their bias and GELU
+    fused (kernels/cpu_vision.py, in place on the model; inference only); prefill always uses the model.
+    Not thread-safe: drive add/step/abort from one thread.
     """
 
     def __init__(self, model: Any, max_batch: int = 8, max_seq_len: int | None = None,
@@ -109,6 +111,8 @@ class Engine:
         with torch.inference_mode():
             self.cache = model.make_cache(max_batch, self.max_seq_len)
         self.fast_decoder = cpu_decoder_for(model, self.cache) if fast_decode else None
+        if fast_decode and self.device.type == "cpu":
+            fuse_vision_epilogues(model)
         self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []

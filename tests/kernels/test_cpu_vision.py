@@ -1,0 +1,107 @@
+"""oneDNN epilogue fusion of the vision encoder: same features, same tokens, same weights, training untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from checkpoints import tiny_config
+from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
+from idefics3.finetune.lora import LoraSettings, inject_lora
+from idefics3.kernels import cpu_vision
+from idefics3.kernels.cpu_vision import FusedLinear, FusedVisionMLP, fuse_vision_epilogues
+
+VISION = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
+
+
+def tiny_model(dtype: torch.dtype = torch.float32) -> Idefics3ForConditionalGeneration:
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(Idefics3Config.from_dict(
+        tiny_config(vision=VISION, text={"vocab_size": 1001}, model_type="idefics3")))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    return model.to(dtype).eval()
+
+
+def frames(model: Idefics3ForConditionalGeneration, n: int = 3) -> torch.Tensor:
+    size = model.config.vision_config.image_size
+    return torch.randn(1, n, 3, size, size, generator=torch.Generator().manual_seed(1))  # [B, N, 3, H, W]
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    cpu_vision._broken.clear()
+    yield
+    cpu_vision._broken.clear()
+
+
+def test_fp32_features_equal_the_plain_path_and_bf16_stays_close():
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        plain = tiny_model(dtype)
+        fused = copy.deepcopy(plain)
+        assert fuse_vision_epilogues(fused) == 2 * (1 + 4)  # per layer: the MLP and four projections
+        pixels = frames(plain).to(dtype)
+        with torch.inference_mode():
+            a, b = plain.get_image_features(pixels).float(), fused.get_image_features(pixels).float()
+        assert (a - b).abs().max() <= tol * a.abs().max(), dtype
+        assert not cpu_vision._broken
+
+
+def test_same_objects_names_and_weights_and_idempotent():
+    model = tiny_model()
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    fuse_vision_epilogues(model)
+    assert fuse_vision_epilogues(model) == 0
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+    layer = model.model.vision_model.encoder.layers[0]
+    assert isinstance(layer.mlp, FusedVisionMLP) and isinstance(layer.self_attn.q_proj, FusedLinear)
+    assert isinstance(layer.self_attn.q_proj, nn.Linear)  # LoRA still finds it (below)
+
+
+def test_switch_off_changes_nothing(monkeypatch):
+    monkeypatch.setenv("IDEFICS3_KERNELS", "0")
+    model = tiny_model()
+    assert fuse_vision_epilogues(model) == 0
+    assert type(model.model.vision_model.encoder.layers[0].mlp).__name__ == "VisionMLP"
+
+
+def test_training_takes_the_plain_path_with_the_same_gradients():
+    plain = tiny_model().train()
+    fused = copy.deepcopy(plain)
+    fuse_vision_epilogues(fused)
+    pixels = frames(plain)
+    for m in (plain, fused):
+        m.get_image_features(pixels).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_lora_after_fusion_adapts_the_vision_projections():
+    model = tiny_model()
+    fuse_vision_epilogues(model)
+    names = inject_lora(model, LoraSettings(r=2, alpha=4, targets=["q_proj", "fc1"]))
+    assert any(n.startswith("model.vision_model.") and n.endswith("q_proj") for n in names)
+    assert any(n.endswith("mlp.fc1") for n in names)
+    with torch.inference_mode():
+        model.get_image_features(frames(model))  # LoRA children: the MLP falls back to the plain path
+
+
+def test_a_refusing_onednn_falls_back_once_with_the_plain_result(monkeypatch, caplog):
+    plain = tiny_model()
+    fused = copy.deepcopy(plain)
+    fuse_vision_epilogues(fused)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(cpu_vision, "_linear", refuse)
+    pixels = frames(plain)
+    with torch.inference_mode():
+        a, b = plain.get_image_features(pixels), fused.get_image_features(pixels)
+    assert torch.equal(a, b)
+    assert cpu_vision._broken and "no oneDNN here" in caplog.text
