@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .conversations import conversations, warmup_conversations
 from .questions import KINDS, examples, warmup_examples
 
 # Training mix: the types that need finer looking get more examples.
@@ -19,15 +20,22 @@ TRAIN_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.5, "position": 1.5, "wo
 
 
 def write_dataset(folder: str | Path, seed: int, count: int, weights: dict[str, float] | None = None,
-                  name: str = "data.jsonl", warmup: bool = False) -> Path:
+                  name: str = "data.jsonl", warmup: bool = False, turns: int = 1) -> Path:
     """Render `count` examples from `seed` into `folder`/images and `folder`/`name`; return the JSONL path.
-    warmup: the curriculum's one-shape scenes (`questions.warmup_examples`) instead of the task mix."""
+    warmup: the curriculum's one-shape scenes (`questions.warmup_examples`) instead of the task mix;
+    turns > 1: chats of up to `turns` questions about one scene (`conversations.conversations`), or for the
+    warm-up each question followed by the scene's description."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / name
     stem = Path(name).stem
     with path.open("w", encoding="utf-8") as f:
-        source = warmup_examples(seed, count) if warmup else examples(seed, count, weights)
+        if warmup:
+            source = warmup_conversations(seed, count) if turns > 1 else warmup_examples(seed, count)
+        elif turns > 1:
+            source = conversations(seed, count, weights or TRAIN_WEIGHTS, turns)
+        else:
+            source = examples(seed, count, weights)
         for i, ex in enumerate(source):
             rels = []
             for j, image in enumerate(ex.images):
@@ -44,8 +52,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--equal", action="store_true", help=f"equal shares of {', '.join(KINDS)}")
+    ap.add_argument("--turns", type=int, default=1, help="questions per chat (several about one scene)")
     args = ap.parse_args()
-    print(write_dataset(args.folder, args.seed, args.count, None if args.equal else TRAIN_WEIGHTS))
+    weights = {k: 1.0 for k in KINDS} if args.equal else TRAIN_WEIGHTS
+    print(write_dataset(args.folder, args.seed, args.count, weights, turns=args.turns))
 
 
 if __name__ == "__main__":

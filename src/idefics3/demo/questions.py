@@ -30,12 +30,17 @@ class Example:
     question: str
     answer: str
     images: list[Image.Image]
+    turns: list[tuple[str, str]] | None = None  # several (question, answer) in one chat (training only)
+    scene: Scene | None = None  # the drawn scene (warm-up examples keep it for their description)
 
     def messages(self, image_paths: list[str] | None = None) -> list[dict]:
-        """The chat: the images (by path when given) before the question, then the answer."""
+        """The chat: the images (by path when given) before the first question, then the answer(s)."""
         parts = [{"type": "image", **({"image": p} if image_paths else {})} for p in (image_paths or self.images)]
-        return [{"role": "user", "content": [*parts, {"type": "text", "text": self.question}]},
-                {"role": "assistant", "content": [{"type": "text", "text": self.answer}]}]
+        chat: list[dict] = []
+        for i, (question, answer) in enumerate(self.turns or [(self.question, self.answer)]):
+            chat.append({"role": "user", "content": [*(parts if i == 0 else []), {"type": "text", "text": question}]})
+            chat.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return chat
 
 
 def _plural(shape: str) -> str:
@@ -142,9 +147,9 @@ def warmup_examples(seed: int, count: int) -> Iterator[Example]:
         scene = random_scene(rng, n_objects=1, with_word=rng.random() < 0.3)
         o = scene.objects[0]
         if i % 2:
-            yield Example("colour", f"What colour is the {o.shape}?", o.colour, [render(scene)])
+            yield Example("colour", f"What colour is the {o.shape}?", o.colour, [render(scene)], scene=scene)
         else:
-            yield Example("shape", f"What shape is the {o.colour} one?", o.shape, [render(scene)])
+            yield Example("shape", f"What shape is the {o.colour} one?", o.shape, [render(scene)], scene=scene)
 
 
 __all__ = ["KINDS", "Example", "make_example", "examples", "warmup_examples", "GRID"]

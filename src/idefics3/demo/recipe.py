@@ -1,15 +1,18 @@
 """The recipe of the packaged demo model: data, tokenizer, a random-init checkpoint, `idefics3 finetune --full`.
 
-    python -m idefics3.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 3000] [--install]
+    python -m idefics3.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 4500] [--install]
 
-1. `dataset.write_dataset` renders `count` training questions from `seed`, and 6000 warm-up questions (one
-   shape per scene) from `seed + 100`; held-out evaluation uses seed 1000.
+1. `dataset.write_dataset` renders `count` training chats from `seed`, each with up to four questions about
+   one scene and then its description (`conversations.py`: several answers per encoded image), and
+   `--warmup-steps` x 16 warm-up chats (one shape per scene: its colour, its shape or its description) from
+   `seed + 100`; held-out evaluation (one question per chat) uses seed 1000.
 2. A byte-level BPE is trained with `tokenizers` on the task's chats (`tokenizer.train_tokenizer`).
 3. `init_checkpoint` writes the tiny Idefics3 configuration below with random weights, the tokenizer and the
    processor files (64-px tiles, 128-px longest edge: a scene becomes 2x2 tiles + the global image).
-4. `python -m idefics3.finetune finetune --full`, twice: a curriculum. Stage 1 (400 steps) on the one-shape
-   warm-up teaches the model to look at the image at all; straight on the full mix it stayed blind (loss at
-   the answer-prior level) for 3400+ steps. Stage 2 (`--steps`) continues from it on the full mix.
+4. `python -m idefics3.finetune finetune --full`, twice: a curriculum. Stage 1 (`--warmup-steps`) on the
+   one-shape warm-up teaches the model to look at the image at all, and to tell shapes apart; straight on the
+   full mix it stayed blind (loss at the answer-prior level) for 3400+ steps, and after a 400-step warm-up
+   it still could not tell a square from a circle. Stage 2 (`--steps`) continues from it on the full mix.
 5. The trained folder is copied to WORK_FOLDER/model (and, with --install, over the packaged model).
 """
 
@@ -46,10 +49,11 @@ TEXT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "n
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
                "special_tokens_map.json")
-COMMON_ARGS = ["--full", "--batch-size", "16", "--weight-decay", "0.01", "--dtype", "fp32", "--device", "cpu"]
+WARMUP_STEPS, WARMUP_SEED_OFFSET, BATCH = 1500, 100, 16
+COMMON_ARGS = ["--full", "--batch-size", str(BATCH), "--weight-decay", "0.01", "--dtype", "fp32", "--device", "cpu"]
 WARMUP_ARGS = ["--lr", "2e-3", "--warmup", "30", "--schedule", "constant"]
 MAIN_ARGS = ["--lr", "1.5e-3", "--warmup", "50", "--schedule", "cosine"]
-WARMUP_COUNT, WARMUP_STEPS, WARMUP_SEED_OFFSET = 6000, 400, 100
+TURNS = 4  # questions per training chat
 
 
 def tokenizer_corpus(jsonl: Path) -> list[str]:
@@ -57,9 +61,9 @@ def tokenizer_corpus(jsonl: Path) -> list[str]:
     texts = []
     for line in jsonl.read_text(encoding="utf-8").splitlines():
         msgs = json.loads(line)["messages"]
-        question = msgs[0]["content"][-1]["text"]
-        answer = msgs[1]["content"][0]["text"]
-        texts.append(f"User:{question}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n")
+        for user, assistant in zip(msgs[::2], msgs[1::2]):
+            question, answer = user["content"][-1]["text"], assistant["content"][0]["text"]
+            texts.append(f"User:{question}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n")
     words = [*COLOURS, *SHAPES, *WORDS, "yes", "no", "first", "second", *map(str, range(10))]
     return texts + [f"Assistant: {w}" for w in words] * 50
 
@@ -111,19 +115,22 @@ def main() -> None:
     ap.add_argument("work", help="folder for the data, the initial and the trained checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     ap.add_argument("--count", type=int, default=40000, help="training questions")
-    ap.add_argument("--steps", type=int, default=3000, help="main-stage optimiser steps of 16 questions")
+    ap.add_argument("--steps", type=int, default=4500, help="main-stage optimiser steps of 16 questions")
+    ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="stage-1 steps (one-shape scenes)")
+    ap.add_argument("--warmup-style", choices=["described", "questions"], default="described",
+                    help="stage-1 chats: a colour or shape question then the description, or the question alone")
     ap.add_argument("--install", action="store_true", help=f"copy the result over {PACKAGED}")
     args = ap.parse_args()
     work = Path(args.work)
     start = time.monotonic()
-    data = write_dataset(work / "data", args.seed, args.count, TRAIN_WEIGHTS, name="train.jsonl")
-    warm_count = min(WARMUP_COUNT, args.count)
-    warm = write_dataset(work / "data", args.seed + WARMUP_SEED_OFFSET, warm_count, name="warmup.jsonl", warmup=True)
-    print(f"data: {args.count} questions ({', '.join(KINDS)}) + {warm_count} warm-up in "
+    data = write_dataset(work / "data", args.seed, args.count, TRAIN_WEIGHTS, name="train.jsonl", turns=TURNS)
+    warm_count = args.warmup_steps * BATCH  # each warm-up example seen once
+    warm = write_dataset(work / "data", args.seed + WARMUP_SEED_OFFSET, warm_count, name="warmup.jsonl", warmup=True,
+                         turns=1 if args.warmup_style == "questions" else 2)
+    print(f"data: {args.count} chats of up to {TURNS} questions ({', '.join(KINDS)}) + {warm_count} warm-up in "
           f"{time.monotonic() - start:.0f}s", flush=True)
     init = init_checkpoint(work / "init", tokenizer_corpus(data), seed=args.seed)
-    warm_steps = min(WARMUP_STEPS, args.steps)
-    run_finetune(finetune_command(init, warm, work / "stage1", warm_steps, args.seed, WARMUP_ARGS))
+    run_finetune(finetune_command(init, warm, work / "stage1", args.warmup_steps, args.seed, WARMUP_ARGS))
     run_finetune(finetune_command(work / "stage1", data, work / "trained", args.steps, args.seed, MAIN_ARGS))
     model = install(work / "trained", work / "model")
     if args.install:
