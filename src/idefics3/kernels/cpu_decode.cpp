@@ -246,6 +246,95 @@ void attend_any(int64_t hd, const float* q, const typename A::T* K, const typena
   }
 }
 
+// The G query heads of one kv head (GQA) over positions 0..n-1, each exactly as attend<A, nv> computes it
+// (same operations in the same order, so the same bits), but every K and V vector is loaded and widened
+// once for all G heads: at batch > 1 attention reads R x the KV cache and this cuts its loads G times.
+// q: G heads of hd floats; s: scratch for G * n scores; out: G heads of hd floats.
+template <class A, int nv, int G>
+void attend_group(const float* q, const typename A::T* K, const typename A::T* V, int64_t n, float scale, float* s,
+                  float* out) {
+  constexpr int64_t hd = 16 * nv;
+  __m512 qv[G][nv];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < nv; ++v) qv[g][v] = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd + 16 * v), _mm512_set1_ps(scale));
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m512 acc[G][8];
+    for (int j = 0; j < 8; ++j) {
+      __m512 kv[nv];
+      for (int v = 0; v < nv; ++v) kv[v] = A::load16(K + (t + j) * hd + 16 * v, 0xffff);
+      for (int g = 0; g < G; ++g) {
+        __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+        for (int v = 1; v < nv; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+        acc[g][j] = a;
+      }
+    }
+    for (int g = 0; g < G; ++g) reduce8(acc[g], s + g * n + t);
+  }
+  for (; t < n; ++t) {
+    __m512 kv[nv];
+    for (int v = 0; v < nv; ++v) kv[v] = A::load16(K + t * hd + 16 * v, 0xffff);
+    for (int g = 0; g < G; ++g) {
+      __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int v = 1; v < nv; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+      s[g * n + t] = _mm512_reduce_add_ps(a);
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * n;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, lanes(n - t), mx, _mm512_maskz_loadu_ps(lanes(n - t), sg + t));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t < n; t += 16) {
+      const __mmask16 k = lanes(n - t);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + t), m));
+      _mm512_mask_storeu_ps(sg + t, k, e);
+      sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 o[G][nv];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < nv; ++v) o[g][v] = _mm512_setzero_ps();
+  for (t = 0; t < n; ++t) {
+    __m512 vv[nv];
+    for (int v = 0; v < nv; ++v) vv[v] = A::load16(V + t * hd + 16 * v, 0xffff);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(s[g * n + t]);
+      for (int v = 0; v < nv; ++v) o[g][v] = _mm512_fmadd_ps(p, vv[v], o[g][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < nv; ++v) _mm512_storeu_ps(out + g * hd + 16 * v, _mm512_mul_ps(o[g][v], _mm512_set1_ps(inv[g])));
+}
+
+template <class A, int G>
+bool attend_group_hd(int64_t hd, const float* q, const typename A::T* K, const typename A::T* V, int64_t n,
+                     float scale, float* s, float* out) {
+  switch (hd / 16) {
+    case 1: attend_group<A, 1, G>(q, K, V, n, scale, s, out); return true;
+    case 2: attend_group<A, 2, G>(q, K, V, n, scale, s, out); return true;
+    case 4: attend_group<A, 4, G>(q, K, V, n, scale, s, out); return true;
+    case 6: attend_group<A, 6, G>(q, K, V, n, scale, s, out); return true;
+    case 8: attend_group<A, 8, G>(q, K, V, n, scale, s, out); return true;
+    default: return false;  // 256: G x 16 query vectors would not fit the registers
+  }
+}
+
+// Grouped attention for groups of 2..4 query heads; false where the caller should go head by head.
+template <class A>
+bool attend_group_any(int64_t group, int64_t hd, const float* q, const typename A::T* K, const typename A::T* V,
+                      int64_t n, float scale, float* s, float* out) {
+  switch (group) {
+    case 2: return attend_group_hd<A, 2>(hd, q, K, V, n, scale, s, out);
+    case 3: return attend_group_hd<A, 3>(hd, q, K, V, n, scale, s, out);
+    case 4: return attend_group_hd<A, 4>(hd, q, K, V, n, scale, s, out);
+    default: return false;
+  }
+}
+
 // act[n] = round(round(silu(gate[n])) * up[n]) for n < count (gate and up already rounded to T).
 template <class A>
 void silu_times(const float* gate, const float* up, int64_t count, typename A::T* act) {
@@ -293,6 +382,10 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
   std::vector<float> h(R * D), y(R * D), qkv(R * NQKV), gate(R * I), up(R * I), scores(R * H * max_len);
   std::vector<T> x(R * std::max(D, H * hd)), att(R * NQ), act(R * I);
   const int64_t tq = tiles(NQ), tk = tiles(NK), t_attn = tq + 2 * tk;
+  // grouped attention: a supported group and head size, and R * Hkv work items that split evenly or
+  // are plenty for the threads (at batch 1 on several threads, head by head balances better)
+  const bool grouped = group >= 2 && group <= 4 && hd <= 128 && H == group * Hkv &&
+                       ((R * Hkv) % n_threads == 0 || R * Hkv >= 4 * int64_t(n_threads));
 
 #pragma omp parallel num_threads(n_threads)
   {
@@ -334,17 +427,32 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
           for (int64_t d = 0; d < hd; ++d) dst[d] = A::from_f(v[d]);
         }
       }
-      // attention of each query head over its slot's positions 0..pos (two-pass softmax in fp32)
+      // attention of each query head over its slot's positions 0..pos (two-pass softmax in fp32); with
+      // enough (row, kv head) pairs to keep the threads busy, the query heads of a kv head go together
+      if (grouped) {
 #pragma omp for schedule(static)
-      for (int64_t idx = 0; idx < R * H; ++idx) {
-        const int64_t r = idx / H, head = idx % H, kvh = head / group, n = pos[r] + 1;
-        const int64_t slot = slots ? slots[r] : r;
-        const float* q = &qkv[r * NQKV + head * hd];
-        const T* K = kc + (slot * Hkv + kvh) * S * hd;
-        const T* Vc = vc + (slot * Hkv + kvh) * S * hd;
-        float o[512];
-        attend_any<A>(hd, q, K, Vc, n, scale, &scores[idx * max_len], o);
-        for (int64_t d = 0; d < hd; ++d) att[r * NQ + head * hd + d] = A::from_f(o[d]);
+        for (int64_t idx = 0; idx < R * Hkv; ++idx) {
+          const int64_t r = idx / Hkv, kvh = idx % Hkv, n = pos[r] + 1;
+          const int64_t slot = slots ? slots[r] : r;
+          const T* K = kc + (slot * Hkv + kvh) * S * hd;
+          const T* Vc = vc + (slot * Hkv + kvh) * S * hd;
+          float o[4 * 128];
+          attend_group_any<A>(group, hd, &qkv[r * NQKV + kvh * group * hd], K, Vc, n, scale,
+                              &scores[idx * group * max_len], o);
+          for (int64_t d = 0; d < group * hd; ++d) att[r * NQ + kvh * group * hd + d] = A::from_f(o[d]);
+        }
+      } else {
+#pragma omp for schedule(static)
+        for (int64_t idx = 0; idx < R * H; ++idx) {
+          const int64_t r = idx / H, head = idx % H, kvh = head / group, n = pos[r] + 1;
+          const int64_t slot = slots ? slots[r] : r;
+          const float* q = &qkv[r * NQKV + head * hd];
+          const T* K = kc + (slot * Hkv + kvh) * S * hd;
+          const T* Vc = vc + (slot * Hkv + kvh) * S * hd;
+          float o[512];
+          attend_any<A>(hd, q, K, Vc, n, scale, &scores[idx * max_len], o);
+          for (int64_t d = 0; d < hd; ++d) att[r * NQ + head * hd + d] = A::from_f(o[d]);
+        }
       }
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tiles(D); ++t) {
