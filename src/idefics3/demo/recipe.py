@@ -13,6 +13,8 @@
    one-shape warm-up teaches the model to look at the image at all, and to tell shapes apart; straight on the
    full mix it stayed blind (loss at the answer-prior level) for 3400+ steps, and after a 400-step warm-up
    it still could not tell a square from a circle. Stage 2 (`--steps`) continues from it on the full mix.
+   Stage 3 (`--focus-steps`) goes on with fresh chats (seed + 200) weighted towards the questions that
+   stage 2 left weakest: finding an object by its shape (colour questions), comparing columns, counting.
 5. The trained folder is copied to WORK_FOLDER/model (and, with --install, over the packaged model).
 """
 
@@ -51,9 +53,12 @@ MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "to
                "special_tokens_map.json")
 WARMUP_STEPS, WARMUP_SEED_OFFSET, BATCH = 1500, 100, 16
 COMMON_ARGS = ["--full", "--batch-size", str(BATCH), "--weight-decay", "0.01", "--dtype", "fp32", "--device", "cpu"]
-WARMUP_ARGS = ["--lr", "2e-3", "--warmup", "30", "--schedule", "constant"]
+WARMUP_ARGS = ["--lr", "1e-3", "--warmup", "30", "--schedule", "constant"]
 MAIN_ARGS = ["--lr", "1.5e-3", "--warmup", "50", "--schedule", "cosine"]
 TURNS = 4  # questions per training chat
+FOCUS_WEIGHTS = {"colour": 3.0, "shape": 0.5, "count": 2.0, "position": 3.0, "word": 0.5, "two": 2.0}
+FOCUS_ARGS = ["--lr", "1e-3", "--warmup", "50", "--schedule", "cosine"]
+FOCUS_STEPS, FOCUS_SEED_OFFSET = 2500, 200
 
 
 def tokenizer_corpus(jsonl: Path) -> list[str]:
@@ -119,6 +124,7 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="stage-1 steps (one-shape scenes)")
     ap.add_argument("--warmup-style", choices=["described", "questions"], default="described",
                     help="stage-1 chats: a colour or shape question then the description, or the question alone")
+    ap.add_argument("--focus-steps", type=int, default=FOCUS_STEPS, help="stage-3 steps (0: none)")
     ap.add_argument("--install", action="store_true", help=f"copy the result over {PACKAGED}")
     args = ap.parse_args()
     work = Path(args.work)
@@ -132,7 +138,13 @@ def main() -> None:
     init = init_checkpoint(work / "init", tokenizer_corpus(data), seed=args.seed)
     run_finetune(finetune_command(init, warm, work / "stage1", args.warmup_steps, args.seed, WARMUP_ARGS))
     run_finetune(finetune_command(work / "stage1", data, work / "trained", args.steps, args.seed, MAIN_ARGS))
-    model = install(work / "trained", work / "model")
+    final = work / "trained"
+    if args.focus_steps > 0:
+        focus = write_dataset(work / "data", args.seed + FOCUS_SEED_OFFSET, args.focus_steps * BATCH, FOCUS_WEIGHTS,
+                              name="focus.jsonl", turns=TURNS)
+        final = work / "focused"
+        run_finetune(finetune_command(work / "trained", focus, final, args.focus_steps, args.seed, FOCUS_ARGS))
+    model = install(final, work / "model")
     if args.install:
         install(model, PACKAGED)
     print(f"done in {(time.monotonic() - start) / 60:.1f} min: {model}", flush=True)
