@@ -142,6 +142,16 @@ inline void rms_norm(const float* h, const typename A::T* w, int64_t D, float ep
   for (int64_t i = 0; i < D; ++i) out[i] = A::from_f(A::to_f(w[i]) * A::round(h[i] * rs));
 }
 
+// The residual add of a sublayer's output (y, or none before the first layer) into the stream h, rounded as
+// the plain path stores it, then the next RMSNorm of that row into out.
+template <class A>
+inline void add_then_norm(float* h, const float* y, const typename A::T* w, int64_t D, float eps,
+                          typename A::T* out) {
+  if (y != nullptr)
+    for (int64_t i = 0; i < D; ++i) h[i] = A::round(h[i] + A::round(y[i]));
+  rms_norm<A>(h, w, D, eps, out);
+}
+
 // Half-split RoPE of one head in place (x holds values already rounded to T), as the plain path does it.
 template <class A>
 inline void rope(float* x, const typename A::T* cos, const typename A::T* sin, int64_t hd) {
@@ -400,11 +410,8 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       T* vc = static_cast<T*>(L.vc);
       // the previous layer's MLP residual, then this layer's input norm
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; ++r) {
-        if (l > 0)
-          for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::round(h[r * D + i] + A::round(y[r * D + i]));
-        rms_norm<A>(&h[r * D], static_cast<const T*>(L.ln1), D, m.eps, &x[r * D]);
-      }
+      for (int64_t r = 0; r < R; ++r)
+        add_then_norm<A>(&h[r * D], l > 0 ? &y[r * D] : nullptr, static_cast<const T*>(L.ln1), D, m.eps, &x[r * D]);
       // q, k, v: one loop over the tiles of the three matrices
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < t_attn; ++t) {
@@ -460,10 +467,8 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
         gemv_tile<A>(static_cast<const T*>(L.wo), D, NQ, t, att.data(), R, emit);
       }
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::round(h[r * D + i] + A::round(y[r * D + i]));
-        rms_norm<A>(&h[r * D], static_cast<const T*>(L.ln2), D, m.eps, &x[r * D]);
-      }
+      for (int64_t r = 0; r < R; ++r)
+        add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(L.ln2), D, m.eps, &x[r * D]);
       // gate and up for 16 rows (4 tiles), then SiLU(gate) * up for those rows
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < (I + 15) / 16; ++t) {
@@ -483,10 +488,8 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       }
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::round(h[r * D + i] + A::round(y[r * D + i]));
-      rms_norm<A>(&h[r * D], static_cast<const T*>(m.norm), D, m.eps, &x[r * D]);
-    }
+    for (int64_t r = 0; r < R; ++r)
+      add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(m.norm), D, m.eps, &x[r * D]);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles(V); ++t) {
       auto emit = [&](int64_t r, int64_t n, float v) { logits[r * V + n] = A::from_f(v); };

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.vision import VisionAttention, VisionMLP
+from .cpu_decode import ENV_SWITCH
 
 log = logging.getLogger(__name__)
 
-ENV_SWITCH = "IDEFICS3_KERNELS"
 _DTYPES = (torch.float32, torch.bfloat16)
 _broken: list[str] = []  # set once oneDNN's linear refused to run here: every wrapper falls back from then on
 
