@@ -19,7 +19,7 @@ from checkpoints import tiny_config
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
 from idefics3.device import cpu_flags
 from idefics3.generation.engine import Request
-from idefics3.kernels import cpu_decode
+from idefics3.kernels import build, cpu_decode
 from idefics3.kernels.cpu_decode import CpuDecoder, cpu_decoder_for, load_library
 
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
@@ -166,7 +166,7 @@ def test_engine_fast_and_plain_decode_agree(library):
 def test_env_switch_turns_it_off(monkeypatch, caplog):
     monkeypatch.setenv("IDEFICS3_KERNELS", "0")
     model = tiny_model("gqa-hd16", torch.float32)
-    with caplog.at_level(logging.INFO, logger="idefics3.kernels.cpu_decode"):
+    with caplog.at_level(logging.INFO, logger="idefics3.kernels.build"):
         assert cpu_decoder_for(model, model.make_cache(1, 8)) is None
         assert Engine(model, max_batch=1, max_seq_len=8, eos_token_ids=[0]).fast_decoder is None
     assert "IDEFICS3_KERNELS=0" in caplog.text
@@ -182,7 +182,7 @@ def test_unsupported_configurations_fall_back(monkeypatch):
     assert "up_proj" in cpu_decode.unsupported_reason(wrapped, cache)
     assert "cache" in cpu_decode.unsupported_reason(model, copy.deepcopy(model).to(torch.bfloat16).make_cache(1, 8))
     assert "Idefics3" in cpu_decode.unsupported_reason(object(), cache)
-    monkeypatch.setattr(cpu_decode, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2"}))
     assert "avx512f" in cpu_decode.unsupported_reason(model, cache)
     assert cpu_decoder_for(model, cache) is None
 
@@ -192,7 +192,7 @@ def test_failed_build_falls_back(monkeypatch, caplog):
         pytest.skip("the CPU lacks AVX-512: the build is never tried")
     monkeypatch.setattr(cpu_decode, "load_library", lambda: "the fused CPU decode kernel did not build (no g++)")
     model = tiny_model("gqa-hd16", torch.float32)
-    with caplog.at_level(logging.WARNING, logger="idefics3.kernels.cpu_decode"):
+    with caplog.at_level(logging.WARNING, logger="idefics3.kernels.build"):
         engine = Engine(model, max_batch=1, max_seq_len=16, eos_token_ids=[0])
     assert engine.fast_decoder is None and "no g++" in caplog.text
     engine.add(Request([5, 6, 7], SamplingParams(max_new_tokens=3)))

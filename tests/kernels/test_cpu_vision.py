@@ -12,7 +12,7 @@ from checkpoints import tiny_config
 from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
 from idefics3.finetune.lora import LoraSettings, inject_lora
 from idefics3.kernels import cpu_vision
-from idefics3.kernels.cpu_vision import FusedLinear, FusedVisionMLP, fuse_vision_epilogues
+from idefics3.kernels.cpu_vision import FusedLinear, FusedVisionMLP, fuse_vision_kernels
 
 VISION = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
 
@@ -43,7 +43,7 @@ def test_fp32_features_equal_the_plain_path_and_bf16_stays_close():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         plain = tiny_model(dtype)
         fused = copy.deepcopy(plain)
-        assert fuse_vision_epilogues(fused) == 2 * (1 + 4)  # per layer: the MLP and four projections
+        assert fuse_vision_kernels(fused) == 2 * (1 + 1 + 4)  # per layer: the MLP, the attention, 4 projections
         pixels = frames(plain).to(dtype)
         with torch.inference_mode():
             a, b = plain.get_image_features(pixels).float(), fused.get_image_features(pixels).float()
@@ -54,8 +54,8 @@ def test_fp32_features_equal_the_plain_path_and_bf16_stays_close():
 def test_same_objects_names_and_weights_and_idempotent():
     model = tiny_model()
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    fuse_vision_epilogues(model)
-    assert fuse_vision_epilogues(model) == 0
+    fuse_vision_kernels(model)
+    assert fuse_vision_kernels(model) == 0
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
     layer = model.model.vision_model.encoder.layers[0]
     assert isinstance(layer.mlp, FusedVisionMLP) and isinstance(layer.self_attn.q_proj, FusedLinear)
@@ -65,14 +65,14 @@ def test_same_objects_names_and_weights_and_idempotent():
 def test_switch_off_changes_nothing(monkeypatch):
     monkeypatch.setenv("IDEFICS3_KERNELS", "0")
     model = tiny_model()
-    assert fuse_vision_epilogues(model) == 0
+    assert fuse_vision_kernels(model) == 0
     assert type(model.model.vision_model.encoder.layers[0].mlp).__name__ == "VisionMLP"
 
 
 def test_training_takes_the_plain_path_with_the_same_gradients():
     plain = tiny_model().train()
     fused = copy.deepcopy(plain)
-    fuse_vision_epilogues(fused)
+    fuse_vision_kernels(fused)
     pixels = frames(plain)
     for m in (plain, fused):
         m.get_image_features(pixels).square().sum().backward()
@@ -83,7 +83,7 @@ def test_training_takes_the_plain_path_with_the_same_gradients():
 
 def test_lora_after_fusion_adapts_the_vision_projections():
     model = tiny_model()
-    fuse_vision_epilogues(model)
+    fuse_vision_kernels(model)
     names = inject_lora(model, LoraSettings(r=2, alpha=4, targets=["q_proj", "fc1"]))
     assert any(n.startswith("model.vision_model.") and n.endswith("q_proj") for n in names)
     assert any(n.endswith("mlp.fc1") for n in names)
@@ -94,7 +94,7 @@ def test_lora_after_fusion_adapts_the_vision_projections():
 def test_a_refusing_onednn_falls_back_once_with_the_plain_result(monkeypatch, caplog):
     plain = tiny_model()
     fused = copy.deepcopy(plain)
-    fuse_vision_epilogues(fused)
+    fuse_vision_kernels(fused)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("no oneDNN here")

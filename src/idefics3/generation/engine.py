@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..kernels.cpu_decode import cpu_decoder_for
-from ..kernels.cpu_vision import fuse_vision_epilogues
+from ..kernels.cpu_vision import fuse_vision_kernels
 from .encoder_cache import EncoderCache
 from .sampling import BatchSampler, SamplingParams, ban_tokens
 from .stopping import StopCondition, finish_reason
@@ -112,7 +112,7 @@ class Engine:
             self.cache = model.make_cache(max_batch, self.max_seq_len)
         self.fast_decoder = cpu_decoder_for(model, self.cache) if fast_decode else None
         if fast_decode and self.device.type == "cpu":
-            fuse_vision_epilogues(model)
+            fuse_vision_kernels(model)
         self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []

@@ -11,9 +11,8 @@ pointers: nothing is copied or repacked, so it costs no memory. It is therefore 
 it saw when built: build it once the weights are final (the engine builds one per engine), and not
 across `model.to(...)` or LoRA injection (a model with LoRA layers gets None).
 
-The source is compiled at first use with torch's extension builder (g++ and ninja; about a second,
-since it includes no torch header) into torch's extensions cache, so once per machine and source
-version. It needs AVX-512 (F, BW, VL), plus AVX512-BF16 for bf16 weights. Set IDEFICS3_KERNELS=0 to
+The source is compiled at first use (build.py: g++ through torch's extension builder, about a second,
+once per machine and source version). It needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for bf16 weights. Set IDEFICS3_KERNELS=0 to
 turn it off; `cpu_decoder_for` returns None then, as it does on other devices, dtypes or CPUs, for
 configurations with biases, and when the build fails, and the caller keeps the plain path.
 """
@@ -23,8 +22,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -32,43 +29,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..device import cpu_flags
 from ..model.idefics3 import Idefics3ForConditionalGeneration
 from ..model.kv_cache import KVCache
+from .build import ENV_SWITCH, compile_library, kernels_enabled, log_once, missing_cpu_features
 
 log = logging.getLogger(__name__)
 
-ENV_SWITCH = "IDEFICS3_KERNELS"
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # attention is specialised per head size
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_logged: set[str] = set()
-
-
-def _log_once(level: int, message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        log.log(level, message)
 
 
 @functools.lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL | str:
-    """The compiled kernel library, or why it could not be built (compiled once per machine, loaded once)."""
-    try:
-        from torch.utils.cpp_extension import load, verify_ninja_availability
-
-        verify_ninja_availability()
-        start = time.perf_counter()
-        path = load(name="idefics3_cpu_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"], is_python_module=False)
-        lib = ctypes.CDLL(path)
-    except Exception as e:  # no compiler, no ninja, a failed build: the plain path stays
-        detail = str(e).strip().splitlines()
-        return f"the fused CPU decode kernel did not build ({type(e).__name__}: {detail[-1] if detail else ''})"
-    log.info("fused CPU decode kernel ready in %.1f s (%s)", time.perf_counter() - start, path)
+    """The compiled kernel library with its signatures declared, or why it could not be built."""
+    lib = compile_library("idefics3_cpu_decode", SOURCE)
+    if isinstance(lib, str):
+        return lib
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.idefics3_decoder_create.restype = ptr
     lib.idefics3_decoder_create.argtypes = [ctypes.c_int, *[i64] * 9, ctypes.c_float, ptr, ptr, ptr, ptr]
@@ -80,7 +59,7 @@ def load_library() -> ctypes.CDLL | str:
 
 def unsupported_reason(model: Any, cache: KVCache) -> str | None:
     """Why the kernel cannot decode for this model and cache here, or None when it can (no build involved)."""
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if not kernels_enabled():
         return f"{ENV_SWITCH}=0"
     if not isinstance(model, Idefics3ForConditionalGeneration):
         return f"the model is a {type(model).__name__}, not an Idefics3ForConditionalGeneration"
@@ -89,10 +68,7 @@ def unsupported_reason(model: Any, cache: KVCache) -> str | None:
     dtype = model.dtype
     if dtype not in _DTYPES:
         return f"no kernel for {dtype}"
-    flags = cpu_flags()
-    missing = [f for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq") if f not in flags]
-    if dtype == torch.bfloat16 and "avx512_bf16" not in flags:
-        missing.append("avx512_bf16")
+    missing = missing_cpu_features(bf16=dtype == torch.bfloat16)
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     t = model.config.text_config
@@ -120,10 +96,10 @@ def cpu_decoder_for(model: Any, cache: KVCache) -> "CpuDecoder | None":
     if reason is None:
         lib = load_library()
         if isinstance(lib, str):
-            _log_once(logging.WARNING, lib + "; decoding on the plain path")
+            log_once(logging.WARNING, lib + "; decoding on the plain path")
             return None
         return CpuDecoder(model, cache, lib)
-    _log_once(logging.INFO, f"fused CPU decode off: {reason}")
+    log_once(logging.INFO, f"fused CPU decode off: {reason}")
     return None
 
 

@@ -1,4 +1,4 @@
-"""Bias and GELU inside the matrix multiply for the vision encoder on CPU (oneDNN epilogue fusion).
+"""The vision encoder's CPU kernels: bias and GELU inside the matrix multiplies, and our own attention.
 
 Where the time of a SigLIP frame goes on CPU (SmolVLM-256M, bf16, one thread, torch profiler): linear
 layers 50%, flash attention 35%, GELU 6%, copies 5%. aten's `addmm` first copies the bias into the output
@@ -8,8 +8,12 @@ the epilogue of the multiply, on the model's own weight tensors (nothing packed,
 Measured on [2, 1024, 768] activations: the MLP 10-16% faster in bf16 and ~22% in fp32, the attention
 projections 4-16% (bench/speed.py reports the effect on the whole time to first token).
 
-`fuse_vision_epilogues(model)` turns each vision layer's MLP and attention projections into subclasses of
-their own classes (`VisionMLP`, `nn.Linear`) whose forward takes the fused path: same objects, parameters,
+The attention itself (the other 35%) runs in the C++ kernel of cpu_attention.py (bf16 only), at about twice
+aten's speed.
+
+`fuse_vision_kernels(model)` turns each vision layer's MLP, attention and attention projections into
+subclasses of their own classes (`VisionMLP`, `VisionAttention`, `nn.Linear`) whose forward takes the fused
+path: same objects, parameters,
 names, hooks and state_dict keys, and LoRA injection still sees `nn.Linear`s. The fused path runs only for
 inference on a CPU tensor of the weight's dtype (bf16 or fp32) whose children are plain linears; with autograd
 recording (training), under LoRA, or anywhere else it runs the original computation. `IDEFICS3_KERNELS=0`
@@ -20,14 +24,13 @@ bf16 the GELU sees the fp32 accumulator instead of a bf16-rounded one.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model.vision import VisionAttention, VisionMLP
-from .cpu_decode import ENV_SWITCH
+from .build import kernels_enabled
+from .cpu_attention import vision_attention
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,19 @@ class FusedVisionMLP(VisionMLP):
         return super().forward(x)
 
 
-def fuse_vision_epilogues(model: nn.Module) -> int:
+class FusedVisionAttention(VisionAttention):
+    """VisionAttention whose attention itself is the C++ kernel of cpu_attention.py where it applies."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None) -> torch.Tensor:
+        y = vision_attention(q, k, v, key_mask, self.num_heads)  # [N, S, D] or None
+        return y if y is not None else super().attend(q, k, v, key_mask)
+
+
+def fuse_vision_kernels(model: nn.Module) -> int:
     """Give the vision encoder of `model` the fused forwards (in place, idempotent); returns how many modules
     changed. Nothing happens with IDEFICS3_KERNELS=0."""
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if not kernels_enabled():
         return 0
     changed = 0
     for module in model.modules():
@@ -87,6 +99,8 @@ def fuse_vision_epilogues(model: nn.Module) -> int:
             module.__class__ = FusedVisionMLP
             changed += 1
         elif type(module) is VisionAttention:
+            module.__class__ = FusedVisionAttention
+            changed += 1
             for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 linear = getattr(module, name)
                 if type(linear) is nn.Linear:

@@ -84,12 +84,16 @@ class VisionAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        n, s, d = x.shape
-        q = self.q_proj(x).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)  # [N, H, S, hd]
-        k = self.k_proj(x).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)  # [N, H, S, hd]
-        v = self.v_proj(x).view(n, s, self.num_heads, self.head_dim).transpose(1, 2)  # [N, H, S, hd]
+        y = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), key_mask)  # [N, S, D]
+        return self.out_proj(y)  # [N, S, D]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) v per head, over the valid keys: [N, S, D] projections -> [N, S, D]."""
+        n, s, d = q.shape
+        q, k, v = (t.view(n, s, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [N, H, S, hd]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [N, H, S, hd]
-        return self.out_proj(y.transpose(1, 2).reshape(n, s, d))  # [N, S, D]
+        return y.transpose(1, 2).reshape(n, s, d)  # [N, S, D]
 
 
 class VisionMLP(nn.Module):

@@ -1,0 +1,64 @@
+"""Compiling and loading this package's C++ kernels (cpu_decode.cpp, cpu_attention.cpp) once per machine.
+
+The sources include no torch header and expose a plain C ABI, so they compile in a second or so with g++
+through torch's extension builder (ninja, torch's extensions cache: once per machine and source version)
+and are called through ctypes. They need AVX-512 (F, BW, VL, DQ) and AVX512-BF16; `missing_cpu_features`
+says what this CPU lacks. `IDEFICS3_KERNELS=0` turns every kernel off: callers check `kernels_enabled`.
+A failed build is not an error: `compile_library` returns the reason, the caller logs it and keeps the
+plain PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..device import cpu_flags
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "IDEFICS3_KERNELS"
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+_logged: set[str] = set()
+
+
+def kernels_enabled() -> bool:
+    """False when the user turned the kernels off with IDEFICS3_KERNELS=0."""
+    return os.environ.get(ENV_SWITCH, "1").strip() != "0"
+
+
+def missing_cpu_features(bf16: bool) -> list[str]:
+    """The CPU features the kernels need (AVX512-BF16 too for bf16 weights) that this CPU lacks."""
+    flags = cpu_flags()
+    missing = [f for f in REQUIRED_FLAGS if f not in flags]
+    return missing + (["avx512_bf16"] if bf16 and "avx512_bf16" not in flags else [])
+
+
+def log_once(level: int, message: str) -> None:
+    """Log `message` the first time only (a fallback reason would otherwise repeat on every call)."""
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
+
+
+@functools.lru_cache(maxsize=None)
+def compile_library(name: str, source: Path) -> ctypes.CDLL | str:
+    """The compiled library of `source` (built once per machine, loaded once), or why it could not be built."""
+    try:
+        from torch.utils.cpp_extension import load, verify_ninja_availability
+
+        verify_ninja_availability()
+        start = time.perf_counter()
+        path = load(name=name, sources=[str(source)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    is_python_module=False)
+        lib = ctypes.CDLL(path)
+    except Exception as e:  # no compiler, no ninja, a failed build: the plain path stays
+        detail = str(e).strip().splitlines()
+        return f"the kernel {source.name} did not build ({type(e).__name__}: {detail[-1] if detail else ''})"
+    log.info("kernel %s ready in %.1f s (%s)", source.name, time.perf_counter() - start, path)
+    return lib

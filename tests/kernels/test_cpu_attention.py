@@ -1,0 +1,107 @@
+"""The vision encoder's C++ attention: as accurate as aten's bf16 attention, masks exact, clean fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from idefics3.kernels import cpu_attention
+from idefics3.kernels.build import missing_cpu_features
+from idefics3.kernels.cpu_attention import vision_attention
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    if missing_cpu_features(bf16=True):
+        pytest.skip(f"the CPU lacks {missing_cpu_features(bf16=True)}")
+    lib = cpu_attention.load_library()
+    if isinstance(lib, str):
+        pytest.skip(lib)
+
+
+def qkv(n: int, s: int, heads: int, hd: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, s, heads * hd, generator=g).mul(2).bfloat16() for _ in range(3)]  # [N, S, D]
+
+
+def reference(q, k, v, key_mask, heads, dtype):
+    n, s, d = q.shape
+    q, k, v = (t.to(dtype).view(n, s, heads, d // heads).transpose(1, 2) for t in (q, k, v))  # [N, H, S, hd]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [N, H, S, hd]
+    return y.transpose(1, 2).reshape(n, s, d).float()  # [N, S, D]
+
+
+@pytest.mark.parametrize("n, s, heads, hd", [(2, 256, 4, 64), (1, 729, 2, 72), (3, 16, 4, 24), (1, 100, 2, 128),
+                                             (2, 37, 3, 8), (1, 1, 2, 16)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_fp32_as_closely_as_aten_bf16(n, s, heads, hd, masked):
+    q, k, v = qkv(n, s, heads, hd)
+    key_mask = None
+    if masked:
+        keep = torch.rand(n, s, generator=torch.Generator().manual_seed(3)) < 0.6
+        keep[:, 0] = True  # every frame keeps a patch
+        key_mask = keep.view(n, 1, 1, s)  # [N, 1, 1, S] like the encoder's
+    with torch.inference_mode():
+        ours = vision_attention(q, k, v, key_mask, heads)
+        exact = reference(q, k, v, key_mask, heads, torch.float32)
+        aten = reference(q, k, v, key_mask, heads, torch.bfloat16)
+    assert ours is not None and ours.shape == q.shape and ours.dtype == torch.bfloat16
+    ours_err = (ours.float() - exact).abs().max().item()
+    aten_err = (aten - exact).abs().max().item()
+    assert ours_err <= 1.5 * aten_err + 1e-3, (ours_err, aten_err)
+    assert ours_err <= 0.02 * exact.abs().max().item()
+
+
+def test_masked_keys_are_ignored_whatever_they_hold():
+    q, k, v = qkv(2, 90, 2, 32)
+    keep = torch.ones(2, 90, dtype=torch.bool)
+    keep[0, 50:] = False
+    keep[1, ::3] = False
+    k2, v2 = k.clone(), v.clone()
+    k2[~keep], v2[~keep] = 1e4, -1e4  # masked rows of k and v: any value, no effect
+    mask = keep.view(2, 1, 1, 90)
+    with torch.inference_mode():
+        assert torch.equal(vision_attention(q, k, v, mask, 2), vision_attention(q, k2, v2, mask, 2))
+        alone = vision_attention(q[:1, :50], k[:1, :50], v[:1, :50], None, 2)  # the first frame's valid keys
+        full = vision_attention(q[:1], k[:1], v[:1], mask[:1], 2)
+    assert torch.equal(alone, full[:, :50])
+
+
+def test_threads_do_not_change_the_result():
+    q, k, v = qkv(2, 200, 4, 64, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            one = vision_attention(q, k, v, None, 4)
+        torch.set_num_threads(max(2, threads))
+        with torch.inference_mode():
+            many = vision_attention(q, k, v, None, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_declines_where_it_does_not_apply(monkeypatch):
+    q, k, v = qkv(1, 20, 2, 32)
+    with torch.inference_mode():
+        assert vision_attention(q.float(), k.float(), v.float(), None, 2) is None  # fp32: aten's
+        assert vision_attention(*qkv(1, 20, 2, 33)[:3], None, 2) is None  # odd head size
+        assert vision_attention(*qkv(1, 20, 1, 130)[:3], None, 1) is None  # above 128
+        assert vision_attention(q, k, v, torch.zeros(1, 1, 1, 20, dtype=torch.bool), 2) is None  # no valid key
+    q.requires_grad_(True)
+    assert vision_attention(q, k, v, None, 2) is None  # autograd recording: aten's
+    q.requires_grad_(False)
+    monkeypatch.setenv("IDEFICS3_KERNELS", "0")
+    with torch.inference_mode():
+        assert vision_attention(q, k, v, None, 2) is None
+
+
+def test_a_failed_build_falls_back_with_a_logged_reason(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_attention, "load_library", lambda: "the kernel cpu_attention.cpp did not build (no g++)")
+    caplog.set_level("WARNING", logger="idefics3.kernels.build")
+    q, k, v = qkv(1, 20, 2, 32)
+    with torch.inference_mode():
+        assert vision_attention(q, k, v, None, 2) is None
+    assert "did not build" in caplog.text
