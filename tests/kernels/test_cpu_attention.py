@@ -105,3 +105,12 @@ def test_a_failed_build_falls_back_with_a_logged_reason(monkeypatch, caplog):
     with torch.inference_mode():
         assert vision_attention(q, k, v, None, 2) is None
     assert "did not build" in caplog.text
+
+
+def test_reads_the_column_blocks_of_a_fused_projection_in_place():
+    q, k, v = qkv(2, 70, 3, 32, seed=9)
+    fused = torch.cat([q, k, v], dim=-1)  # [N, S, 3D], as one q/k/v multiply writes it
+    views = fused.split(q.shape[-1], dim=-1)
+    assert not views[0].is_contiguous()
+    with torch.inference_mode():
+        assert torch.equal(vision_attention(*views, None, 3), vision_attention(q, k, v, None, 3))

@@ -43,7 +43,7 @@ def test_fp32_features_equal_the_plain_path_and_bf16_stays_close():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         plain = tiny_model(dtype)
         fused = copy.deepcopy(plain)
-        assert fuse_vision_kernels(fused) == 2 * (1 + 1 + 4)  # per layer: the MLP, the attention, 4 projections
+        assert fuse_vision_kernels(fused) == 2 * (1 + 1 + 1 + 4)  # per layer: itself, MLP, attention, projections
         pixels = frames(plain).to(dtype)
         with torch.inference_mode():
             a, b = plain.get_image_features(pixels).float(), fused.get_image_features(pixels).float()
@@ -105,3 +105,19 @@ def test_a_refusing_onednn_falls_back_once_with_the_plain_result(monkeypatch, ca
         a, b = plain.get_image_features(pixels), fused.get_image_features(pixels)
     assert torch.equal(a, b)
     assert cpu_vision._broken and "no oneDNN here" in caplog.text
+
+
+def test_the_stacked_qkv_weights_follow_changes_to_the_projections():
+    plain = tiny_model(torch.bfloat16)
+    fused = copy.deepcopy(plain)
+    fuse_vision_kernels(fused)
+    pixels = frames(plain).to(torch.bfloat16)
+    with torch.inference_mode():
+        fused.get_image_features(pixels)  # builds the stacked copy
+    for model in (plain, fused):
+        with torch.no_grad():
+            model.model.vision_model.encoder.layers[0].self_attn.k_proj.weight.mul_(-1.5)  # in place
+            model.model.vision_model.encoder.layers[1].self_attn.v_proj.bias.zero_()
+    with torch.inference_mode():
+        a, b = plain.get_image_features(pixels).float(), fused.get_image_features(pixels).float()
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()

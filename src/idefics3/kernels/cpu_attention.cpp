@@ -1,8 +1,9 @@
 // Bidirectional flash attention for the vision encoder on CPUs with AVX512-BF16 (see cpu_attention.py).
 //
 // out[b, i, h, :] = softmax_j(q[b, i, h, :] . k[b, j, h, :] * scale) v[b, j, h, :] over the valid keys j of
-// frame b, for bf16 q/k/v in the [B, S, H, D] layout the projections write (row stride H * D), and out in
-// the same layout (what out_proj reads), so no transpose or copy happens around the call.
+// frame b, for bf16 q/k/v in the [B, S, H, D] layout the projections write (rows `in_stride` apart: H * D, or
+// 3 * H * D when q, k and v are column blocks of one fused projection), and out in the contiguous [B, S, H, D]
+// layout that out_proj reads, so no transpose or copy happens around the call.
 //
 // Why a kernel of our own: aten's CPU flash attention runs a SigLIP layer at about a third of the bf16
 // matrix-multiply rate (many small oneDNN calls and fp32 <-> bf16 passes over each score block), and
@@ -113,7 +114,7 @@ inline void probs_times_v(const bf16 (*pb)[KB], int row0, const bf16* vb, int dp
 // MR query rows (`rows` of them real; the rest repeat the last) against all keys of one head.
 template <int ND>
 void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const bf16* vp, int64_t nkv,
-                 int64_t npad, int d, float s2, bf16* out) {
+                 int64_t npad, int d, float s2, bf16* out, int64_t out_stride) {
   constexpr int DPAD = ND * 16;
   const int pairs = d / 2;
   const bf16* qr[MR];
@@ -179,7 +180,7 @@ void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const 
   }
   for (int r = 0; r < rows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lsum[r]));
-    bf16* dst = out + r * stride;
+    bf16* dst = out + r * out_stride;
     for (int c = 0; c < ND; ++c) {
       const int left = d - 16 * c;
       const __mmask16 k = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
@@ -189,7 +190,8 @@ void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const 
   }
 }
 
-using RowsFn = void (*)(const bf16*, int64_t, int, const bf16*, const bf16*, int64_t, int64_t, int, float, bf16*);
+using RowsFn = void (*)(const bf16*, int64_t, int, const bf16*, const bf16*, int64_t, int64_t, int, float, bf16*,
+                        int64_t);
 
 RowsFn rows_fn(int d) {
   switch ((d + 15) / 16) {
@@ -209,18 +211,19 @@ RowsFn rows_fn(int d) {
 
 extern "C" {
 
-// q, k, v, out: bf16 [B, S, H, D] (contiguous). key_valid: uint8 [B, S] (1 = attend) or null for all keys.
+// q, k, v: bf16 [B, S, H, D] with rows in_stride elements apart (frames S * in_stride); out: contiguous bf16
+// [B, S, H, D]. key_valid: uint8 [B, S] (1 = attend) or null for all keys.
 // Returns 0, or 1 when the head size is not supported (even and at most 128) or no key of a frame is valid.
 int idefics3_vision_attention(const void* q_p, const void* k_p, const void* v_p, void* out_p,
-                              const uint8_t* key_valid, int64_t B, int64_t S, int64_t H, int64_t D, float scale,
-                              int n_threads) {
+                              const uint8_t* key_valid, int64_t B, int64_t S, int64_t H, int64_t D,
+                              int64_t in_stride, float scale, int n_threads) {
   const RowsFn fn = rows_fn(int(D));
   if (!fn || D % 2 || S <= 0) return 1;
   const bf16* q = static_cast<const bf16*>(q_p);
   const bf16* k = static_cast<const bf16*>(k_p);
   const bf16* v = static_cast<const bf16*>(v_p);
   bf16* out = static_cast<bf16*>(out_p);
-  const int64_t stride = H * D, dpad = (D + 15) / 16 * 16, npad = (S + KB - 1) / KB * KB;
+  const int64_t stride = in_stride, out_stride = H * D, dpad = (D + 15) / 16 * 16, npad = (S + KB - 1) / KB * KB;
   std::vector<int32_t> idx(key_valid ? B * S : 0);
   std::vector<int64_t> nkv(B, S);
   if (key_valid)
@@ -249,9 +252,9 @@ int idefics3_vision_attention(const void* q_p, const void* k_p, const void* v_p,
       const int64_t bh = item / qblocks, b = bh / H, h = bh % H, i0 = (item % qblocks) * QB;
       const int64_t n = nkv[b], np = (n + KB - 1) / KB * KB;
       for (int64_t i = i0; i < std::min(i0 + QB, S); i += MR) {
-        const int64_t at = b * S * stride + i * stride + h * D;
+        const int64_t at = (b * S + i) * stride + h * D, out_at = (b * S + i) * out_stride + h * D;
         fn(q + at, stride, int(std::min<int64_t>(MR, S - i)), kp.data() + bh * kp_size, vp.data() + bh * vp_size,
-           n, np, int(D), s2, out + at);
+           n, np, int(D), s2, out + out_at, out_stride);
       }
     }
   }

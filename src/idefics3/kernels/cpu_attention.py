@@ -2,7 +2,8 @@
 
     y = vision_attention(q, k, v, key_mask, num_heads)   # [N, S, D] like the projections, or None
 
-q, k, v are the attention projections' outputs, [N, S, H * hd] (contiguous bf16), and key_mask the encoder's
+q, k, v are the attention projections' outputs, [N, S, H * hd] bf16 (contiguous, or column blocks of one
+fused [N, S, 3 * H * hd] projection: read in place), and key_mask the encoder's
 [N, 1, 1, S] bool mask of valid patches (or None); the result is softmax(q k^T / sqrt(hd)) v per head, in the
 [N, S, H * hd] layout `out_proj` reads, so no transpose or copy surrounds it. None means the kernel does not
 apply here (another dtype or device, autograd recording, a head size it lacks, a CPU without AVX512-BF16,
@@ -37,7 +38,7 @@ def load_library() -> ctypes.CDLL | str:
         return lib
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.idefics3_vision_attention.restype = ctypes.c_int
-    lib.idefics3_vision_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float,
+    lib.idefics3_vision_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                               ctypes.c_int]
     return lib
 
@@ -52,6 +53,13 @@ def unsupported_reason(q: torch.Tensor, head_dim: int) -> str | None:
         return f"head size {head_dim} is odd or above {MAX_HEAD_DIM}"
     missing = missing_cpu_features(bf16=True)
     return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def _same_row_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """q, k and v are [N, S, D] with unit column stride and the same row stride, frames S rows apart."""
+    n, s, d = q.shape
+    return all(t.stride(2) == 1 and t.stride(1) == q.stride(1) >= d and t.stride(0) == s * q.stride(1)
+               for t in (q, k, v))
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
@@ -70,15 +78,16 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     if isinstance(lib, str):
         log_once(logging.WARNING, lib + "; the vision encoder keeps aten's attention")
         return None
-    q, k, v = (t.contiguous() for t in (q, k, v))
+    if not _same_row_layout(q, k, v):
+        q, k, v = (t.contiguous() for t in (q, k, v))
     valid = None
     if key_mask is not None:
         valid = key_mask.reshape(n, s).to(torch.uint8).contiguous()  # [N, S]: 1 = a key to attend to
         if not bool(valid.any(dim=1).all()):
             return None  # a frame without a valid patch: leave it to aten, whatever it makes of it
-    out = torch.empty_like(q)
+    out = torch.empty(n, s, d, dtype=q.dtype)  # [N, S, D]
     hd = d // num_heads
     rc = lib.idefics3_vision_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                        None if valid is None else valid.data_ptr(), n, s, num_heads, hd,
-                                       hd ** -0.5, torch.get_num_threads())
+                                       q.stride(1), hd ** -0.5, torch.get_num_threads())
     return out if rc == 0 else None

@@ -4,17 +4,18 @@ Where the time of a SigLIP frame goes on CPU (SmolVLM-256M, bf16, one thread, to
 layers 50%, flash attention 35%, GELU 6%, copies 5%. aten's `addmm` first copies the bias into the output
 and then accumulates the product onto it, and the tanh-GELU is one more pass over the 3072-wide
 activations. oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) applies the bias, and the GELU, in
-the epilogue of the multiply, on the model's own weight tensors (nothing packed, no extra memory).
+the epilogue of the multiply, on the model's own weight tensors.
 Measured on [2, 1024, 768] activations: the MLP 10-16% faster in bf16 and ~22% in fp32, the attention
 projections 4-16% (bench/speed.py reports the effect on the whole time to first token).
 
 The attention itself (the other 35%) runs in the C++ kernel of cpu_attention.py (bf16 only), at about twice
-aten's speed.
+aten's speed. And each encoder layer as a whole makes one q/k/v multiply (the three weights stacked once, a
+copy of 3 D^2 per layer, rebuilt if a projection changes) whose column blocks the attention kernel reads in
+place, and does both residual adds in the epilogues of out_proj and fc2: 2-8% off the encoder on top.
 
-`fuse_vision_kernels(model)` turns each vision layer's MLP, attention and attention projections into
-subclasses of their own classes (`VisionMLP`, `VisionAttention`, `nn.Linear`) whose forward takes the fused
-path: same objects, parameters,
-names, hooks and state_dict keys, and LoRA injection still sees `nn.Linear`s. The fused path runs only for
+`fuse_vision_kernels(model)` turns each vision layer, its MLP, attention and attention projections into
+subclasses of their own classes (`VisionEncoderLayer`, `VisionMLP`, `VisionAttention`, `nn.Linear`) whose
+forward takes the fused path: same objects, parameters, names, hooks and state_dict keys, and LoRA injection still sees `nn.Linear`s. The fused path runs only for
 inference on a CPU tensor of the weight's dtype (bf16 or fp32) whose children are plain linears; with autograd
 recording (training), under LoRA, or anywhere else it runs the original computation. `IDEFICS3_KERNELS=0`
 turns it off, as it does the decode kernel. In fp32 the results equal the plain path's to float rounding; in
@@ -28,7 +29,7 @@ import logging
 import torch
 from torch import nn
 
-from ..model.vision import VisionAttention, VisionMLP
+from ..model.vision import VisionAttention, VisionEncoderLayer, VisionMLP
 from .build import kernels_enabled
 from .cpu_attention import vision_attention
 
@@ -52,6 +53,29 @@ def _fallback(error: Exception) -> None:
 
 def _linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none", algorithm: str = "") -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation, [], algorithm)
+
+
+def _linear_add(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + layer(x), the add done in the multiply's epilogue."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+
+
+def _qkv_weights(attn: VisionAttention) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q_proj, k_proj and v_proj stacked into one [3D, D] weight (and [3D] bias) for a single multiply. The copy
+    is kept on the module and rebuilt whenever a source tensor is replaced or changed in place."""
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = getattr(attn, "_qkv_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in parts])  # [3D, D]
+            bias = torch.cat([p.bias for p in parts]) if all(p.bias is not None for p in parts) else None
+        if bias is None and any(p.bias is not None for p in parts):
+            raise RuntimeError("q, k and v projections differ in having a bias")
+        cached = (key, weight, bias)
+        attn._qkv_cache = cached
+    return cached[1], cached[2]
 
 
 class FusedLinear(nn.Linear):
@@ -88,6 +112,30 @@ class FusedVisionAttention(VisionAttention):
         return y if y is not None else super().attend(q, k, v, key_mask)
 
 
+class FusedVisionEncoderLayer(VisionEncoderLayer):
+    """The whole layer fused: one q/k/v multiply whose column blocks the attention reads in place, and both
+    residual adds in the epilogues of out_proj and fc2 (plain linears and inference only; the layer-by-part
+    path otherwise)."""
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2]
+        if all(type(m) in (nn.Linear, FusedLinear) for m in linears) and _fusable(x, *(m.weight for m in linears)):
+            try:
+                return self._fused(x, key_mask)
+            except RuntimeError as e:
+                _fallback(e)
+        return super().forward(x, key_mask)
+
+    def _fused(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        weight, bias = _qkv_weights(attn)
+        qkv = torch.ops.mkldnn._linear_pointwise(self.layer_norm1(x), weight, bias, "none", [], "")  # [N, S, 3D]
+        q, k, v = qkv.split(x.shape[-1], dim=-1)  # 3 x [N, S, D] views
+        x = _linear_add(attn.attend(q, k, v, key_mask), attn.out_proj, x)  # [N, S, D]
+        return _linear_add(_linear(self.layer_norm2(x), mlp.fc1, "gelu", "tanh"), mlp.fc2, x)  # [N, S, D]
+
+
 def fuse_vision_kernels(model: nn.Module) -> int:
     """Give the vision encoder of `model` the fused forwards (in place, idempotent); returns how many modules
     changed. Nothing happens with IDEFICS3_KERNELS=0."""
@@ -95,7 +143,10 @@ def fuse_vision_kernels(model: nn.Module) -> int:
         return 0
     changed = 0
     for module in model.modules():
-        if type(module) is VisionMLP:
+        if type(module) is VisionEncoderLayer:
+            module.__class__ = FusedVisionEncoderLayer
+            changed += 1
+        elif type(module) is VisionMLP:
             module.__class__ = FusedVisionMLP
             changed += 1
         elif type(module) is VisionAttention:
