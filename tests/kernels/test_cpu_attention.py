@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from idefics3.kernels import cpu_attention
 from idefics3.kernels.build import missing_cpu_features
-from idefics3.kernels.cpu_attention import vision_attention
+from idefics3.kernels.cpu_attention import text_attention, vision_attention
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,3 +114,49 @@ def test_reads_the_column_blocks_of_a_fused_projection_in_place():
     assert not views[0].is_contiguous()
     with torch.inference_mode():
         assert torch.equal(vision_attention(*views, None, 3), vision_attention(q, k, v, None, 3))
+
+
+def sdpa_text(q, k, v, mask, is_causal):
+    b, h, t, hd = q.shape
+    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
+                                       enable_gqa=True)  # [B, H, T, hd]
+    return y.transpose(1, 2)  # [B, T, H, hd]
+
+
+def cache_like(b, h, hkv, t, length, hd, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, hd, generator=g).bfloat16().transpose(1, 2)  # [B, H, T, hd] view, as the model has it
+    k, v = (torch.randn(b + 1, hkv, length + 5, hd, generator=g).bfloat16()[1:, :, :length] for _ in range(2))
+    return q, k, v  # k, v: slices of a bigger cache, [B, Hkv, L, hd]
+
+
+@pytest.mark.parametrize("h, hkv, hd", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 1, 72)])
+def test_text_causal_prefill_matches_sdpa(h, hkv, hd):
+    q, k, v = cache_like(2, h, hkv, 70, 70, hd)
+    with torch.inference_mode():
+        ours = text_attention(q, k, v, None, True)
+        aten = sdpa_text(q.bfloat16(), k, v, None, True)  # bf16 inputs, fp32 maths
+    assert ours is not None and ours.shape == (2, 70, h, hd)
+    assert (ours.float() - aten).abs().max() <= 0.02 * aten.abs().max()
+
+
+def test_text_prefill_after_a_cached_prefix_and_batched_rows():
+    q, k, v = cache_like(2, 6, 2, 40, 100, 32, seed=1)
+    positions = torch.stack([torch.arange(60, 100), torch.arange(30, 70)])  # [B, T]: row 1 ends at 70 of 100
+    keys = torch.arange(100)
+    mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L], as build_mask makes it
+    with torch.inference_mode():
+        ours = text_attention(q, k, v, mask, False)
+        aten = sdpa_text(q, k, v, mask, False)
+    assert ours is not None
+    assert (ours.float() - aten).abs().max() <= 0.02 * aten.abs().max()
+
+
+def test_text_declines_masks_that_are_not_a_prefix():
+    q, k, v = cache_like(1, 4, 2, 20, 20, 32)
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()[None, None]  # [1, 1, T, L]
+    left_padded = causal & (torch.arange(20) >= 3)[None, None, None, :]
+    left_padded |= torch.eye(20, dtype=torch.bool)
+    with torch.inference_mode():
+        assert text_attention(q, k, v, causal, False) is not None
+        assert text_attention(q, k, v, left_padded, False) is None

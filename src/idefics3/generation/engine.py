@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..kernels.cpu_decode import cpu_decoder_for
+from ..kernels.cpu_text import fuse_text_kernels
 from ..kernels.cpu_vision import fuse_vision_kernels
 from .encoder_cache import EncoderCache
 from .sampling import BatchSampler, SamplingParams, ban_tokens
@@ -83,8 +84,9 @@ class Engine:
     max_seq_len (prompt + new tokens per sequence) defaults to 4096, or the model's context if shorter: the
     cache is allocated up front, and a context of 131072 (Idefics3-8B) would not fit. max_prefill_tokens caps
     the padded size of one batched prefill. fast_decode: decode steps go through the fused CPU kernel
-    (kernels/cpu_decode.py) where it can run, and on CPU the vision encoder's linears get their bias and GELU
-    fused (kernels/cpu_vision.py, in place on the model; inference only); prefill always uses the model.
+    (kernels/cpu_decode.py) where it can run, and on CPU the vision encoder's layers and the decoder's
+    prefill attention take our kernels (kernels/cpu_vision.py, cpu_text.py: in place on the model, for
+    inference only; the model and its weights are unchanged); prefill always runs the model's forward.
     Not thread-safe: drive add/step/abort from one thread.
     """
 
@@ -113,6 +115,7 @@ class Engine:
         self.fast_decoder = cpu_decoder_for(model, self.cache) if fast_decode else None
         if fast_decode and self.device.type == "cpu":
             fuse_vision_kernels(model)
+            fuse_text_kernels(model)
         self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []

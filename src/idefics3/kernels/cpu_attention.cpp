@@ -1,21 +1,24 @@
-// Bidirectional flash attention for the vision encoder on CPUs with AVX512-BF16 (see cpu_attention.py).
+// Flash attention on CPUs with AVX512-BF16, for the vision encoder and the text prefill (see cpu_attention.py).
 //
-// out[b, i, h, :] = softmax_j(q[b, i, h, :] . k[b, j, h, :] * scale) v[b, j, h, :] over the valid keys j of
-// frame b, for bf16 q/k/v in the [B, S, H, D] layout the projections write (rows `in_stride` apart: H * D, or
-// 3 * H * D when q, k and v are column blocks of one fused projection), and out in the contiguous [B, S, H, D]
-// layout that out_proj reads, so no transpose or copy happens around the call.
+// out[b, t, h, :] = softmax_j(q[b, h, t, :] . k[b, h / G, j, :] * scale) v[b, h / G, j, :] over the keys j that
+// query row t may see: the valid keys of frame b (key_valid; the vision encoder's padded patches), or keys
+// j < limit[b, t] (the text's causal mask, with a cached prefix or not), or all. q, k and v are bf16 in any
+// layout with unit stride along the head dimension (strides passed in elements: the projections' [B, S, H, D]
+// output read in place, or the KV cache's [B, Hkv, L, D]); out is written as a contiguous [B, T, H, D], what
+// o_proj / out_proj read, so no transpose or copy happens around the call. G = H / Hkv query heads share a
+// kv head (GQA) and read the same packed K/V.
 //
 // Why a kernel of our own: aten's CPU flash attention runs a SigLIP layer at about a third of the bf16
 // matrix-multiply rate (many small oneDNN calls and fp32 <-> bf16 passes over each score block), and
 // attention was 35% of the encoder's time. Here both products run on vdpbf16ps straight from registers:
-//   1. K and V of one (frame, head) are packed once into pair-interleaved tiles (K: 16 keys x 2 dims per
+//   1. K and V of one (frame, kv head) are packed once into pair-interleaved tiles (K: 16 keys x 2 dims per
 //      vector, V: 16 dims x 2 keys per vector), only the valid keys, zero-padded to a block of 64;
-//   2. 4 query rows at a time sweep the keys in blocks of 64: the 4x64 scores live in 16 registers, the
-//      online softmax (running max, exp2 by polynomial, fp32 sums) runs on them in place, the 4x64
-//      probabilities are rounded to bf16 (as aten does before its second product) and multiplied into V
-//      with the 4 x D output accumulators in registers.
+//   2. 4 query rows at a time sweep the keys they may see in blocks of 64: the 4x64 scores live in 16
+//      registers, the online softmax (running max, exp2 by polynomial, fp32 sums) runs on them in place, the
+//      4x64 probabilities are rounded to bf16 (as aten does before its second product) and multiplied into V
+//      with the 4 x D output accumulators in registers. Causal rows stop at their last block.
 // The packed K/V of a head (256 KB at 1024 keys of 64 dims) stay in L2 while its query rows sweep them.
-// Masked keys are dropped at packing, which is what an additive -inf mask computes, exactly.
+// Masked keys are dropped at packing (or past a row's limit), which is what an additive -inf mask computes.
 // No torch header is included (it compiles in about a second); the C ABI is called through ctypes.
 #include <immintrin.h>
 #include <omp.h>
@@ -111,14 +114,20 @@ inline void probs_times_v(const bf16 (*pb)[KB], int row0, const bf16* vb, int dp
   }
 }
 
-// MR query rows (`rows` of them real; the rest repeat the last) against all keys of one head.
+// MR query rows (`rows` of them real; the rest repeat the last, lim included) against the keys of one head:
+// row r sees packed keys j < lim[r] (each at most the packed count).
 template <int ND>
-void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const bf16* vp, int64_t nkv,
-                 int64_t npad, int d, float s2, bf16* out, int64_t out_stride) {
+void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const bf16* vp, const int64_t* lim,
+                 int d, float s2, bf16* out, int64_t out_stride) {
   constexpr int DPAD = ND * 16;
   const int pairs = d / 2;
   const bf16* qr[MR];
-  for (int r = 0; r < MR; ++r) qr[r] = q + std::min(r, rows - 1) * stride;
+  int64_t last = 0;  // the furthest key any of the rows sees
+  for (int r = 0; r < MR; ++r) {
+    qr[r] = q + std::min(r, rows - 1) * stride;
+    last = std::max(last, lim[r]);
+  }
+  const int64_t npad = (last + KB - 1) / KB * KB;
   alignas(64) float o[MR][DPAD];
   alignas(64) bf16 pb[MR][KB];
   float m[MR], alpha[MR];
@@ -143,19 +152,21 @@ void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const 
         for (int c = 0; c < 4; ++c) s[r][c] = _mm512_dpbf16_ps(s[r][c], as_bh(kv[c]), as_bh(qq));
       }
     }
-    // keys past nkv (the zero padding of the last block) are left out of the max and get probability 0
-    __mmask16 valid[4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t left = nkv - (j0 + 16 * c);
-      valid[c] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-    }
+    // keys at or past a row's limit (its causal bound, or the zero padding of the last block) are left out
+    // of the max and get probability 0
+    __mmask16 valid[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < 4; ++c) {
+        const int64_t left = lim[r] - (j0 + 16 * c);
+        valid[r][c] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+      }
     const __m512 neg = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(s2);
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       __m512 mx = neg;
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
-        s[r][c] = _mm512_mask_mul_ps(neg, valid[c], s[r][c], scale);
+        s[r][c] = _mm512_mask_mul_ps(neg, valid[r][c], s[r][c], scale);
         mx = _mm512_max_ps(mx, s[r][c]);
       }
       const float mnew = std::max(m[r], _mm512_reduce_max_ps(mx));
@@ -164,7 +175,7 @@ void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const 
       const __m512 mv = _mm512_set1_ps(mnew);
       __m512 p[4];
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) p[c] = _mm512_maskz_mov_ps(valid[c], exp2_ps(_mm512_sub_ps(s[r][c], mv)));
+      for (int c = 0; c < 4; ++c) p[c] = _mm512_maskz_mov_ps(valid[r][c], exp2_ps(_mm512_sub_ps(s[r][c], mv)));
       lsum[r] = _mm512_fmadd_ps(lsum[r], _mm512_set1_ps(alpha[r]),
                                 _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3])));
       _mm512_storeu_si512(&pb[r][0], (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
@@ -190,7 +201,7 @@ void attend_rows(const bf16* q, int64_t stride, int rows, const bf16* kp, const 
   }
 }
 
-using RowsFn = void (*)(const bf16*, int64_t, int, const bf16*, const bf16*, int64_t, int64_t, int, float, bf16*,
+using RowsFn = void (*)(const bf16*, int64_t, int, const bf16*, const bf16*, const int64_t*, int, float, bf16*,
                         int64_t);
 
 RowsFn rows_fn(int d) {
@@ -211,50 +222,58 @@ RowsFn rows_fn(int d) {
 
 extern "C" {
 
-// q, k, v: bf16 [B, S, H, D] with rows in_stride elements apart (frames S * in_stride); out: contiguous bf16
-// [B, S, H, D]. key_valid: uint8 [B, S] (1 = attend) or null for all keys.
-// Returns 0, or 1 when the head size is not supported (even and at most 128) or no key of a frame is valid.
-int idefics3_vision_attention(const void* q_p, const void* k_p, const void* v_p, void* out_p,
-                              const uint8_t* key_valid, int64_t B, int64_t S, int64_t H, int64_t D,
-                              int64_t in_stride, float scale, int n_threads) {
+// q: [B, H, T, D] at strides (qs[0], qs[1], qs[2]); k, v: [B, Hkv, L, D] at strides ks (both); unit stride
+// along D. out: contiguous [B, T, H, D]. key_valid: uint8 [B, L] (1 = attend) or null; limit: int64 [B, T]
+// (row t sees keys j < limit) or null; not both. Returns 0; 1 for an unsupported head size (odd or above 128)
+// or H not a multiple of Hkv; 2 when a frame has no valid key or a limit is outside 1..L.
+int idefics3_attention(const void* q_p, const void* k_p, const void* v_p, void* out_p, int64_t B, int64_t H,
+                       int64_t Hkv, int64_t T, int64_t L, int64_t D, const int64_t* qs, const int64_t* ks,
+                       const uint8_t* key_valid, const int64_t* limit, float scale, int n_threads) {
   const RowsFn fn = rows_fn(int(D));
-  if (!fn || D % 2 || S <= 0) return 1;
+  if (!fn || D % 2 || Hkv <= 0 || H % Hkv || T <= 0 || L <= 0) return 1;
   const bf16* q = static_cast<const bf16*>(q_p);
   const bf16* k = static_cast<const bf16*>(k_p);
   const bf16* v = static_cast<const bf16*>(v_p);
   bf16* out = static_cast<bf16*>(out_p);
-  const int64_t stride = in_stride, out_stride = H * D, dpad = (D + 15) / 16 * 16, npad = (S + KB - 1) / KB * KB;
-  std::vector<int32_t> idx(key_valid ? B * S : 0);
-  std::vector<int64_t> nkv(B, S);
+  const int64_t G = H / Hkv, dpad = (D + 15) / 16 * 16, npad = (L + KB - 1) / KB * KB;
+  std::vector<int32_t> idx(key_valid ? B * L : 0);
+  std::vector<int64_t> nkv(B, L);
   if (key_valid)
     for (int64_t b = 0; b < B; ++b) {
       int64_t n = 0;
-      for (int64_t j = 0; j < S; ++j)
-        if (key_valid[b * S + j]) idx[b * S + n++] = int32_t(j);
-      if (n == 0) return 1;
+      for (int64_t j = 0; j < L; ++j)
+        if (key_valid[b * L + j]) idx[b * L + n++] = int32_t(j);
+      if (n == 0) return 2;
       nkv[b] = n;
     }
-  const int64_t kp_size = npad * D, vp_size = npad * dpad;  // elements per (frame, head)
-  std::vector<bf16> kp(B * H * kp_size), vp(B * H * vp_size);
+  if (limit)
+    for (int64_t i = 0; i < B * T; ++i)
+      if (limit[i] < 1 || limit[i] > L) return 2;
+  const int64_t kp_size = npad * D, vp_size = npad * dpad;  // elements per (frame, kv head)
+  std::vector<bf16> kp(B * Hkv * kp_size), vp(B * Hkv * vp_size);
   const float s2 = scale * 1.4426950408889634f;  // scores in log2 units: softmax by exp2
-  const int64_t qblocks = (S + QB - 1) / QB;
+  const int64_t qblocks = (T + QB - 1) / QB, out_stride = H * D;
 #pragma omp parallel num_threads(n_threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const int32_t* ix = key_valid ? idx.data() + b * S : nullptr;
-      pack_k(k + b * S * stride + h * D, stride, ix, nkv[b], npad, int(D / 2), kp.data() + bh * kp_size);
-      pack_v(v + b * S * stride + h * D, stride, ix, nkv[b], npad, int(D), int(dpad), vp.data() + bh * vp_size);
+    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      const int32_t* ix = key_valid ? idx.data() + b * L : nullptr;
+      const int64_t at = b * ks[0] + h * ks[1];
+      pack_k(k + at, ks[2], ix, nkv[b], npad, int(D / 2), kp.data() + bh * kp_size);
+      pack_v(v + at, ks[2], ix, nkv[b], npad, int(D), int(dpad), vp.data() + bh * vp_size);
     }
-#pragma omp for schedule(static)
+    // round-robin over (frame, head, query block): causal rows grow longer down the sequence
+#pragma omp for schedule(static, 1)
     for (int64_t item = 0; item < B * H * qblocks; ++item) {
       const int64_t bh = item / qblocks, b = bh / H, h = bh % H, i0 = (item % qblocks) * QB;
-      const int64_t n = nkv[b], np = (n + KB - 1) / KB * KB;
-      for (int64_t i = i0; i < std::min(i0 + QB, S); i += MR) {
-        const int64_t at = (b * S + i) * stride + h * D, out_at = (b * S + i) * out_stride + h * D;
-        fn(q + at, stride, int(std::min<int64_t>(MR, S - i)), kp.data() + bh * kp_size, vp.data() + bh * vp_size,
-           n, np, int(D), s2, out + out_at, out_stride);
+      const int64_t kvh = b * Hkv + h / G;
+      int64_t lim[MR];
+      for (int64_t i = i0; i < std::min(i0 + QB, T); i += MR) {
+        const int rows = int(std::min<int64_t>(MR, T - i));
+        for (int r = 0; r < MR; ++r) lim[r] = limit ? limit[b * T + i + std::min(r, rows - 1)] : nkv[b];
+        fn(q + b * qs[0] + h * qs[1] + i * qs[2], qs[2], rows, kp.data() + kvh * kp_size, vp.data() + kvh * vp_size,
+           lim, int(D), s2, out + (b * T + i) * out_stride + h * D, out_stride);
       }
     }
   }

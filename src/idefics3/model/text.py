@@ -51,10 +51,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, slots, positions, k, v, kv_len)  # [B, Hkv, L, hd]
+        return self.o_proj(self.attend(q, k, v, mask, is_causal))  # [B, T, D]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool) -> torch.Tensor:
+        """Attention of q [B, H, T, hd] over k, v [B, Hkv, L, hd] -> [B, T, H * hd]."""
+        b, _, t, _ = q.shape
         # GQA inside SDPA: each kv head serves H/Hkv query heads without copying the cache.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # [B, H, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+        return y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, H * hd]
 
 
 class MLP(nn.Module):

@@ -1,0 +1,100 @@
+"""The decoder's prefill attention through the C++ kernel: same logits in bf16, same tokens, training untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from checkpoints import tiny_config
+from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
+from idefics3.generation.engine import Request
+from idefics3.kernels import cpu_attention
+from idefics3.kernels.build import missing_cpu_features
+from idefics3.kernels.cpu_text import FusedTextAttention, fuse_text_kernels
+
+TEXT = {"vocab_size": 1001, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "intermediate_size": 256, "num_hidden_layers": 2}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if missing_cpu_features(bf16=True):
+        pytest.skip(f"the CPU lacks {missing_cpu_features(bf16=True)}")
+    lib = cpu_attention.load_library()
+    if isinstance(lib, str):
+        pytest.skip(lib)
+
+
+def tiny_model(dtype: torch.dtype = torch.bfloat16) -> Idefics3ForConditionalGeneration:
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(Idefics3Config.from_dict(tiny_config(text=TEXT, model_type="idefics3")))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    return model.to(dtype).eval()
+
+
+def prefill_logits(model, ids, prefix: int = 0):
+    """Logits of a cached prefill of ids[prefix:] after ids[:prefix] (the engine's path)."""
+    cache = model.make_cache(1, 128)
+    out = None
+    for start, end in ((0, prefix), (prefix, ids.shape[1])):
+        if end > start:
+            pos = torch.arange(start, end)[None]
+            out = model(ids[:, start:end], position_ids=pos, kv_cache=cache, cache_slots=torch.tensor([0]),
+                        kv_len=end).logits
+    return out.float()
+
+
+@pytest.mark.parametrize("prefix", [0, 23])
+def test_bf16_prefill_logits_match_the_plain_path(kernel, prefix, monkeypatch):
+    plain = tiny_model()
+    fused = copy.deepcopy(plain)
+    assert fuse_text_kernels(fused) == 2 and fuse_text_kernels(fused) == 0
+    ids = torch.randint(5, 1000, (1, 60), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        a, b = prefill_logits(plain, ids, prefix), prefill_logits(fused, ids, prefix)
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+    calls = []  # and the kernel really ran: once per layer and prefill call
+    original = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.inference_mode():
+        prefill_logits(fused, ids, prefix)
+    assert len(calls) == 2 * (2 if prefix else 1)
+
+
+def test_engine_installs_it_and_greedy_tokens_agree(kernel):
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in (40, 25, 33)]
+
+    def run(fast: bool) -> list[list[int]]:
+        model = tiny_model()
+        engine = Engine(model, max_batch=2, max_seq_len=96, eos_token_ids=[0], fast_decode=fast)
+        assert any(isinstance(m, FusedTextAttention) for m in model.modules()) == fast
+        ids = [engine.add(Request(p, SamplingParams(max_new_tokens=6))) for p in prompts]
+        out = {i: [] for i in ids}
+        while engine.has_work():
+            for ev in engine.step():
+                out[ev.seq_id].append(ev.token_id)
+        return [out[i] for i in ids]
+
+    assert run(True) == run(False)
+
+
+def test_training_keeps_sdpa_and_its_gradients():
+    plain = tiny_model(torch.float32).train()
+    fused = copy.deepcopy(plain)
+    fuse_text_kernels(fused)
+    ids = torch.randint(5, 1000, (1, 30), generator=torch.Generator().manual_seed(3))
+    for m in (plain, fused):
+        m(ids).logits.square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_switch_off(monkeypatch):
+    monkeypatch.setenv("IDEFICS3_KERNELS", "0")
+    assert fuse_text_kernels(tiny_model()) == 0
