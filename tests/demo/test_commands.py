@@ -73,4 +73,4 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     out = tmp_path / "model"
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     res = cli("info", model=str(out))
-    assert res.returncode == 0 and "up to 5 tiles x 4 = 20 image tokens" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "up to 17 tiles x 1 = 17 image tokens" in res.stdout, res.stdout + res.stderr

@@ -28,7 +28,7 @@ def test_equal_shares_and_answer_vocabulary():
     for e in exs:
         assert e.answer in allowed[e.kind], (e.kind, e.question, e.answer)
         assert len(e.images) == (2 if e.kind == "two" else 1)
-        assert all(im.size == (CANVAS, CANVAS) for im in e.images)  # 2x2 tiles of 64 px + the global image
+        assert all(im.size == (CANVAS, CANVAS) for im in e.images)  # 4x4 tiles of 32 px + the global image
 
 
 def test_scene_rules_and_rendering():

@@ -1,7 +1,7 @@
 """Synthetic scenes for the demo task: simple shapes in several colours, sizes and places, and maybe a word.
 
-A scene is a 4x4 grid of 32-px cells on a 128x128 canvas (two tiles a side for the demo model, so the
-processor splits it into 2x2 tiles plus the global image). Each object sits centred in its own cell; every
+A scene is a 4x4 grid of 32-px cells on a 128x128 canvas (one 32-px tile per cell for the demo model, so the
+processor splits it into 4x4 tiles plus the global image). Each object sits centred in its own cell; every
 object in a scene has its own colour, so "the red one" always names one object. A word, when present, takes
 two horizontally adjacent cells and is drawn in black with Pillow's default font, centred on them.
 
