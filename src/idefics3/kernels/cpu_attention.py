@@ -106,6 +106,22 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     return None if y is None else y.view(n, s, d)
 
 
+_last_mask: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # every layer of a forward passes the same mask
+
+
+def _prefix_limits(mask: torch.Tensor) -> torch.Tensor | None:
+    """For a bool mask [B, 1, T, L] whose rows are each "keys 0..n-1" (n >= 1): n as [B, T]; else None.
+    Checked once per mask object: the layers of one forward share it."""
+    if _last_mask and _last_mask[0][0] is mask:
+        return _last_mask[0][1]
+    limits = mask[:, 0].sum(-1)  # [B, T]
+    keys = torch.arange(mask.shape[-1])
+    if not bool((mask[:, 0] == (keys < limits[..., None])).all()) or not bool((limits > 0).all()):
+        limits = None
+    _last_mask[:] = [(mask, limits)]
+    return limits
+
+
 def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    is_causal: bool) -> torch.Tensor | None:
     """The decoder's attention as SDPA computes it with (attn_mask=mask, is_causal, enable_gqa): q [B, H, T, hd],
@@ -117,8 +133,8 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != (b, 1, t, length):
             return None
-        limits = mask[:, 0].sum(-1)  # [B, T]
-        if not bool((mask[:, 0] == (torch.arange(length) < limits[..., None])).all()) or not bool((limits > 0).all()):
+        limits = _prefix_limits(mask)
+        if limits is None:
             return None
     elif is_causal:  # SDPA's causal mask is top-left aligned: query t sees keys 0..t
         limits = torch.arange(1, t + 1).clamp(max=length).expand(b, t)
