@@ -66,9 +66,10 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     """The same command as the real recipe, with 24 chats and 2 steps per stage: a loadable model comes out."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     res = subprocess.run([sys.executable, "-m", "idefics3.demo.recipe", str(tmp_path), "--count", "24",
-                          "--steps", "2", "--warmup-steps", "2", "--focus-steps", "2"],
+                          "--steps", "2", "--warmup-steps", "2", "--focus-steps", "2", "--polish-steps", "2"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert (tmp_path / "focused").is_dir() and (tmp_path / "data" / "focus.jsonl").is_file()
+    assert (tmp_path / "polished").is_dir() and (tmp_path / "data" / "polish.jsonl").is_file()
     assert res.returncode == 0, res.stderr[-2000:]
     out = tmp_path / "model"
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}

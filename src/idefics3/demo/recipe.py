@@ -12,12 +12,14 @@
    image, so each cell's image token comes right after its `<row_r_col_c>` marker). With 64-px tiles (2x2 cells
    each) the column inside a tile had to come from the encoder's position embeddings, and the model counted 94%
    of the held-out questions right; with a tile per cell, 100%.
-4. `python -m idefics3.finetune finetune --full`, twice: a curriculum. Stage 1 (`--warmup-steps`) on the
+4. `python -m idefics3.finetune finetune --full`, four times: a curriculum. Stage 1 (`--warmup-steps`) on the
    one-shape warm-up teaches the model to look at the image at all, and to tell shapes apart; straight on the
    full mix it stayed blind (loss at the answer-prior level) for 3400+ steps, and after a 400-step warm-up
    it still could not tell a square from a circle. Stage 2 (`--steps`) continues from it on the full mix.
    Stage 3 (`--focus-steps`) goes on with fresh chats (seed + 200) weighted towards the questions that
    stage 2 left weakest: finding an object by its shape (colour questions), comparing columns, counting.
+   Stage 4 (`--polish-steps`, seed + 300) weights the two-image questions 4:1 at a lower learning rate: held-out
+   two-image 87.9% -> 90.9% and position 70.6% -> 76.5%, the other types staying at 100%.
 5. The trained folder is copied to WORK_FOLDER/model (and, with --install, over the packaged model).
 
 Left/right comparisons ("Is the red circle left of the blue square?") stay at chance, and the model gives the
@@ -71,6 +73,9 @@ TURNS = 4  # questions per training chat
 FOCUS_WEIGHTS = {"colour": 3.0, "shape": 0.5, "count": 2.0, "position": 3.0, "word": 0.5, "two": 2.0}
 FOCUS_ARGS = ["--lr", "1e-3", "--warmup", "50", "--schedule", "cosine"]
 FOCUS_STEPS, FOCUS_SEED_OFFSET = 2500, 200
+POLISH_WEIGHTS = {"colour": 1.0, "shape": 0.5, "count": 1.0, "position": 1.0, "word": 0.5, "two": 4.0}
+POLISH_ARGS = ["--lr", "5e-4", "--warmup", "30", "--schedule", "cosine"]
+POLISH_STEPS, POLISH_SEED_OFFSET = 600, 300
 
 
 def tokenizer_corpus(jsonl: Path) -> list[str]:
@@ -137,6 +142,7 @@ def main() -> None:
     ap.add_argument("--warmup-style", choices=["described", "questions"], default="described",
                     help="stage-1 chats: a colour or shape question then the description, or the question alone")
     ap.add_argument("--focus-steps", type=int, default=FOCUS_STEPS, help="stage-3 steps (0: none)")
+    ap.add_argument("--polish-steps", type=int, default=POLISH_STEPS, help="stage-4 steps (0: none)")
     ap.add_argument("--install", action="store_true", help=f"copy the result over {PACKAGED}")
     args = ap.parse_args()
     work = Path(args.work)
@@ -156,6 +162,11 @@ def main() -> None:
                               name="focus.jsonl", turns=TURNS)
         final = work / "focused"
         run_finetune(finetune_command(work / "trained", focus, final, args.focus_steps, args.seed, FOCUS_ARGS))
+    if args.polish_steps > 0:
+        polish = write_dataset(work / "data", args.seed + POLISH_SEED_OFFSET, args.polish_steps * BATCH,
+                               POLISH_WEIGHTS, name="polish.jsonl", turns=TURNS)
+        run_finetune(finetune_command(final, polish, work / "polished", args.polish_steps, args.seed, POLISH_ARGS))
+        final = work / "polished"
     model = install(final, work / "model")
     if args.install:
         install(model, PACKAGED)
