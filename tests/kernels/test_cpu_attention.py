@@ -7,17 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from idefics3.kernels import cpu_attention
-from idefics3.kernels.build import missing_cpu_features
 from idefics3.kernels.cpu_attention import text_attention, vision_attention
 
 
-@pytest.fixture(scope="module", autouse=True)
-def library():
-    if missing_cpu_features(bf16=True):
-        pytest.skip(f"the CPU lacks {missing_cpu_features(bf16=True)}")
-    lib = cpu_attention.load_library()
-    if isinstance(lib, str):
-        pytest.skip(lib)
+@pytest.fixture(autouse=True)
+def kernel(attention_kernel):
+    """Every test here needs the kernel (conftest.attention_kernel skips otherwise)."""
 
 
 def qkv(n: int, s: int, heads: int, hd: int, seed: int = 0) -> list[torch.Tensor]:

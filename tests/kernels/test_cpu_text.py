@@ -11,20 +11,10 @@ from checkpoints import tiny_config
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
 from idefics3.generation.engine import Request
 from idefics3.kernels import cpu_attention
-from idefics3.kernels.build import missing_cpu_features
 from idefics3.kernels.cpu_text import FusedTextAttention, fuse_text_kernels
 
 TEXT = {"vocab_size": 1001, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 32, "intermediate_size": 256, "num_hidden_layers": 2}
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    if missing_cpu_features(bf16=True):
-        pytest.skip(f"the CPU lacks {missing_cpu_features(bf16=True)}")
-    lib = cpu_attention.load_library()
-    if isinstance(lib, str):
-        pytest.skip(lib)
 
 
 def tiny_model(dtype: torch.dtype = torch.bfloat16) -> Idefics3ForConditionalGeneration:
@@ -49,7 +39,7 @@ def prefill_logits(model, ids, prefix: int = 0):
 
 
 @pytest.mark.parametrize("prefix", [0, 23])
-def test_bf16_prefill_logits_match_the_plain_path(kernel, prefix, monkeypatch):
+def test_bf16_prefill_logits_match_the_plain_path(attention_kernel, prefix, monkeypatch):
     plain = tiny_model()
     fused = copy.deepcopy(plain)
     assert fuse_text_kernels(fused) == 2 and fuse_text_kernels(fused) == 0
@@ -65,7 +55,7 @@ def test_bf16_prefill_logits_match_the_plain_path(kernel, prefix, monkeypatch):
     assert len(calls) == 2 * (2 if prefix else 1)
 
 
-def test_engine_installs_it_and_greedy_tokens_agree(kernel):
+def test_engine_installs_it_and_greedy_tokens_agree(attention_kernel):
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in (40, 25, 33)]
 

@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from torch import nn
+
 from ..device import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -62,3 +64,18 @@ def compile_library(name: str, source: Path) -> ctypes.CDLL | str:
         return f"the kernel {source.name} did not build ({type(e).__name__}: {detail[-1] if detail else ''})"
     log.info("kernel %s ready in %.1f s (%s)", source.name, time.perf_counter() - start, path)
     return lib
+
+
+def swap_classes(model: nn.Module, table: dict[type, type]) -> int:
+    """Give each module of `model` whose exact class is a key of `table` the class it maps to (a subclass with a
+    faster forward: the same object, parameters, names and hooks), in place and idempotently; returns how many
+    changed. Nothing changes with IDEFICS3_KERNELS=0."""
+    if not kernels_enabled():
+        return 0
+    changed = 0
+    for module in model.modules():
+        faster = table.get(type(module))
+        if faster is not None:
+            module.__class__ = faster
+            changed += 1
+    return changed

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..model.text import Attention
-from .build import kernels_enabled
+from .build import swap_classes
 from .cpu_attention import text_attention
 
 MIN_QUERIES = 16
@@ -36,11 +36,4 @@ class FusedTextAttention(Attention):
 def fuse_text_kernels(model: nn.Module) -> int:
     """Give the decoder attention of `model` the kernel (in place, idempotent); returns how many modules
     changed. Nothing happens with IDEFICS3_KERNELS=0."""
-    if not kernels_enabled():
-        return 0
-    changed = 0
-    for module in model.modules():
-        if type(module) is Attention:
-            module.__class__ = FusedTextAttention
-            changed += 1
-    return changed
+    return swap_classes(model, {Attention: FusedTextAttention})

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..model.vision import VisionAttention, VisionEncoderLayer, VisionMLP
-from .build import kernels_enabled
+from .build import swap_classes
 from .cpu_attention import vision_attention
 
 log = logging.getLogger(__name__)
@@ -139,22 +139,9 @@ class FusedVisionEncoderLayer(VisionEncoderLayer):
 def fuse_vision_kernels(model: nn.Module) -> int:
     """Give the vision encoder of `model` the fused forwards (in place, idempotent); returns how many modules
     changed. Nothing happens with IDEFICS3_KERNELS=0."""
-    if not kernels_enabled():
-        return 0
-    changed = 0
-    for module in model.modules():
-        if type(module) is VisionEncoderLayer:
-            module.__class__ = FusedVisionEncoderLayer
-            changed += 1
-        elif type(module) is VisionMLP:
-            module.__class__ = FusedVisionMLP
-            changed += 1
-        elif type(module) is VisionAttention:
-            module.__class__ = FusedVisionAttention
-            changed += 1
-            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                linear = getattr(module, name)
-                if type(linear) is nn.Linear:
-                    linear.__class__ = FusedLinear
-                    changed += 1
+    changed = swap_classes(model, {VisionEncoderLayer: FusedVisionEncoderLayer, VisionMLP: FusedVisionMLP,
+                                   VisionAttention: FusedVisionAttention})
+    for attn in model.modules():
+        if isinstance(attn, FusedVisionAttention):
+            changed += swap_classes(attn, {nn.Linear: FusedLinear})  # its q, k, v and out projections
     return changed
