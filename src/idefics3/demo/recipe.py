@@ -27,7 +27,8 @@ same answer with the two objects swapped, so it has not bound which object is na
 continued from the finished model, left them at chance: 800 more steps weighted 6:1 towards position questions;
 600-800 steps of two-object scenes with only that question (the loss did not move from step 1), or with "left"
 only (no side to undo); a fourth text layer; a whole list of the shapes "from left to right". A single column
-("Which column is the red circle in?") is learnable: 77% after 600 steps. A tokenizer with every task word as
+("Which column is the red circle in?") is learnable: 77% after 600 steps; but chats that ask for both columns and
+then the comparison (700 steps) left the comparison asked alone at chance. A tokenizer with every task word as
 one token (" left" is 4 tokens here, " right" 5) trained far worse from scratch in the same budget (shape 42%,
 word 6% after stage 2).
 """
