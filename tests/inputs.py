@@ -1,4 +1,5 @@
-"""Synthetic model inputs for tests: prompts with image blocks, pixel batches, a relative closeness check."""
+"""Synthetic model inputs for tests: prompts with image blocks, pixel batches, a relative closeness check, and
+the greedy tokens an engine gives for a list of prompts."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
     scale = ref.float().abs().max().item()
     err = (ours.float() - ref.float()).abs().max().item()
     assert err <= rel * scale, f"max |diff| {err:.3g} > {rel} x scale {scale:.3g}"
+
+
+def engine_tokens(engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Add every prompt to `engine`, step it to completion; each prompt's generated token ids, in order."""
+    from idefics3 import SamplingParams
+    from idefics3.generation.engine import Request
+
+    ids = [engine.add(Request(p, SamplingParams(max_new_tokens=max_new_tokens))) for p in prompts]
+    out = {i: [] for i in ids}
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.seq_id].append(ev.token_id)
+    return [out[i] for i in ids]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from checkpoints import tiny_config
+from inputs import engine_tokens
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
 from idefics3.device import cpu_flags
 from idefics3.generation.engine import Request
@@ -152,12 +153,7 @@ def test_engine_fast_and_plain_decode_agree(library):
     def run(fast: bool) -> list[list[int]]:
         engine = Engine(model, max_batch=2, max_seq_len=64, eos_token_ids=[0], fast_decode=fast)
         assert (engine.fast_decoder is not None) == fast
-        ids = [engine.add(Request(p, SamplingParams(max_new_tokens=7))) for p in prompts]
-        out = {i: [] for i in ids}
-        while engine.has_work():
-            for ev in engine.step():
-                out[ev.seq_id].append(ev.token_id)
-        return [out[i] for i in ids]
+        return engine_tokens(engine, prompts, max_new_tokens=7)
 
     assert run(True) == run(False)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from checkpoints import tiny_config
-from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
-from idefics3.generation.engine import Request
+from inputs import engine_tokens
+from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration
 from idefics3.kernels import cpu_attention
 from idefics3.kernels.cpu_text import FusedTextAttention, fuse_text_kernels
 
@@ -48,8 +48,8 @@ def test_bf16_prefill_logits_match_the_plain_path(attention_kernel, prefix, monk
         a, b = prefill_logits(plain, ids, prefix), prefill_logits(fused, ids, prefix)
     assert (a - b).abs().max() <= 2e-2 * a.abs().max()
     calls = []  # and the kernel really ran: once per layer and prefill call
-    original = cpu_attention.attention
-    monkeypatch.setattr(cpu_attention, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = cpu_attention._run
+    monkeypatch.setattr(cpu_attention, "_run", lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.inference_mode():
         prefill_logits(fused, ids, prefix)
     assert len(calls) == 2 * (2 if prefix else 1)
@@ -63,12 +63,7 @@ def test_engine_installs_it_and_greedy_tokens_agree(attention_kernel):
         model = tiny_model()
         engine = Engine(model, max_batch=2, max_seq_len=96, eos_token_ids=[0], fast_decode=fast)
         assert any(isinstance(m, FusedTextAttention) for m in model.modules()) == fast
-        ids = [engine.add(Request(p, SamplingParams(max_new_tokens=6))) for p in prompts]
-        out = {i: [] for i in ids}
-        while engine.has_work():
-            for ev in engine.step():
-                out[ev.seq_id].append(ev.token_id)
-        return [out[i] for i in ids]
+        return engine_tokens(engine, prompts, max_new_tokens=6)
 
     assert run(True) == run(False)
 

@@ -56,25 +56,40 @@ def unsupported_reason(q: torch.Tensor, head_dim: int) -> str | None:
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None,
-              limits: torch.Tensor | None = None) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(hd)) v for q [B, H, T, hd] and k, v [B, Hkv, L, hd] (any strides), over all keys,
-    the keys where key_valid [B, L] is true, or for query (b, t) the keys j < limits[b, t]. Returns a
-    contiguous [B, T, H, hd], or None where the kernel does not apply (the reason logged once)."""
-    b, h, t, hd = q.shape
+def _usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel can take q [B, H, T, hd], k, v [B, Hkv, L, hd] here (the reason logged once if not).
+    Cheap: callers ask before building masks for it."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return None  # training: autograd needs the aten op
+        return False  # training: autograd needs the aten op
+    b, h, _, hd = q.shape
     reason = unsupported_reason(q, hd)
     if reason is None and (k.shape != v.shape or k.shape[0] != b or k.shape[3] != hd or h % k.shape[1]
                            or k.dtype != q.dtype or v.dtype != q.dtype):
         reason = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together"
     if reason is not None:
         log_once(logging.INFO, f"attention kernel off: {reason}")
-        return None
+        return False
     lib = load_library()
     if isinstance(lib, str):
         log_once(logging.WARNING, lib + "; attention stays on aten")
+        return False
+    return True
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None,
+              limits: torch.Tensor | None = None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(hd)) v for q [B, H, T, hd] and k, v [B, Hkv, L, hd] (any strides), over all keys,
+    the keys where key_valid [B, L] is true, or for query (b, t) the keys j < limits[b, t]. Returns a
+    contiguous [B, T, H, hd], or None where the kernel does not apply (the reason logged once)."""
+    if not _usable(q, k, v):
         return None
+    return _run(q, k, v, key_valid, limits)
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
+         limits: torch.Tensor | None) -> torch.Tensor | None:
+    b, h, t, hd = q.shape
+    lib = load_library()
     if q.stride(3) != 1:
         q = q.contiguous()
     if k.stride(3) != 1 or v.stride(3) != 1 or k.stride() != v.stride():
@@ -127,6 +142,8 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """The decoder's attention as SDPA computes it with (attn_mask=mask, is_causal, enable_gqa): q [B, H, T, hd],
     k, v [B, Hkv, L, hd] -> [B, T, H, hd], or None (also when the bool mask [B, 1, T, L] is not, row by row,
     the keys before some limit: left padding, for one)."""
+    if not _usable(q, k, v):
+        return None  # before any mask work: an fp32 model, for one, never gets here
     b, _, t, _ = q.shape
     length = k.shape[2]
     limits = None
@@ -138,4 +155,4 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
             return None
     elif is_causal:  # SDPA's causal mask is top-left aligned: query t sees keys 0..t
         limits = torch.arange(1, t + 1).clamp(max=length).expand(b, t)
-    return attention(q, k, v, limits=limits)
+    return _run(q, k, v, None, limits)
