@@ -134,6 +134,49 @@ def test_more_rows_than_one_pass(library):
             max_batch=9, steps=2)
 
 
+@pytest.mark.parametrize("shape", ["gqa-hd16", "gqa3-hd32-llama3"])
+def test_bf16_batches_run_on_packed_weights(library, shape):
+    """bf16 batches decode on packed copies of the weights (made at the first batch, not for batch 1): nine rows
+    (two passes of the row block), vocab and MLP sizes that are not multiples of 16 (padded blocks); with
+    head size 32 the grouped attention takes its scores with vdpbf16ps."""
+    if not BF16:
+        pytest.skip("the CPU lacks AVX512-BF16")
+    compare(shape, torch.bfloat16, lengths=[3, 1, 4, 1, 5, 9, 2, 6, 5], slots=[8, 1, 0, 7, 2, 6, 3, 5, 4],
+            max_batch=9, steps=2)
+    model = tiny_model("gqa-hd16", torch.bfloat16)
+    with torch.inference_mode():
+        cache, ids, pos = prefill(model, [4, 6], [0, 1], max_batch=2)
+        decoder = cpu_decoder_for(model, cache)
+        decoder(ids[:1], pos[:1], torch.tensor([0]), int(pos[0]) + 1)
+        assert decoder._packed is None  # batch 1 streams the model's own tensors
+        decoder(ids, pos, None, int(pos.max()) + 1)
+        assert decoder._packed is not None
+        again = cpu_decoder_for(model, cache)  # a later decoder (the next generate call) reuses the copies
+        again(ids, pos, None, int(pos.max()) + 1)
+        assert all(a is b for a, b in zip(again._packed, decoder._packed))
+        model.lm_head.weight.mul_(2)  # changed in place: packed again
+        third = cpu_decoder_for(model, cache)
+        third(ids, pos, None, int(pos.max()) + 1)
+        assert third._packed[-1] is not decoder._packed[-1]
+        assert torch.equal(third._packed[-1], cpu_decode.pack_for_batches(model.lm_head.weight))
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (16, 8), (37, 6)])
+def test_packed_layout(n, k):
+    w = torch.randn(n, k).to(torch.bfloat16)
+    packed = cpu_decode.pack_for_batches(w)  # [N/16, K/2, 16, 2]
+    assert packed.shape == (-(-n // 16), k // 2, 16, 2)
+    for col, kk in [(0, 0), (n - 1, k - 1), (n // 2, k // 2)]:
+        assert packed[col // 16, kk // 2, col % 16, kk % 2] == w[col, kk]
+    assert packed.flatten().count_nonzero() == w.count_nonzero()  # the padding is zeros
+    gate, up = torch.randn(20, 4), torch.randn(20, 4)
+    both = cpu_decode.interleave_blocks(gate, up)  # blocks of 16 rows: gate, up, gate, up
+    assert both.shape == (64, 4)
+    assert torch.equal(both[:16], gate[:16]) and torch.equal(both[16:32], up[:16])
+    assert torch.equal(both[32:36], gate[16:]) and torch.equal(both[48:52], up[16:])
+    assert not both[36:48].any() and not both[52:].any()
+
+
 def test_out_of_range_inputs_raise(library):
     model = tiny_model("gqa-hd16", torch.float32)
     decoder = cpu_decoder_for(model, model.make_cache(2, 16))

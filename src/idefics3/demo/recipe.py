@@ -52,7 +52,7 @@ from ..model.idefics3 import Idefics3ForConditionalGeneration
 from .dataset import TRAIN_WEIGHTS, write_dataset
 from .questions import KINDS
 from .scenes import CANVAS, COLOURS, SHAPES, WORDS
-from .tokenizer import SMOLVLM_CHAT_TEMPLATE, train_tokenizer, write_image_processor_files
+from .tokenizer import train_tokenizer, write_image_processor_files
 
 log = logging.getLogger(__name__)
 

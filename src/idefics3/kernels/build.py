@@ -15,13 +15,17 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import torch
 from torch import nn
 
 from ..device import cpu_flags
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENV_SWITCH = "IDEFICS3_KERNELS"
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
@@ -79,3 +83,15 @@ def swap_classes(model: nn.Module, table: dict[type, type]) -> int:
             module.__class__ = faster
             changed += 1
     return changed
+
+
+def derived(owner: object, name: str, sources: list[torch.Tensor], make: Callable[[], T]) -> T:
+    """`make()` (something computed from `sources`, like a stacked or repacked copy of weights), kept on `owner`
+    under `name` and made again whenever a source tensor is replaced or changed in place."""
+    key = tuple((t.data_ptr(), t._version) for t in sources)
+    cached = getattr(owner, name, None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make())
+        setattr(owner, name, cached)
+    return cached[1]

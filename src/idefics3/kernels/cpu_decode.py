@@ -6,10 +6,12 @@
 It computes what `model(input_ids, position_ids=positions, kv_cache=cache, cache_slots=slots,
 logits_to_keep=1, kv_len=kv_len).logits` computes, for the text decoder only (decode steps carry no
 images), and writes the new keys/values into the same `KVCache`, so the plain model can prefill and
-this kernel decode. It reads the model's own weight tensors and the cache buffers through raw
-pointers: nothing is copied or repacked, so it costs no memory. It is therefore bound to the tensors
-it saw when built: build it once the weights are final (the engine builds one per engine), and not
-across `model.to(...)` or LoRA injection (a model with LoRA layers gets None).
+this kernel decode. At batch 1 it reads the model's own weight tensors and the cache buffers through raw
+pointers, copying nothing. The first bf16 step of two or more rows makes packed copies of the decoder's
+matrices and the lm_head (as much memory again as those weights: 270 MB for SmolVLM-256M), on which
+batches run 1.8x faster (cpu_decode.cpp, packed_tile). It is therefore bound to the tensors it saw when
+built: build it once the weights are final (the engine builds one per engine), and not across
+`model.to(...)` or LoRA injection (a model with LoRA layers gets None).
 
 The source is compiled at first use (build.py: g++ through torch's extension builder, about a second,
 once per machine and source version). It needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for bf16 weights. Set IDEFICS3_KERNELS=0 to
@@ -31,7 +33,7 @@ from torch import nn
 
 from ..model.idefics3 import Idefics3ForConditionalGeneration
 from ..model.kv_cache import KVCache
-from .build import ENV_SWITCH, compile_library, kernels_enabled, log_once, missing_cpu_features
+from .build import ENV_SWITCH, compile_library, derived, kernels_enabled, log_once, missing_cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ def load_library() -> ctypes.CDLL | str:
     lib.idefics3_decoder_create.restype = ptr
     lib.idefics3_decoder_create.argtypes = [ctypes.c_int, *[i64] * 9, ctypes.c_float, ptr, ptr, ptr, ptr]
     lib.idefics3_decoder_destroy.argtypes = [ptr]
+    lib.idefics3_decoder_set_packed.argtypes = [ptr, ptr, ptr]
     lib.idefics3_decoder_step.restype = ctypes.c_int
     lib.idefics3_decoder_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     return lib
@@ -118,6 +121,24 @@ def _tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
     return out + [(name, m.weight) for name, m in _linears(model)]
 
 
+def pack_for_batches(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] (K even) in the layout of cpu_decode.cpp's packed_tile: [ceil(N/16), K/2, 16, 2],
+    output columns zero-padded to whole blocks of 16."""
+    n, k = w.shape
+    padded = torch.zeros(-(-n // 16) * 16, k, dtype=w.dtype)
+    padded[:n] = w
+    return padded.view(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()  # [N/16, K/2, 16, 2]
+
+
+def interleave_blocks(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate and up [I, K] as one [2 * ceil(I/16) * 16, K] whose 16-row blocks alternate gate, up."""
+    i, k = gate.shape
+    rows = -(-i // 16) * 16
+    out = torch.zeros(2, rows, k, dtype=gate.dtype)  # [gate|up, I, K]
+    out[0, :i], out[1, :i] = gate, up
+    return out.view(2, rows // 16, 16, k).transpose(0, 1).reshape(2 * rows, k)  # [I/16, gate|up, 16, K]
+
+
 class CpuDecoder:
     """One fused decode step over a model's text decoder and a KVCache (see the module docstring)."""
 
@@ -145,6 +166,35 @@ class CpuDecoder:
             model.lm_head.weight.data_ptr())
         self._handle = handle
         weakref.finalize(self, lib.idefics3_decoder_destroy, handle)
+        self._model = weakref.ref(model)
+        t = model.config.text_config
+        # batched bf16 steps run on packed copies of the weights, made at the first batch
+        self._packed: list[torch.Tensor] | None = None
+        self._can_pack = self.dtype == torch.bfloat16 and all(
+            k % 2 == 0 for k in (t.hidden_size, t.num_attention_heads * t.head_dim, t.intermediate_size))
+
+    def _pack(self) -> None:
+        """Packed bf16 copies of every decoder matrix and the lm_head for batched steps (as much memory again
+        as those weights, so made only once a batch shows up, and kept on the model for later decoders)."""
+        model = self._model()
+        assert model is not None, "the model of this decoder is gone"
+        layers = model.model.text_model.layers
+        sources = [w for _, w in _tensors(model)]
+
+        def pack() -> list[torch.Tensor]:
+            out = []
+            for layer in layers:
+                a, m = layer.self_attn, layer.mlp
+                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # [NQ + 2 NK, D]
+                out += [pack_for_batches(qkv), pack_for_batches(a.o_proj.weight),
+                        pack_for_batches(interleave_blocks(m.gate_proj.weight, m.up_proj.weight)),
+                        pack_for_batches(m.down_proj.weight)]
+            return out + [pack_for_batches(model.lm_head.weight)]
+
+        self._packed = derived(model, "_idefics3_packed_decode", sources, pack)
+        ptrs = torch.tensor([w.data_ptr() for w in self._packed[:-1]], dtype=torch.int64)  # [L * 4]
+        lm_head = self._packed[-1]
+        self._lib.idefics3_decoder_set_packed(self._handle, ptrs.data_ptr(), lm_head.data_ptr())
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                  kv_len: int) -> torch.Tensor:
@@ -155,6 +205,8 @@ class CpuDecoder:
                              f"positions {tuple(positions.shape)}")
         if kv_len > self.max_seq_len:
             raise ValueError(f"position {kv_len - 1} does not fit the KV cache ({self.max_seq_len} positions)")
+        if rows >= 2 and self._can_pack and self._packed is None:
+            self._pack()
         ids = input_ids.reshape(rows).to(torch.long).contiguous()  # [R]
         pos = positions.reshape(rows).to(torch.long).contiguous()  # [R]
         rows_in_cache = None if slots is None else slots.reshape(rows).to(torch.long).contiguous()  # [R]

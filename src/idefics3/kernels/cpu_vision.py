@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..model.vision import VisionAttention, VisionEncoderLayer, VisionMLP
-from .build import swap_classes
+from .build import derived, swap_classes
 from .cpu_attention import vision_attention
 
 log = logging.getLogger(__name__)
@@ -64,18 +64,15 @@ def _qkv_weights(attn: VisionAttention) -> tuple[torch.Tensor, torch.Tensor | No
     """q_proj, k_proj and v_proj stacked into one [3D, D] weight (and [3D] bias) for a single multiply. The copy
     is kept on the module and rebuilt whenever a source tensor is replaced or changed in place."""
     parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    if len({p.bias is None for p in parts}) > 1:
+        raise RuntimeError("q, k and v projections differ in having a bias")
     tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
-    key = tuple((t.data_ptr(), t._version) for t in tensors)
-    cached = getattr(attn, "_qkv_cache", None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            weight = torch.cat([p.weight for p in parts])  # [3D, D]
-            bias = torch.cat([p.bias for p in parts]) if all(p.bias is not None for p in parts) else None
-        if bias is None and any(p.bias is not None for p in parts):
-            raise RuntimeError("q, k and v projections differ in having a bias")
-        cached = (key, weight, bias)
-        attn._qkv_cache = cached
-    return cached[1], cached[2]
+
+    def stack() -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+        return torch.cat([p.weight for p in parts]), bias  # [3D, D], [3D]
+
+    return derived(attn, "_qkv_cache", tensors, stack)
 
 
 class FusedLinear(nn.Linear):
