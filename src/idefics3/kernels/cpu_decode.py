@@ -179,7 +179,7 @@ class CpuDecoder:
         model = self._model()
         assert model is not None, "the model of this decoder is gone"
         layers = model.model.text_model.layers
-        sources = [w for _, w in _tensors(model)]
+        sources = [m.weight for _, m in _linears(model)]  # what gets packed
 
         def pack() -> list[torch.Tensor]:
             out = []
