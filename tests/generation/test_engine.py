@@ -128,3 +128,44 @@ def test_precomputed_image_features(model, requests):
     feats = model.get_image_features(pv[None], pm[None])
     req = Request(prompt, SamplingParams(max_new_tokens=NEW), image_hidden_states=feats)
     assert run(Engine(model, max_batch=1, max_seq_len=256), [req])[0][0] == alone(model, make(*requests[1]))
+
+
+def test_same_prompt_is_prefilled_once_and_read_from_one_slot(model, requests):
+    """Three sequences of one prompt and image (different settings) admitted together: one prefill row, each
+    equals its solo run. The first finishes early and a new prompt takes its slot while the other two still
+    decode; they then read the prompt from their own copies."""
+    prompt, pv, pm = requests[1]
+    reqs = [Request(prompt, SamplingParams(max_new_tokens=3), pixel_values=pv, pixel_attention_mask=pm),
+            make(prompt, pv.clone(), pm),
+            make(prompt, pv, pm, temperature=0.8, seed=5),
+            make(*requests[3])]
+    solo = [alone(model, r) for r in reqs]
+    engine = Engine(model, max_batch=3, max_seq_len=256)
+    prefilled, shared = [], []
+    prefill_rows = engine._prefill_rows
+    engine._prefill_rows = lambda seqs: prefilled.append(len(seqs)) or prefill_rows(seqs)
+    if engine.fast_decoder is not None:
+        decoder = engine.fast_decoder
+        engine.fast_decoder = lambda *a: shared.append(None if a[4] is None else a[4].tolist()) or decoder(*a)
+    got, _ = run(engine, reqs, add_at=[0, 0, 0, 5])
+    assert got == solo
+    assert prefilled == [1, 1]  # the three copies in one row; the last prompt after the first one finished
+    n = len(prompt)
+    if engine.fast_decoder is not None:
+        assert shared[:2] == [[[0, 0], [0, n], [0, n]]] * 2  # slot 0 holds the prompt for the other two
+        assert shared[-1] is None  # after slot 0 was given to the new prompt
+    slot1 = engine.cache.k[0][1, :, :n]
+    assert torch.equal(slot1, engine.cache.k[0][2, :, :n])  # the copies of the prompt
+
+
+def test_different_images_are_not_shared(model, requests):
+    prompt, pv, pm = requests[1]
+    other = pv.clone()
+    other[0, 0, 0, 0] += 1.0
+    engine = Engine(model, max_batch=2, max_seq_len=256)
+    prefilled = []
+    prefill_rows = engine._prefill_rows
+    engine._prefill_rows = lambda seqs: prefilled.append(len(seqs)) or prefill_rows(seqs)
+    got, _ = run(engine, [make(prompt, pv, pm), make(prompt, other, pm)])
+    assert prefilled == [2]
+    assert got == [alone(model, make(prompt, pv, pm)), alone(model, make(prompt, other, pm))]

@@ -12,6 +12,11 @@ admitted sequences batched together), their prompts prefilled in one left-padded
 first token sampled. Every sequence carries its own SamplingParams and torch.Generator, so a
 seeded sequence draws the same tokens whatever else is in the batch.
 
+Sequences admitted together with the same prompt and images (n completions of one prompt, best-of-n, a
+batch of one question) are prefilled once: the others copy that prompt's keys and values into their own
+slots and sample from its logits. While its first sequence runs, the fused decoder reads the prompt's keys
+from that one slot for all of them (`shared`), so a step reads them once instead of once per sequence.
+
 The engine sees token ids and pixel tensors only: no strings, no tokenizer, no HTTP. Stop strings
 arrive as opaque `StopCondition`s (stopping.py). In steady decoding the only host<->device traffic is
 reading the sampled ids once per step: the next step's input ids and positions stay on the device and
@@ -72,6 +77,7 @@ class _Sequence:
     generator: torch.Generator | None
     slot: int = -1
     generated: list[int] = field(default_factory=list)
+    same_prompt_as: "_Sequence | None" = None  # prefilled by that sequence; its slot holds the same prompt
 
     @property
     def total_len(self) -> int:
@@ -175,7 +181,8 @@ class Engine:
             batch = self._batch = _DecodeBatch.build(self.running, self.device)
         kv_len = max(s.total_len for s in self.running)  # the newest token sits at total_len - 1
         if self.fast_decoder is not None:
-            logits = self.fast_decoder(batch.input_ids, batch.positions, batch.slots, kv_len)  # [R, 1, V]
+            logits = self.fast_decoder(batch.input_ids, batch.positions, batch.slots, kv_len,
+                                       batch.shared)  # [R, 1, V]
         else:
             logits = self.model(batch.input_ids, position_ids=batch.positions, kv_cache=self.cache,
                                 cache_slots=batch.slots, logits_to_keep=1, kv_len=kv_len).logits
@@ -201,25 +208,42 @@ class Engine:
         return admitted
 
     def _prefill(self, seqs: list[_Sequence]) -> list[TokenEvent]:
+        leaders: list[_Sequence] = []
+        row_of: list[int] = []  # each admitted sequence's row among the prefilled ones
+        for seq in seqs:
+            same = next((i for i, lead in enumerate(leaders) if _same_input(lead.request, seq.request)), None)
+            if same is None:
+                row_of.append(len(leaders))
+                leaders.append(seq)
+            else:
+                row_of.append(same)
+                seq.same_prompt_as = leaders[same]
+        logits = self._prefill_rows(leaders)[row_of]  # [G, V]
+        for seq in seqs:
+            if seq.same_prompt_as is not None:
+                self.cache.copy(seq.same_prompt_as.slot, seq.slot, len(seq.request.prompt_ids))
+        if any(s.request.params.repetition_penalty != 1.0 for s in seqs):
+            self._mark_prompts(seqs)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
+        sampler = BatchSampler([s.request.params for s in seqs], [s.generator for s in seqs], self.device)
+        tokens = self._sample(logits, seqs, sampler, slots)
+        self.running.extend(seqs)
+        self._batch = None
+        return self._record(seqs, tokens.tolist())
+
+    def _prefill_rows(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """Encode and prefill the prompts of `seqs` into their slots in one forward; their last logits [G, V]."""
         prompts = [s.request.prompt_ids for s in seqs]
         t = max(len(p) for p in prompts)
         ids = [[self.pad_token_id] * (t - len(p)) + list(p) for p in prompts]
         positions = [list(range(len(p), t)) + list(range(len(p))) for p in prompts]  # pads after the prompt
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [G, T]
         position_ids = torch.tensor(positions, dtype=torch.long, device=self.device)  # [G, T]
-        slot_list = [s.slot for s in seqs]
-        slots = torch.tensor(slot_list, dtype=torch.long, device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
         features = encode_images(self.model, [s.request for s in seqs], cache=self.encoder_cache)
         out = self.model(input_ids, position_ids=position_ids, image_hidden_states=features,
                          kv_cache=self.cache, cache_slots=slots, logits_to_keep=1, kv_len=t)
-        logits = out.logits[:, -1].float()  # [G, V]: every row's last real token is the last column
-        if any(s.request.params.repetition_penalty != 1.0 for s in seqs):
-            self._mark_prompts(seqs)
-        sampler = BatchSampler([s.request.params for s in seqs], [s.generator for s in seqs], self.device)
-        tokens = self._sample(logits, seqs, sampler, slots)
-        self.running.extend(seqs)
-        self._batch = None
-        return self._record(seqs, tokens.tolist())
+        return out.logits[:, -1].float()  # [G, V]: every row's last real token is the last column
 
     def _mark_prompts(self, seqs: list[_Sequence]) -> None:
         if self.seen is None:
@@ -278,6 +302,7 @@ class _DecodeBatch:
     positions: torch.Tensor  # [R, 1] where that token goes
     slots: torch.Tensor | None  # [R] cache rows; None when they are 0..R-1 (the cache is then read as a view)
     sampler: BatchSampler
+    shared: torch.Tensor | None  # [R, 2] (slot, length) where a row's prompt is read from; None if nowhere
 
     @classmethod
     def build(cls, seqs: list[_Sequence], device: torch.device) -> "_DecodeBatch":
@@ -286,10 +311,25 @@ class _DecodeBatch:
 
         slot_list = [s.slot for s in seqs]
         slots = None if slot_list == list(range(len(seqs))) else col(slot_list)
+        running = {id(s) for s in seqs}
+        shared = [(s.same_prompt_as.slot, len(s.request.prompt_ids))
+                  if s.same_prompt_as is not None and id(s.same_prompt_as) in running else (s.slot, 0) for s in seqs]
         return cls(input_ids=col([s.generated[-1] for s in seqs])[:, None],
                    positions=col([s.total_len - 1 for s in seqs])[:, None],
                    slots=slots,
-                   sampler=BatchSampler([s.request.params for s in seqs], [s.generator for s in seqs], device))
+                   sampler=BatchSampler([s.request.params for s in seqs], [s.generator for s in seqs], device),
+                   shared=None if all(n == 0 for _, n in shared) else torch.tensor(shared, dtype=torch.long))
+
+
+def _same_input(a: Request, b: Request) -> bool:
+    """Whether two requests have the same prompt and images (so one prefill serves both)."""
+    if a.prompt_ids != b.prompt_ids:
+        return False
+    for x, y in ((a.pixel_values, b.pixel_values), (a.pixel_attention_mask, b.pixel_attention_mask),
+                 (a.image_hidden_states, b.image_hidden_states)):
+        if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or not torch.equal(x, y))):
+            return False
+    return True
 
 
 # ---- images -----------------------------------------------------------------------------------------

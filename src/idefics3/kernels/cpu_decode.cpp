@@ -354,9 +354,9 @@ void attend_any(int64_t hd, const float* q, const typename A::T* K, const typena
 // The scores q.k * scale of G bf16 query heads (values already rounded to bf16, held in fp32) against keys
 // 0..n-1, with vdpbf16ps: products of bf16 values are exact in fp32, so only the order of the sums differs
 // from widening k to fp32, at half the instructions per key (the batched decode step spends most of its
-// attention time here). nw: 32-element bf16 vectors per head. s: G rows of n scores.
+// attention time here). nw: 32-element bf16 vectors per head. s: G rows of n scores, ld apart.
 template <int nw, int G>
-inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scale, float* s) {
+inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scale, float* s, int64_t ld) {
   constexpr int64_t hd = 32 * nw;
   __m512i qb[G][nw];
   for (int g = 0; g < G; ++g)
@@ -372,7 +372,7 @@ inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scal
         for (int w = 0; w < nw; ++w) a = _mm512_dpbf16_ps(a, (__m512bh)qb[g][w], (__m512bh)_mm512_loadu_si512(K + (t + j) * hd + 32 * w));
         acc[j] = a;
       }
-      float* out = s + g * n + t;
+      float* out = s + g * ld + t;
       reduce8(acc, out);
       _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(out), _mm512_castps512_ps256(sc)));
     }
@@ -380,13 +380,13 @@ inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scal
     for (int g = 0; g < G; ++g) {
       __m512 a = _mm512_setzero_ps();
       for (int w = 0; w < nw; ++w) a = _mm512_dpbf16_ps(a, (__m512bh)qb[g][w], (__m512bh)_mm512_loadu_si512(K + t * hd + 32 * w));
-      s[g * n + t] = _mm512_reduce_add_ps(a) * scale;
+      s[g * ld + t] = _mm512_reduce_add_ps(a) * scale;
     }
 }
 
 // The same scores with k widened to fp32 (fp32 models, and head sizes that are not a multiple of 32).
 template <class A, int nv, int G>
-inline void scores_widened(const float* q, const typename A::T* K, int64_t n, float scale, float* s) {
+inline void scores_widened(const float* q, const typename A::T* K, int64_t n, float scale, float* s, int64_t ld) {
   constexpr int64_t hd = 16 * nv;
   __m512 qv[G][nv];
   for (int g = 0; g < G; ++g)
@@ -403,7 +403,7 @@ inline void scores_widened(const float* q, const typename A::T* K, int64_t n, fl
         acc[g][j] = a;
       }
     }
-    for (int g = 0; g < G; ++g) reduce8(acc[g], s + g * n + t);
+    for (int g = 0; g < G; ++g) reduce8(acc[g], s + g * ld + t);
   }
   for (; t < n; ++t) {
     __m512 kv[nv];
@@ -411,10 +411,20 @@ inline void scores_widened(const float* q, const typename A::T* K, int64_t n, fl
     for (int g = 0; g < G; ++g) {
       __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
       for (int v = 1; v < nv; ++v) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
-      s[g * n + t] = _mm512_reduce_add_ps(a);
+      s[g * ld + t] = _mm512_reduce_add_ps(a);
     }
   }
 }
+
+// The keys and values of one (row, kv head) at positions 0..n-1, indexed by position: those below `shared`
+// are read from K0/V0 (another slot holding the same prompt, see idefics3_decoder_step), the rest from K/V.
+// Rows that decode from one prompt then read its keys once for all of them (kept in cache between rows).
+template <class T>
+struct KeyRange {
+  const T *K0, *V0, *K, *V;
+  int64_t shared, n;
+  const T* v(int64_t t, int64_t hd) const { return (t < shared ? V0 : V) + t * hd; }
+};
 
 // out = (P V) * inv for G heads with vdpbf16ps, P being the unnormalised probabilities s (G rows of n fp32)
 // rounded to bf16 first, as aten's CPU flash attention rounds them for bf16 inputs before its P.V product.
@@ -423,8 +433,9 @@ inline void scores_widened(const float* q, const typename A::T* K, int64_t n, fl
 // lane order is restored at the end. Each row of s is overwritten by its bf16 probabilities (2 bytes per
 // 4-byte score, converted front to back, plus a zero for odd n). nw: 32-element vectors per head.
 template <int nw, int G>
-inline void values_bf16(float* s, const uint16_t* V, int64_t n, const float* inv, float* out) {
+inline void values_bf16(float* s, const KeyRange<uint16_t>& kv, const float* inv, float* out) {
   constexpr int64_t hd = 32 * nw;
+  const int64_t n = kv.n;
   for (int g = 0; g < G; ++g) {
     uint16_t* pb = reinterpret_cast<uint16_t*>(s + g * n);
     for (int64_t t = 0; t < n; t += 16) {
@@ -440,8 +451,8 @@ inline void values_bf16(float* s, const uint16_t* V, int64_t n, const float* inv
   for (int64_t t = 0; t < n; t += 2) {
     __m512i vl[nw], vh[nw];
     for (int w = 0; w < nw; ++w) {
-      const __m512i a = _mm512_loadu_si512(V + t * hd + 32 * w);
-      const __m512i b = t + 1 < n ? _mm512_loadu_si512(V + (t + 1) * hd + 32 * w) : _mm512_setzero_si512();
+      const __m512i a = _mm512_loadu_si512(kv.v(t, hd) + 32 * w);
+      const __m512i b = t + 1 < n ? _mm512_loadu_si512(kv.v(t + 1, hd) + 32 * w) : _mm512_setzero_si512();
       vl[w] = _mm512_unpacklo_epi16(a, b);  // lane 4L+j: dimension 8L+j of keys t, t+1
       vh[w] = _mm512_unpackhi_epi16(a, b);  // lane 4L+j: dimension 8L+4+j
     }
@@ -472,13 +483,18 @@ inline void values_bf16(float* s, const uint16_t* V, int64_t n, const float* inv
 // loads G times.
 // q: G heads of hd floats; s: scratch for G * n scores; out: G heads of hd floats.
 template <class A, int nv, int G>
-void attend_group(const float* q, const typename A::T* K, const typename A::T* V, int64_t n, float scale, float* s,
-                  float* out) {
+void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale, float* s, float* out) {
   constexpr int64_t hd = 16 * nv;
-  if constexpr (std::is_same<A, BF16>::value && nv % 2 == 0)
-    scores_bf16<nv / 2, G>(q, K, n, scale, s);
-  else
-    scores_widened<A, nv, G>(q, K, n, scale, s);
+  const int64_t n = kv.n, n0 = std::min(kv.shared, n);
+  for (int part = 0; part < 2; ++part) {  // the shared positions, then the row's own
+    const typename A::T* K = part ? kv.K + n0 * hd : kv.K0;
+    const int64_t count = part ? n - n0 : n0, first = part ? n0 : 0;
+    if (count == 0) continue;
+    if constexpr (std::is_same<A, BF16>::value && nv % 2 == 0)
+      scores_bf16<nv / 2, G>(q, K, count, scale, s + first, n);
+    else
+      scores_widened<A, nv, G>(q, K, count, scale, s + first, n);
+  }
   int64_t t;
   float inv[G];
   for (int g = 0; g < G; ++g) {
@@ -496,7 +512,7 @@ void attend_group(const float* q, const typename A::T* K, const typename A::T* V
     inv[g] = 1.f / _mm512_reduce_add_ps(sum);
   }
   if constexpr (std::is_same<A, BF16>::value && nv % 2 == 0) {
-    values_bf16<nv / 2, G>(s, V, n, inv, out);
+    values_bf16<nv / 2, G>(s, kv, inv, out);
     return;
   }
   __m512 o[G][nv];
@@ -504,7 +520,7 @@ void attend_group(const float* q, const typename A::T* K, const typename A::T* V
     for (int v = 0; v < nv; ++v) o[g][v] = _mm512_setzero_ps();
   for (t = 0; t < n; ++t) {
     __m512 vv[nv];
-    for (int v = 0; v < nv; ++v) vv[v] = A::load16(V + t * hd + 16 * v, 0xffff);
+    for (int v = 0; v < nv; ++v) vv[v] = A::load16(kv.v(t, hd) + 16 * v, 0xffff);
     for (int g = 0; g < G; ++g) {
       const __m512 p = _mm512_set1_ps(s[g * n + t]);
       for (int v = 0; v < nv; ++v) o[g][v] = _mm512_fmadd_ps(p, vv[v], o[g][v]);
@@ -515,26 +531,26 @@ void attend_group(const float* q, const typename A::T* K, const typename A::T* V
 }
 
 template <class A, int G>
-bool attend_group_hd(int64_t hd, const float* q, const typename A::T* K, const typename A::T* V, int64_t n,
-                     float scale, float* s, float* out) {
+bool attend_group_hd(int64_t hd, const float* q, const KeyRange<typename A::T>& kv, float scale, float* s,
+                     float* out) {
   switch (hd / 16) {
-    case 1: attend_group<A, 1, G>(q, K, V, n, scale, s, out); return true;
-    case 2: attend_group<A, 2, G>(q, K, V, n, scale, s, out); return true;
-    case 4: attend_group<A, 4, G>(q, K, V, n, scale, s, out); return true;
-    case 6: attend_group<A, 6, G>(q, K, V, n, scale, s, out); return true;
-    case 8: attend_group<A, 8, G>(q, K, V, n, scale, s, out); return true;
+    case 1: attend_group<A, 1, G>(q, kv, scale, s, out); return true;
+    case 2: attend_group<A, 2, G>(q, kv, scale, s, out); return true;
+    case 4: attend_group<A, 4, G>(q, kv, scale, s, out); return true;
+    case 6: attend_group<A, 6, G>(q, kv, scale, s, out); return true;
+    case 8: attend_group<A, 8, G>(q, kv, scale, s, out); return true;
     default: return false;  // 256: G x 16 query vectors would not fit the registers
   }
 }
 
 // Grouped attention for groups of 2..4 query heads; false where the caller should go head by head.
 template <class A>
-bool attend_group_any(int64_t group, int64_t hd, const float* q, const typename A::T* K, const typename A::T* V,
-                      int64_t n, float scale, float* s, float* out) {
+bool attend_group_any(int64_t group, int64_t hd, const float* q, const KeyRange<typename A::T>& kv, float scale,
+                      float* s, float* out) {
   switch (group) {
-    case 2: return attend_group_hd<A, 2>(hd, q, K, V, n, scale, s, out);
-    case 3: return attend_group_hd<A, 3>(hd, q, K, V, n, scale, s, out);
-    case 4: return attend_group_hd<A, 4>(hd, q, K, V, n, scale, s, out);
+    case 2: return attend_group_hd<A, 2>(hd, q, kv, scale, s, out);
+    case 3: return attend_group_hd<A, 3>(hd, q, kv, scale, s, out);
+    case 4: return attend_group_hd<A, 4>(hd, q, kv, scale, s, out);
     default: return false;
   }
 }
@@ -604,7 +620,7 @@ namespace {
 
 template <class A>
 void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, const int64_t* slots,
-          const void* cos_p, const void* sin_p, void* logits_p, int n_threads) {
+          const int64_t* shared, const void* cos_p, const void* sin_p, void* logits_p, int n_threads) {
   using T = typename A::T;
   const int64_t D = m.D, I = m.I, H = m.H, Hkv = m.Hkv, hd = m.hd, V = m.V, S = m.max_seq;
   const int64_t NQ = H * hd, NK = Hkv * hd, NQKV = NQ + 2 * NK, group = H / Hkv;
@@ -667,16 +683,18 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
         }
       }
       // attention of each query head over its slot's positions 0..pos (two-pass softmax in fp32); with
-      // enough (row, kv head) pairs to keep the threads busy, the query heads of a kv head go together
+      // enough (row, kv head) pairs to keep the threads busy, the query heads of a kv head go together,
+      // kv head by kv head, so that rows sharing a prompt's keys (`shared`) read them from cache
       if (grouped) {
 #pragma omp for schedule(static)
         for (int64_t idx = 0; idx < R * Hkv; ++idx) {
-          const int64_t r = idx / Hkv, kvh = idx % Hkv, n = pos[r] + 1;
-          const int64_t slot = slots ? slots[r] : r;
-          const T* K = kc + (slot * Hkv + kvh) * S * hd;
-          const T* Vc = vc + (slot * Hkv + kvh) * S * hd;
+          const int64_t kvh = idx / R, r = idx % R;
+          const int64_t slot = slots ? slots[r] : r, src = shared ? shared[2 * r] : slot;
+          const int64_t own = (slot * Hkv + kvh) * S * hd, other = (src * Hkv + kvh) * S * hd;
+          const KeyRange<T> keys{kc + other, vc + other, kc + own, vc + own, shared ? shared[2 * r + 1] : 0,
+                                 pos[r] + 1};
           float o[4 * 128];
-          attend_group_any<A>(group, hd, &qkv[r * NQKV + kvh * group * hd], K, Vc, n, scale,
+          attend_group_any<A>(group, hd, &qkv[r * NQKV + kvh * group * hd], keys, scale,
                               &scores[idx * group * max_len], o);
           for (int64_t d = 0; d < group * hd; ++d) att[r * NQ + kvh * group * hd + d] = A::from_f(o[d]);
         }
@@ -761,19 +779,25 @@ void idefics3_decoder_set_packed(void* handle, const int64_t* layer_ptrs, const 
 
 void idefics3_decoder_destroy(void* handle) { delete static_cast<Model*>(handle); }
 
-// One decode step of R rows; returns 0, or 1 (token id), 2 (position), 3 (slot) for an out-of-range input.
+// One decode step of R rows; returns 0, or 1 (token id), 2 (position), 3 (slot), 4 (shared) for an
+// out-of-range input. shared: null, or R pairs (slot, length): positions 0..length-1 of row r's keys and
+// values may be read from that slot, which holds the same ones (rows decoding from one prompt); the row's own
+// slot must hold them too, since the head-by-head path reads only that.
 int idefics3_decoder_step(void* handle, int64_t R, const int64_t* ids, const int64_t* pos, const int64_t* slots,
-                          const void* cos, const void* sin, void* logits, int n_threads) {
+                          const int64_t* shared, const void* cos, const void* sin, void* logits, int n_threads) {
   const Model& m = *static_cast<Model*>(handle);
   for (int64_t r = 0; r < R; ++r) {
     if (ids[r] < 0 || ids[r] >= m.V) return 1;
     if (pos[r] < 0 || pos[r] >= m.max_seq) return 2;
     if ((slots ? slots[r] : r) < 0 || (slots ? slots[r] : r) >= m.max_batch) return 3;
+    if (shared && (shared[2 * r] < 0 || shared[2 * r] >= m.max_batch || shared[2 * r + 1] < 0 ||
+                   shared[2 * r + 1] > pos[r]))
+      return 4;
   }
   if (m.dtype == 1)
-    step<BF16>(m, R, ids, pos, slots, cos, sin, logits, n_threads);
+    step<BF16>(m, R, ids, pos, slots, shared, cos, sin, logits, n_threads);
   else
-    step<F32>(m, R, ids, pos, slots, cos, sin, logits, n_threads);
+    step<F32>(m, R, ids, pos, slots, shared, cos, sin, logits, n_threads);
   return 0;
 }
 

@@ -56,7 +56,7 @@ def load_library() -> ctypes.CDLL | str:
     lib.idefics3_decoder_destroy.argtypes = [ptr]
     lib.idefics3_decoder_set_packed.argtypes = [ptr, ptr, ptr]
     lib.idefics3_decoder_step.restype = ctypes.c_int
-    lib.idefics3_decoder_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.idefics3_decoder_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -197,8 +197,13 @@ class CpuDecoder:
         self._lib.idefics3_decoder_set_packed(self._handle, ptrs.data_ptr(), lm_head.data_ptr())
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
-                 kv_len: int) -> torch.Tensor:
-        """input_ids, positions [R, 1] (long); slots [R] cache rows or None for 0..R-1 -> logits [R, 1, V]."""
+                 kv_len: int, shared: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [R, 1] (long); slots [R] cache rows or None for 0..R-1 -> logits [R, 1, V].
+
+        shared [R, 2] (long) or None: row r's positions 0..shared[r, 1]-1 hold the same keys and values in
+        cache row shared[r, 0] as in its own, which is then read instead, so that rows decoding from one
+        prompt read its keys once per step for all of them (the engine's `n` completions of one prompt).
+        """
         rows = input_ids.shape[0]
         if input_ids.shape != (rows, 1) or positions.shape != (rows, 1):
             raise ValueError(f"decode takes one token per row: input_ids {tuple(input_ids.shape)}, "
@@ -210,16 +215,22 @@ class CpuDecoder:
         ids = input_ids.reshape(rows).to(torch.long).contiguous()  # [R]
         pos = positions.reshape(rows).to(torch.long).contiguous()  # [R]
         rows_in_cache = None if slots is None else slots.reshape(rows).to(torch.long).contiguous()  # [R]
+        if shared is not None:
+            if shared.shape != (rows, 2):
+                raise ValueError(f"shared must be [rows, 2] (slot, length), got {tuple(shared.shape)}")
+            shared = shared.to(torch.long).contiguous()
         cos, sin = self.rotary(positions, self.dtype, kv_len)  # [R, 1, hd] each
         cos, sin = cos.contiguous(), sin.contiguous()
         logits = torch.empty(rows, 1, self.vocab_size, dtype=self.dtype)  # [R, 1, V]
         rc = self._lib.idefics3_decoder_step(
             self._handle, rows, ids.data_ptr(), pos.data_ptr(),
-            None if rows_in_cache is None else rows_in_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            None if rows_in_cache is None else rows_in_cache.data_ptr(),
+            None if shared is None else shared.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             logits.data_ptr(), torch.get_num_threads())
         if rc:
             what = {1: f"a token id outside 0..{self.vocab_size - 1}",
                     2: f"a position outside 0..{self.max_seq_len - 1}",
-                    3: f"a slot outside 0..{self.max_batch - 1}"}[rc]
+                    3: f"a slot outside 0..{self.max_batch - 1}",
+                    4: "a shared prefix outside the cache or longer than its row"}[rc]
             raise ValueError(f"decode got {what}")
         return logits

@@ -33,6 +33,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy positions 0..length-1 of slot src into slot dst, in every layer."""
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :length] = buf[src, :, :length]
+
     def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, hd] at (slots[b], positions[b, t]); return the slots' first kv_len keys/values.
