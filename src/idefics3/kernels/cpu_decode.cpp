@@ -279,8 +279,8 @@ inline __m512 exp16(__m512 x) {
 }
 
 
-// The sums of 8 vectors, in order, into out[0..8).
-inline void reduce8(const __m512* v, float* out) {
+// The sums of 8 vectors, in order.
+inline __m256 sums8(const __m512* v) {
   __m512 t[4];
   for (int i = 0; i < 4; ++i)  // [v2i block sums (8 lanes) | v2i+1 block sums (8 lanes)]
     t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
@@ -291,8 +291,10 @@ inline void reduce8(const __m512* v, float* out) {
                                  _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)));
   const __m512 y = _mm512_add_ps(x, _mm512_shuffle_ps(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
   const __m512 z = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), y);
-  _mm256_storeu_ps(out, _mm512_castps512_ps256(z));
+  return _mm512_castps512_ps256(z);
 }
+
+inline void reduce8(const __m512* v, float* out) { _mm256_storeu_ps(out, sums8(v)); }
 
 // One query head over positions 0..n-1 of its kv head: out = softmax(q K^T * scale) V, in fp32.
 // hd = 16 * nv; q sits in registers, scores are computed 8 positions per reduction, and the output
@@ -372,9 +374,7 @@ inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scal
         for (int w = 0; w < nw; ++w) a = _mm512_dpbf16_ps(a, (__m512bh)qb[g][w], (__m512bh)_mm512_loadu_si512(K + (t + j) * hd + 32 * w));
         acc[j] = a;
       }
-      float* out = s + g * ld + t;
-      reduce8(acc, out);
-      _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(out), _mm512_castps512_ps256(sc)));
+      _mm256_storeu_ps(s + g * ld + t, _mm256_mul_ps(sums8(acc), _mm512_castps512_ps256(sc)));
     }
   for (; t < n; ++t)
     for (int g = 0; g < G; ++g) {
