@@ -161,13 +161,13 @@ def test_bf16_batches_run_on_packed_weights(library, shape):
         assert torch.equal(third._packed[-1], cpu_decode.pack_for_batches(model.lm_head.weight))
 
 
-@pytest.mark.parametrize("n,k", [(1, 2), (16, 8), (37, 6)])
+@pytest.mark.parametrize("n,k", [(1, 2), (16, 8), (37, 6), (64, 4)])
 def test_packed_layout(n, k):
     w = torch.randn(n, k).to(torch.bfloat16)
-    packed = cpu_decode.pack_for_batches(w)  # [N/16, K/2, 16, 2]
-    assert packed.shape == (-(-n // 16), k // 2, 16, 2)
+    packed = cpu_decode.pack_for_batches(w)  # [N/32, K/2, 32, 2]
+    assert packed.shape == (-(-n // 32), k // 2, 32, 2)
     for col, kk in [(0, 0), (n - 1, k - 1), (n // 2, k // 2)]:
-        assert packed[col // 16, kk // 2, col % 16, kk % 2] == w[col, kk]
+        assert packed[col // 32, kk // 2, col % 32, kk % 2] == w[col, kk]
     assert packed.flatten().count_nonzero() == w.count_nonzero()  # the padding is zeros
     gate, up = torch.randn(20, 4), torch.randn(20, 4)
     both = cpu_decode.interleave_blocks(gate, up)  # blocks of 16 rows: gate, up, gate, up

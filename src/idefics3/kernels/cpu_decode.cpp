@@ -139,10 +139,11 @@ inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
 // ---- batched bf16 decode on packed weights ------------------------------------------------------------------
 // At batch > 1 the row-major dot products above load a whole x vector per weight vector (8 loads per 8
 // vdpbf16ps at batch 8), and the load ports, not memory, set the pace. A weight packed as
-// [N/16][K/2][16][2] (16 output columns x one k pair per 512-bit load, zero-padded to whole blocks) turns
-// this around: each weight load serves 16 columns, each x pair is one 32-bit broadcast, and the sums land
-// in the output lanes with no horizontal reduction (measured alone at 1 thread on the [1536 -> 576] down
-// projection, batch 8: 2.5 against 0.9 G vdpbf16ps/s). PT = 2 blocks (32 columns) per tile.
+// [N/32][K/2][32][2] (a tile of 32 output columns x one k pair per two 512-bit loads, zero-padded to whole
+// tiles) turns this around: each weight load serves 16 columns, each x pair is one 32-bit broadcast, and the
+// sums land in the output lanes with no horizontal reduction (measured alone at 1 thread on the [1536 -> 576]
+// down projection, batch 8: 2.5 against 0.9 G vdpbf16ps/s). A tile is one sequential stream: with its two
+// 16-column halves in separate streams (K/2 x 64 bytes apart) the batch-8 step's multiplies took 1.2x as long.
 constexpr int PT = 32;
 
 template <int rb, int nb>
@@ -153,7 +154,7 @@ inline void packed_dot(const uint16_t* w, int64_t K2, const uint16_t* x, int64_t
   const int32_t* xp = reinterpret_cast<const int32_t*>(x);  // k pairs; xs (elements) is even
   for (int64_t p = 0; p < K2; ++p) {
     __m512i wv[nb];
-    for (int b = 0; b < nb; ++b) wv[b] = _mm512_loadu_si512(w + (b * K2 + p) * 32);
+    for (int b = 0; b < nb; ++b) wv[b] = _mm512_loadu_si512(w + (p * nb + b) * 32);
     for (int r = 0; r < rb; ++r) {
       const __m512i xb = _mm512_set1_epi32(xp[r * (xs / 2) + p]);
       for (int b = 0; b < nb; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv[b], (__m512bh)xb);
@@ -164,20 +165,19 @@ inline void packed_dot(const uint16_t* w, int64_t K2, const uint16_t* x, int64_t
 }
 
 // Tile t (columns t*PT .. +PT, as far as N) of y = x W^T for the R rows of x [R, K] (K even), with W packed
-// (Np = N rounded up to 16): emit.row(r, first column, values, count) once per row.
+// (N rounded up to PT): emit.row(r, first column, values, count) once per row.
 template <class Emit>
 inline void packed_tile(const uint16_t* Wp, int64_t N, int64_t K, int64_t t, const uint16_t* x, int64_t R,
                         const Emit& emit) {
-  const int64_t K2 = K / 2, n0 = t * PT, blocks = std::min<int64_t>(2, (N - n0 + 15) / 16);
-  const uint16_t* w = Wp + (n0 / 16) * K2 * 32;
+  const int64_t K2 = K / 2, n0 = t * PT;
+  const uint16_t* w = Wp + t * K2 * 2 * PT;
   float out[RB * PT];
   for (int64_t r0 = 0; r0 < R; r0 += RB) {
     const int rb = int(std::min<int64_t>(RB, R - r0));
     const uint16_t* xr = x + r0 * K;
 #define IDEFICS3_PACKED(RBV)                                              \
   case RBV:                                                               \
-    if (blocks == 2) packed_dot<RBV, 2>(w, K2, xr, K, out);               \
-    else packed_dot<RBV, 1>(w, K2, xr, K, out);                           \
+    packed_dot<RBV, 2>(w, K2, xr, K, out);                                \
     break;
     switch (rb) {
       IDEFICS3_PACKED(8) IDEFICS3_PACKED(7) IDEFICS3_PACKED(6) IDEFICS3_PACKED(5)

@@ -122,12 +122,12 @@ def _tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def pack_for_batches(w: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight [N, K] (K even) in the layout of cpu_decode.cpp's packed_tile: [ceil(N/16), K/2, 16, 2],
-    output columns zero-padded to whole blocks of 16."""
+    """A bf16 weight [N, K] (K even) in the layout of cpu_decode.cpp's packed_tile: [ceil(N/32), K/2, 32, 2],
+    output columns zero-padded to whole tiles of 32."""
     n, k = w.shape
-    padded = torch.zeros(-(-n // 16) * 16, k, dtype=w.dtype)
+    padded = torch.zeros(-(-n // 32) * 32, k, dtype=w.dtype)
     padded[:n] = w
-    return padded.view(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()  # [N/16, K/2, 16, 2]
+    return padded.view(-1, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous()  # [N/32, K/2, 32, 2]
 
 
 def interleave_blocks(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
