@@ -211,11 +211,14 @@ def main() -> None:
     ceiling8 = 8 * (per_token + kv_row) / (per_token + 8 * kv_row)
     kv_new = kv_row * (args.new_tokens // 2) / context  # each row's own part when the prompt's is shared
     ceiling_shared = 8 * (per_token + kv_row) / (per_token + kv_row - kv_new + 8 * kv_new)
+    ratios = lambda k: sorted(x[k] / x["decode"] for x in rows[ours])  # noqa: E731  (batch 8 / batch 1, per round)
+    per_round = lambda k: ", ".join(f"{r:.2f}" for r in ratios(k))  # noqa: E731
     print(f"batched decode: 8 sequences of one prompt {med(ours, 'decode_batch8'):.1f} tok/s = "
-          f"{med(ours, 'decode_batch8') / med(ours, 'decode'):.1f}x one sequence (±"
-          f"{spread(ours, 'decode_batch8') / med(ours, 'decode'):.1f}; bandwidth ceiling {ceiling_shared:.1f}x with "
-          f"the prompt's KV cache read once); 8 different questions {med(ours, 'decode_batch8_distinct'):.1f} "
-          f"tok/s = {med(ours, 'decode_batch8_distinct') / med(ours, 'decode'):.1f}x (ceiling {ceiling8:.1f}x: "
+          f"{statistics.median(ratios('decode_batch8')):.2f}x one sequence (median of the rounds' ratios "
+          f"{per_round('decode_batch8')}; bandwidth ceiling {ceiling_shared:.1f}x with the prompt's KV cache read "
+          f"once); 8 different questions {med(ours, 'decode_batch8_distinct'):.1f} tok/s = "
+          f"{statistics.median(ratios('decode_batch8_distinct')):.2f}x (rounds {per_round('decode_batch8_distinct')}; "
+          f"ceiling {ceiling8:.1f}x: "
           f"{per_token / 1e6:.0f} MB of weights + {kv_row / 1e6:.1f} MB of KV cache per row at {context} tokens); "
           f"peak memory after them {med(ours, 'peak_mb_batch8'):.0f} MiB (with the packed weight copies that "
           f"batches decode on)")
