@@ -158,6 +158,17 @@ def test_same_prompt_is_prefilled_once_and_read_from_one_slot(model, requests):
     assert torch.equal(slot1, engine.cache.k[0][2, :, :n])  # the copies of the prompt
 
 
+def test_prompts_given_as_tensors_are_shared_too(model, requests):
+    prompt, pv, pm = requests[1]
+    engine = Engine(model, max_batch=2, max_seq_len=256)
+    prefilled = []
+    prefill_rows = engine._prefill_rows
+    engine._prefill_rows = lambda seqs: prefilled.append(len(seqs)) or prefill_rows(seqs)
+    got, _ = run(engine, [make(torch.tensor(prompt), pv, pm), make(torch.tensor(prompt), pv, pm)])
+    assert prefilled == [1]
+    assert got == [alone(model, make(prompt, pv, pm))] * 2
+
+
 def test_different_images_are_not_shared(model, requests):
     prompt, pv, pm = requests[1]
     other = pv.clone()

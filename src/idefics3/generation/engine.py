@@ -323,7 +323,7 @@ class _DecodeBatch:
 
 def _same_input(a: Request, b: Request) -> bool:
     """Whether two requests have the same prompt and images (so one prefill serves both)."""
-    if a.prompt_ids != b.prompt_ids:
+    if len(a.prompt_ids) != len(b.prompt_ids) or list(a.prompt_ids) != list(b.prompt_ids):  # lists or tensors
         return False
     for x, y in ((a.pixel_values, b.pixel_values), (a.pixel_attention_mask, b.pixel_attention_mask),
                  (a.image_hidden_states, b.image_hidden_states)):
@@ -342,15 +342,17 @@ def _check_images(request: Request, image_token_id: int, image_seq_len: int) -> 
                          f"({image_seq_len} tokens per frame); build prompts and pixels with the processor")
 
 
-def encode_images(model: Any, requests: list[Request], max_frames: int = 4,
+def encode_images(model: Any, requests: list[Request], max_frames: int | None = None,
                   cache: EncoderCache | None = None) -> torch.Tensor | None:
     """Image features of the requests, concatenated in request order: [sum N, S_img, D_text] or None.
 
-    Frames of equal size from all requests are encoded together, in chunks of at most max_frames: 4 keep the
-    encoder's activations small (13 frames of 512 px on SmolVLM-256M's encoder, 2 CPU threads: 170 MB less
-    transient memory than one call, and 5% faster). With a cache, a request whose frames were encoded before
-    reuses those features.
+    Frames of equal size from all requests are encoded together, in chunks of at most max_frames: by default
+    4 on a CPU, which keeps the encoder's activations small (13 frames of 512 px on SmolVLM-256M's encoder, 2
+    threads: 170 MB less transient memory than one call, and 5% faster), and 64 on an accelerator. With a
+    cache, a request whose frames were encoded before reuses those features.
     """
+    if max_frames is None:
+        max_frames = 4 if model.device.type == "cpu" else 64
     parts: list[torch.Tensor | None] = []
     pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
     keys: dict[int, tuple] = {}
