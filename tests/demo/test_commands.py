@@ -65,12 +65,22 @@ def test_eval_rejects_a_bad_count():
 def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     """The same command as the real recipe, with 24 chats and 2 steps per stage: a loadable model comes out."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run([sys.executable, "-m", "idefics3.demo.recipe", str(tmp_path), "--count", "24",
-                          "--steps", "2", "--warmup-steps", "2", "--focus-steps", "2", "--polish-steps", "2"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert (tmp_path / "focused").is_dir() and (tmp_path / "data" / "focus.jsonl").is_file()
-    assert (tmp_path / "polished").is_dir() and (tmp_path / "data" / "polish.jsonl").is_file()
+    cmd = [sys.executable, "-m", "idefics3.demo.recipe", str(tmp_path), "--count", "24", "--steps", "2",
+           "--warmup-steps", "2", "--edge-steps", "2", "--compare-steps", "2", "--focus-steps", "2", "--polish-steps", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    stages = ["stage1", "trained", "edges", "compared", "focused", "polished"]
+    assert res.stdout.count("idefics3.finetune finetune") == len(stages)
+    for stage, data in zip(stages, ["warmup", "train", "edges", "compare", "focus", "polish"]):
+        assert (tmp_path / stage / "model.safetensors").is_file() and (tmp_path / "data" / f"{data}.jsonl").is_file()
+    edges = [json.loads(line) for line in (tmp_path / "data" / "edges.jsonl").read_text().splitlines()]
+    assert len(edges) == 2 * 16 and all("on the" in m["content"][-1]["text"] for e in edges
+                                        for m in e["messages"] if m["role"] == "user")
+    # --resume keeps what is trained: only the stage whose weights are gone runs again
+    (tmp_path / "polished" / "model.safetensors").unlink()
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("idefics3.finetune finetune") == 1 and "--output " + str(tmp_path / "polished") in res.stdout
     out = tmp_path / "model"
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     res = cli("info", model=str(out))

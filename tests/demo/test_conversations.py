@@ -36,13 +36,15 @@ def test_every_scene_question_has_the_true_answer():
                     a, b = _object(scene, m[1], m[2]), _object(scene, m[4], m[5])
                     assert a.col != b.col
                     assert answer == ("yes" if (a.col < b.col) == (m[3] == "left") else "no")
-                elif m := re.fullmatch(r"What colour is the shape at the (top|bottom)\?", question):
-                    rows = [o.row for o in scene.objects]
-                    target = min(rows) if m[1] == "top" else max(rows)
-                    assert rows.count(target) == 1 and answer == scene.objects[rows.index(target)].colour
+                elif m := re.fullmatch(r"What colour is the shape (?:at|on) the (top|bottom|left|right)\?", question):
+                    seen.add(m[1])
+                    axis = "row" if m[1] in ("top", "bottom") else "col"
+                    values = [getattr(o, axis) for o in scene.objects]
+                    target = min(values) if m[1] in ("top", "left") else max(values)
+                    assert values.count(target) == 1 and answer == scene.objects[values.index(target)].colour
                 else:
                     assert kind == "word" and answer == scene.word
-    assert seen == {"colour", "shape", "count", "position", "word"}
+    assert seen == {"colour", "shape", "count", "position", "word", "top", "bottom", "left", "right"}
 
 
 def test_a_chat_never_names_an_object_before_asking_its_colour_or_shape():
@@ -94,3 +96,22 @@ def test_description_names_every_object_in_reading_order():
     assert describe(Scene([])) == "nothing"
     plain = conversation(random.Random(0), {"colour": 1.0}, turns=2, with_description=False)
     assert DESCRIBE not in [q for q, _ in plain.turns]
+
+
+def test_position_stage_chats_ask_edges_then_comparisons():
+    from idefics3.demo.conversations import position_conversations
+
+    edge = re.compile(r"What colour is the shape on the (left|right)\?")
+    for relational in (0, 3):
+        chats = list(position_conversations(9, 60, relational))
+        assert len(chats) == 60
+        for ex in chats:
+            kinds = ["edge" if edge.fullmatch(q) else "compare" for q, _ in ex.turns]
+            assert all(re.fullmatch(r"Is the \w+ \w+ (left|right) of the \w+ \w+\?", q)
+                       for (q, _), k in zip(ex.turns, kinds) if k == "compare")
+            if relational == 0:
+                assert set(kinds) == {"edge"} and 1 <= len(kinds) <= 2
+            else:
+                assert kinds.count("edge") <= 1 and 1 <= kinds.count("compare") <= relational and len(kinds) >= 2
+    a = [ex.turns for ex in position_conversations(4, 10, 3)]
+    assert a == [ex.turns for ex in position_conversations(4, 10, 3)] != [ex.turns for ex in position_conversations(5, 10, 3)]

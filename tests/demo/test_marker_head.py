@@ -1,4 +1,4 @@
-"""The demo recipe's structured initial head (`--marker-head`): at init, every image token attends to its own cell marker and
+"""The demo recipe's structured initial head (on unless `--no-marker-head`): at init, every image token attends to its own cell marker and
 carries that marker's row and column out of layer 0; a plain random init does neither."""
 
 from __future__ import annotations

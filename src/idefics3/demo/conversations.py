@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from .questions import KINDS, SHAPES, Example, _plural, warmup_examples
+from .questions import EDGES, KINDS, SHAPES, Example, _plural, edge_question, extreme, warmup_examples
 from .scenes import Scene, Shape, random_scene, render
 
 # question, answer, the objects it names by colour and shape, and whether its answer is such a name
@@ -50,11 +50,10 @@ def scene_questions(scene: Scene, rng: random.Random) -> dict[str, list[Question
                 truth = a.col < b.col if side == "left" else a.col > b.col
                 out["position"].append((f"Is the {a.colour} {a.shape} {side} of the {b.colour} {b.shape}?",
                                         "yes" if truth else "no", (a, b), False))
-    rows = [o.row for o in objs]
-    for where, target in (("top", min(rows, default=0)), ("bottom", max(rows, default=0))):
-        if len(objs) >= 2 and rows.count(target) == 1:
-            out["position"].append((f"What colour is the shape at the {where}?", objs[rows.index(target)].colour,
-                                    (), False))
+    for where in EDGES:
+        o = extreme(objs, where)
+        if o is not None:
+            out["position"].append((edge_question(where), o.colour, (), False))
     if scene.word is not None:
         out["word"].append((rng.choice(["What word is written in the image?", "What does the text say?"]),
                             scene.word, (), False))
@@ -130,6 +129,28 @@ def conversations(seed: int, count: int, weights: dict[str, float], turns: int) 
     rng = random.Random(seed)
     for _ in range(count):
         yield conversation(rng, weights, turns)
+
+
+def position_conversations(seed: int, count: int, relational: int) -> Iterator[Example]:
+    """The curriculum's position stage: scenes of 2 to 4 shapes, each chat one "What colour is the shape on the
+    left/right?" (both, in random order, when `relational` is 0) and up to `relational` "Is the A left/right of
+    the B?". The edge questions come first in the curriculum (relational 0): once the model finds the leftmost
+    shape, it learns to compare two named ones (see recipe.py)."""
+    rng = random.Random(seed)
+    made = 0
+    while made < count:
+        scene = random_scene(rng, n_objects=rng.randint(2, 4), with_word=rng.random() < 0.3)
+        pool = scene_questions(scene, rng)["position"]
+        edges = [q for q in pool if q[0] in {edge_question(w) for w in ("left", "right")}]
+        pairs = [q for q in pool if q[0].startswith("Is the ")]
+        rng.shuffle(edges)
+        rng.shuffle(pairs)
+        qa = edges[:1] + pairs[:relational] if relational else edges
+        if len(qa) < (2 if relational else 1):
+            continue
+        rng.shuffle(qa)
+        made += 1
+        yield Example("position", "", "", [render(scene)], turns=[(q, a) for q, a, _, _ in qa])
 
 
 def warmup_conversations(seed: int, count: int) -> Iterator[Example]:

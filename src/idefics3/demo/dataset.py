@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from .conversations import conversations, warmup_conversations
-from .questions import KINDS, examples, warmup_examples
+from .questions import KINDS, Example, examples, warmup_examples
 
 # Training mix: the types that need finer looking get more examples.
 TRAIN_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.5, "position": 1.5, "word": 1.5, "two": 1.5}
@@ -25,17 +26,22 @@ def write_dataset(folder: str | Path, seed: int, count: int, weights: dict[str, 
     warmup: the curriculum's one-shape scenes (`questions.warmup_examples`) instead of the task mix;
     turns > 1: chats of up to `turns` questions about one scene (`conversations.conversations`), or for the
     warm-up each question followed by the scene's description."""
+    if warmup:
+        source = warmup_conversations(seed, count) if turns > 1 else warmup_examples(seed, count)
+    elif turns > 1:
+        source = conversations(seed, count, weights or TRAIN_WEIGHTS, turns)
+    else:
+        source = examples(seed, count, weights)
+    return write_examples(folder, source, name)
+
+
+def write_examples(folder: str | Path, source: Iterable[Example], name: str) -> Path:
+    """Render the chats of `source` into `folder`/images and `folder`/`name`; return the JSONL path."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / name
     stem = Path(name).stem
     with path.open("w", encoding="utf-8") as f:
-        if warmup:
-            source = warmup_conversations(seed, count) if turns > 1 else warmup_examples(seed, count)
-        elif turns > 1:
-            source = conversations(seed, count, weights or TRAIN_WEIGHTS, turns)
-        else:
-            source = examples(seed, count, weights)
         for i, ex in enumerate(source):
             rels = []
             for j, image in enumerate(ex.images):

@@ -7,8 +7,8 @@ A model trained from random weights never learnt to look from an image token to 
 the attention, measured on the trained model with `recipe.py`'s probes), so it could name the top object
 (first in reading order) but "Is the red circle left of the blue square?" stayed at chance through every
 curriculum tried. This module writes that one missing piece into the random initialisation; training then
-changes every weight as usual. It is an experiment of the recipe (`--marker-head`), not its default: the head
-survived training and the image tokens learnt their cells, but left/right stayed at chance (recipe.py).
+changes every weight as usual. The recipe starts from it (`--no-marker-head` to leave it out): the head
+survives training, the image tokens know their cells, and the position stages then teach left/right (recipe.py).
 
 The construction, on a model with text width H (all other weights keep their random values):
 - Reserved residual dimensions: H-1 is a constant (every token embedding, and every image token through a

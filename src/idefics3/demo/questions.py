@@ -82,13 +82,27 @@ def _position(rng: random.Random) -> tuple[str, str, Scene]:
             truth = a.col < b.col if side == "left" else a.col > b.col
             return (f"Is the {a.colour} {a.shape} {side} of the {b.colour} {b.shape}?",
                     "yes" if truth else "no", scene)
-        where = rng.choice(["top", "bottom"])
-        rows = [o.row for o in objs]
-        target = min(rows) if where == "top" else max(rows)
-        if rows.count(target) != 1:
+        where = rng.choice(list(EDGES))
+        o = extreme(objs, where)
+        if o is None:
             continue
-        o = objs[rows.index(target)]
-        return f"What colour is the shape at the {where}?", o.colour, scene
+        return edge_question(where), o.colour, scene
+
+
+EDGES = {"top": ("row", min), "bottom": ("row", max), "left": ("col", min), "right": ("col", max)}
+
+
+def edge_question(where: str) -> str:
+    return f"What colour is the shape at the {where}?" if where in ("top", "bottom") else \
+        f"What colour is the shape on the {where}?"
+
+
+def extreme(objs: list, where: str) -> object | None:
+    """The one object furthest towards `where` (a key of EDGES), or None when two or more tie."""
+    axis, pick = EDGES[where]
+    values = [getattr(o, axis) for o in objs]
+    target = pick(values, default=0)
+    return objs[values.index(target)] if len(objs) >= 2 and values.count(target) == 1 else None
 
 
 def _word(rng: random.Random) -> tuple[str, str, Scene]:

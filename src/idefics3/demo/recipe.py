@@ -1,6 +1,6 @@
 """The recipe of the packaged demo model: data, tokenizer, a random-init checkpoint, `idefics3 finetune --full`.
 
-    python -m idefics3.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 4500] [--install]
+    python -m idefics3.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 4500] [--resume] [--install]
 
 1. `dataset.write_dataset` renders `count` training chats from `seed`, each with up to four questions about
    one scene and then its description (`conversations.py`: several answers per encoded image), and
@@ -9,46 +9,36 @@
 2. A byte-level BPE is trained with `tokenizers` on the task's chats (`tokenizer.train_tokenizer`).
 3. `init_checkpoint` writes the tiny Idefics3 configuration below with random weights, the tokenizer and the
    processor files (32-px tiles, 128-px longest edge: a scene becomes 4x4 tiles, one per grid cell, + the global
-   image, so each cell's image token comes right after its `<row_r_col_c>` marker). With 64-px tiles (2x2 cells
-   each) the column inside a tile had to come from the encoder's position embeddings, and the model counted 94%
-   of the held-out questions right; with a tile per cell, 100%.
-4. `python -m idefics3.finetune finetune --full`, four times: a curriculum. Stage 1 (`--warmup-steps`) on the
-   one-shape warm-up teaches the model to look at the image at all, and to tell shapes apart; straight on the
-   full mix it stayed blind (loss at the answer-prior level) for 3400+ steps, and after a 400-step warm-up
-   it still could not tell a square from a circle. Stage 2 (`--steps`) continues from it on the full mix.
-   Stage 3 (`--focus-steps`) goes on with fresh chats (seed + 200) weighted towards the questions that
-   stage 2 left weakest: finding an object by its shape (colour questions), comparing columns, counting.
-   Stage 4 (`--polish-steps`, seed + 300) weights the two-image questions 4:1 at a lower learning rate: held-out
-   two-image 87.9% -> 90.9% and position 70.6% -> 76.5%, the other types staying at 100%.
+   image, so each cell's image token comes right after its `<row_r_col_c>` marker), and writes one hand-built
+   head into layer 0 that copies each image token's marker into it (`marker_head.py`): from a plain random
+   start no text layer ever learnt to look from an image token to its marker, so no image token knew its cell.
+4. `python -m idefics3.finetune finetune --full`, six times: a curriculum, each stage starting from the last.
+   1. Warm-up (`--warmup-steps`) on the one-shape chats: it teaches the model to look at the image at all and to
+      tell shapes apart; straight on the full mix it stayed blind (loss at the answer-prior level) for 3400+
+      steps.
+   2. Main (`--steps`) on the full mix.
+   3. Edges (`--edge-steps`, seed + 400): scenes of 2-4 shapes, only "What colour is the shape on the
+      left/right?" (`conversations.position_conversations`).
+   4. Comparisons (`--compare-steps`, seed + 500): the same scenes, one edge question and up to three "Is the
+      red circle left of the blue square?".
+   5. Focus (`--focus-steps`, seed + 200) on the full mix weighted towards colour, counting and two images: it
+      brings back what stages 3-4 made the model forget (after them: shape 0%, colour by shape near chance).
+   6. Polish (`--polish-steps`, seed + 300): the mix weighted 4:1 towards two-image questions, lower learning rate.
 5. The trained folder is copied to WORK_FOLDER/model (and, with --install, over the packaged model).
+   `--resume` keeps every stage whose folder already holds a model.safetensors.
 
-Left/right comparisons ("Is the red circle left of the blue square?") stay at chance, and the model gives the
-same answer with the two objects swapped, so it has not bound which object is named first. Each of these,
-continued from the finished model, left them at chance: 800 more steps weighted 6:1 towards position questions;
-600-800 steps of two-object scenes with only that question (the loss did not move from step 1), or with "left"
-only (no side to undo); a fourth text layer; a whole list of the shapes "from left to right". A single column
-("Which column is the red circle in?") is learnable: 77% after 600 steps; but chats that ask for both columns and
-then the comparison (700 steps) left the comparison asked alone at chance. A tokenizer with every task word as
-one token (" left" is 4 tokens here, " right" 5) trained far worse from scratch in the same budget (shape 42%,
-word 6% after stage 2). An order-free form ("Which is further left, the red circle or the blue square?" -> red),
-600 steps weighted 4:1 towards it, stayed at chance too (51%, and 43% for two objects in the same row), as did
-"Which column is the red circle in?" after 1200 steps (25%). Probes of the packaged model: no text layer attends
-from an image token to its `<row_r_col_c>` marker (0.01-0.07 of the attention, near uniform), so the image
-tokens do not know their cell (column decodable at 26-55%, row at 22-80% from causal position alone) and
-neither do the descriptions ("at 2 3": column right 0-11% outside column 2). "at the top" works because it only
-needs the first object in reading order.
-
-Giving the model that attention did not fix it. An initialisation (`--marker-head`) with one hand-built layer-0
-head (a constant query against a marker-flag key, rotated by RoPE to peak one position back, copying one-hot row
-and column dimensions of the marker into the image token) had each image token put 1.0 of that head's attention on
-its marker at init and still 0.93 after stage 2. Single-object descriptions were then 100% right after stage 1
-(the packaged model: 7%), and a linear probe read an object's column from its image token at 71% (row 83%).
-After stage 2 (held-out: colour, shape, count, word 100%, two-image 92%, position 68%) left/right was still at
-chance (50-58% on 100-300 questions); 600 more steps of the order-free form weighted 4:1 gave 53.5%, and the
-same with a fourth text layer added as an identity (at the end, or after layer 1) 44% and 53%. Answers that
-write both columns before the verdict ("red 1, blue 3, yes"), 600 steps the same way: the named objects' columns
-right 32% and 41% of the time, the verdict 55%. So the cell is in the image token, but finding the token of an
-object the question names and comparing two of them is what this model does not learn in this budget.
+Left/right took most of the work. On the full mix, "Is the red circle left of the blue square?" stayed at
+chance through every variant tried (up to 800 more steps weighted 6:1 towards it, an order-free "Which is
+further left?", "left" only, a fourth text layer, answers that spell out both columns first), with and without
+the marker head; so did "What colour is the shape on the left?" after 600 steps (36%, chance 1/2-1/4) and after
+stage 2 here (47-61%). "at the top" works from the start: it only needs the first object in reading order.
+What works is time on position alone, edges first. Continued from stage 2 with the marker head, 1000 steps of
+two-shape edge questions gave 62% and 2000 more on 2-4 shapes 98%; then 1500 steps of comparisons 87% and 1500
+more 99%, every other question type collapsing meanwhile (shape 0%) until the focus stage restored them.
+Other layouts tried and dropped: 8-px patches with a 4x pixel shuffle (the global image becomes one token with a
+slot per cell): shapes at chance after stage 1 (28%); 64-px tiles with a 4x shuffle (one token per 2x2 cells):
+after stage 2 words 10%, colour 70%, left/right still at chance; a tokenizer with every task word one token
+trained far worse (shape 42%, word 6% after stage 2).
 """
 
 from __future__ import annotations
@@ -61,13 +51,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..config import Idefics3Config
 from ..model.idefics3 import Idefics3ForConditionalGeneration
-from .dataset import TRAIN_WEIGHTS, write_dataset
+from .conversations import position_conversations
+from .dataset import TRAIN_WEIGHTS, write_dataset, write_examples
 from .marker_head import install_marker_head
 from .questions import KINDS
 from .scenes import CANVAS, COLOURS, SHAPES, WORDS
@@ -90,12 +82,15 @@ COMMON_ARGS = ["--full", "--batch-size", str(BATCH), "--weight-decay", "0.01", "
 WARMUP_ARGS = ["--lr", "1e-3", "--warmup", "30", "--schedule", "constant"]
 MAIN_ARGS = ["--lr", "1.5e-3", "--warmup", "50", "--schedule", "cosine"]
 TURNS = 4  # questions per training chat
-FOCUS_WEIGHTS = {"colour": 3.0, "shape": 0.5, "count": 2.0, "position": 3.0, "word": 0.5, "two": 2.0}
+FOCUS_WEIGHTS = {"colour": 4.0, "shape": 0.5, "count": 2.0, "position": 1.5, "word": 0.5, "two": 2.5}
 FOCUS_ARGS = ["--lr", "1e-3", "--warmup", "50", "--schedule", "cosine"]
-FOCUS_STEPS, FOCUS_SEED_OFFSET = 2500, 200
+FOCUS_STEPS, FOCUS_SEED_OFFSET = 3000, 200
 POLISH_WEIGHTS = {"colour": 1.0, "shape": 0.5, "count": 1.0, "position": 1.0, "word": 0.5, "two": 4.0}
 POLISH_ARGS = ["--lr", "5e-4", "--warmup", "30", "--schedule", "cosine"]
 POLISH_STEPS, POLISH_SEED_OFFSET = 600, 300
+POSITION_ARGS = ["--lr", "1e-3", "--warmup", "30", "--schedule", "constant"]
+EDGE_STEPS, EDGE_SEED_OFFSET = 2000, 400
+COMPARE_STEPS, COMPARE_SEED_OFFSET, COMPARE_TURNS = 3000, 500, 3
 
 
 def tokenizer_corpus(jsonl: Path) -> list[str]:
@@ -112,7 +107,7 @@ def tokenizer_corpus(jsonl: Path) -> list[str]:
 
 def init_checkpoint(folder: str | Path, texts: list[str], seed: int = 0, marker_head: bool = False) -> Path:
     """A random-weight checkpoint of the demo configuration with a tokenizer trained on `texts` (and, with
-    `marker_head`, the structured layer-0 head of marker_head.py: the experiment in the module docstring)."""
+    `marker_head`, the structured layer-0 head of marker_head.py, see the module docstring)."""
     folder = Path(folder)
     ids = train_tokenizer(texts, vocab_size=VOCAB, folder=folder)
     vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
@@ -165,10 +160,14 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="stage-1 steps (one-shape scenes)")
     ap.add_argument("--warmup-style", choices=["described", "questions"], default="described",
                     help="stage-1 chats: a colour or shape question then the description, or the question alone")
-    ap.add_argument("--focus-steps", type=int, default=FOCUS_STEPS, help="stage-3 steps (0: none)")
-    ap.add_argument("--polish-steps", type=int, default=POLISH_STEPS, help="stage-4 steps (0: none)")
-    ap.add_argument("--marker-head", action="store_true",
-                    help="start from the hand-built marker head (marker_head.py; an experiment, see above)")
+    ap.add_argument("--edge-steps", type=int, default=EDGE_STEPS, help="stage-3 steps (0: none)")
+    ap.add_argument("--compare-steps", type=int, default=COMPARE_STEPS, help="stage-4 steps (0: none)")
+    ap.add_argument("--focus-steps", type=int, default=FOCUS_STEPS, help="stage-5 steps (0: none)")
+    ap.add_argument("--polish-steps", type=int, default=POLISH_STEPS, help="stage-6 steps (0: none)")
+    ap.add_argument("--no-marker-head", action="store_true",
+                    help="start from a plain random initialisation (left/right then stays at chance, see above)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the stages already trained in WORK (those with a model.safetensors)")
     ap.add_argument("--install", action="store_true", help=f"copy the result over {PACKAGED}")
     args = ap.parse_args()
     work = Path(args.work)
@@ -179,24 +178,38 @@ def main() -> None:
                          turns=1 if args.warmup_style == "questions" else 2)
     print(f"data: {args.count} chats of up to {TURNS} questions ({', '.join(KINDS)}) + {warm_count} warm-up in "
           f"{time.monotonic() - start:.0f}s", flush=True)
-    init = init_checkpoint(work / "init", tokenizer_corpus(data), seed=args.seed, marker_head=args.marker_head)
-    run_finetune(finetune_command(init, warm, work / "stage1", args.warmup_steps, args.seed, WARMUP_ARGS))
-    run_finetune(finetune_command(work / "stage1", data, work / "trained", args.steps, args.seed, MAIN_ARGS))
-    final = work / "trained"
-    if args.focus_steps > 0:
-        focus = write_dataset(work / "data", args.seed + FOCUS_SEED_OFFSET, args.focus_steps * BATCH, FOCUS_WEIGHTS,
-                              name="focus.jsonl", turns=TURNS)
-        final = work / "focused"
-        run_finetune(finetune_command(work / "trained", focus, final, args.focus_steps, args.seed, FOCUS_ARGS))
-    if args.polish_steps > 0:
-        polish = write_dataset(work / "data", args.seed + POLISH_SEED_OFFSET, args.polish_steps * BATCH,
-                               POLISH_WEIGHTS, name="polish.jsonl", turns=TURNS)
-        run_finetune(finetune_command(final, polish, work / "polished", args.polish_steps, args.seed, POLISH_ARGS))
-        final = work / "polished"
-    model = install(final, work / "model")
+    model = work / "init"
+    if not (args.resume and (model / "model.safetensors").is_file()):
+        init_checkpoint(model, tokenizer_corpus(data), seed=args.seed, marker_head=not args.no_marker_head)
+
+    def stage(name: str, steps: int, stage_args: list[str], make_data: Callable[[], Path]) -> None:
+        nonlocal model
+        if steps <= 0:
+            return
+        output = work / name
+        if not (args.resume and (output / "model.safetensors").is_file()):
+            run_finetune(finetune_command(model, make_data(), output, steps, args.seed, stage_args))
+        model = output
+
+    def mix(offset: int, steps: int, weights: dict[str, float], name: str) -> Callable[[], Path]:
+        return lambda: write_dataset(work / "data", args.seed + offset, steps * BATCH, weights, name=name, turns=TURNS)
+
+    def position(offset: int, steps: int, relational: int, name: str) -> Callable[[], Path]:
+        return lambda: write_examples(work / "data", position_conversations(args.seed + offset, steps * BATCH,
+                                                                            relational), name)
+
+    stage("stage1", args.warmup_steps, WARMUP_ARGS, lambda: warm)
+    stage("trained", args.steps, MAIN_ARGS, lambda: data)
+    stage("edges", args.edge_steps, POSITION_ARGS, position(EDGE_SEED_OFFSET, args.edge_steps, 0, "edges.jsonl"))
+    stage("compared", args.compare_steps, POSITION_ARGS,
+          position(COMPARE_SEED_OFFSET, args.compare_steps, COMPARE_TURNS, "compare.jsonl"))
+    stage("focused", args.focus_steps, FOCUS_ARGS, mix(FOCUS_SEED_OFFSET, args.focus_steps, FOCUS_WEIGHTS, "focus.jsonl"))
+    stage("polished", args.polish_steps, POLISH_ARGS,
+          mix(POLISH_SEED_OFFSET, args.polish_steps, POLISH_WEIGHTS, "polish.jsonl"))
+    installed = install(model, work / "model")
     if args.install:
-        install(model, PACKAGED)
-    print(f"done in {(time.monotonic() - start) / 60:.1f} min: {model}", flush=True)
+        install(installed, PACKAGED)
+    print(f"done in {(time.monotonic() - start) / 60:.1f} min: {installed}", flush=True)
 
 
 if __name__ == "__main__":
