@@ -4,6 +4,7 @@
     shape     What shape is the blue one?              -> triangle
     count     How many shapes are there? / How many squares are there?   -> 3
     position  Is the red circle left of the blue square?  -> yes / What colour is the shape at the top? -> green
+              What colour is the shape on the left?       -> blue
     word      What word is written in the image?       -> fox
     two       Which image has more circles?            -> first / second  (two images)
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .scenes import GRID, SHAPES, Scene, random_scene, render
+from .scenes import GRID, SHAPES, Scene, Shape, random_scene, render
 
 KINDS = ("colour", "shape", "count", "position", "word", "two")
 
@@ -70,6 +71,22 @@ def _count(rng: random.Random) -> tuple[str, str, Scene]:
     return f"How many {_plural(shape)} are there?", str(scene.count(shape)), scene
 
 
+EDGES = {"top": ("row", min), "bottom": ("row", max), "left": ("col", min), "right": ("col", max)}
+
+
+def edge_question(where: str) -> str:
+    return f"What colour is the shape at the {where}?" if where in ("top", "bottom") else \
+        f"What colour is the shape on the {where}?"
+
+
+def extreme(objs: list[Shape], where: str) -> Shape | None:
+    """The one object furthest towards `where` (a key of EDGES), or None when two or more tie."""
+    axis, pick = EDGES[where]
+    values = [getattr(o, axis) for o in objs]
+    target = pick(values, default=0)
+    return objs[values.index(target)] if len(objs) >= 2 and values.count(target) == 1 else None
+
+
 def _position(rng: random.Random) -> tuple[str, str, Scene]:
     while True:
         scene = random_scene(rng, n_objects=rng.randint(2, 4), with_word=rng.random() < 0.3)
@@ -87,22 +104,6 @@ def _position(rng: random.Random) -> tuple[str, str, Scene]:
         if o is None:
             continue
         return edge_question(where), o.colour, scene
-
-
-EDGES = {"top": ("row", min), "bottom": ("row", max), "left": ("col", min), "right": ("col", max)}
-
-
-def edge_question(where: str) -> str:
-    return f"What colour is the shape at the {where}?" if where in ("top", "bottom") else \
-        f"What colour is the shape on the {where}?"
-
-
-def extreme(objs: list, where: str) -> object | None:
-    """The one object furthest towards `where` (a key of EDGES), or None when two or more tie."""
-    axis, pick = EDGES[where]
-    values = [getattr(o, axis) for o in objs]
-    target = pick(values, default=0)
-    return objs[values.index(target)] if len(objs) >= 2 and values.count(target) == 1 else None
 
 
 def _word(rng: random.Random) -> tuple[str, str, Scene]:
