@@ -81,6 +81,7 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("idefics3.finetune finetune") == 1 and "--output " + str(tmp_path / "polished") in res.stdout
+    assert "data and initial checkpoint" not in res.stdout  # the trained stages' data is not written again
     out = tmp_path / "model"
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     res = cli("info", model=str(out))

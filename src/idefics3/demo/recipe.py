@@ -50,6 +50,7 @@ trained far worse (shape 42%, word 6% after stage 2).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -178,15 +179,21 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     start = time.monotonic()
-    data = write_dataset(work / "data", args.seed, args.count, TRAIN_WEIGHTS, name="train.jsonl", turns=TURNS)
     warm_count = args.warmup_steps * BATCH  # each warm-up example seen once
-    warm = write_dataset(work / "data", args.seed + WARMUP_SEED_OFFSET, warm_count, name="warmup.jsonl", warmup=True,
-                         turns=1 if args.warmup_style == "questions" else 2)
-    print(f"data: {args.count} chats of up to {TURNS} questions ({', '.join(KINDS)}) + {warm_count} warm-up in "
-          f"{time.monotonic() - start:.0f}s", flush=True)
+
+    @functools.cache
+    def data() -> Path:  # written only when a stage (or the tokenizer) needs it: --resume may skip both
+        return write_dataset(work / "data", args.seed, args.count, TRAIN_WEIGHTS, name="train.jsonl", turns=TURNS)
+
+    def warm() -> Path:
+        return write_dataset(work / "data", args.seed + WARMUP_SEED_OFFSET, warm_count, name="warmup.jsonl",
+                             warmup=True, turns=1 if args.warmup_style == "questions" else 2)
+
     model = work / "init"
     if not (args.resume and (model / "model.safetensors").is_file()):
-        init_checkpoint(model, tokenizer_corpus(data), seed=args.seed, marker_head=not args.no_marker_head)
+        init_checkpoint(model, tokenizer_corpus(data()), seed=args.seed, marker_head=not args.no_marker_head)
+        print(f"data and initial checkpoint: {args.count} chats of up to {TURNS} questions ({', '.join(KINDS)}) in "
+              f"{time.monotonic() - start:.0f}s", flush=True)
 
     def stage(name: str, steps: int, stage_args: list[str], make_data: Callable[[], Path]) -> None:
         nonlocal model
@@ -204,8 +211,8 @@ def main() -> None:
         return lambda: write_examples(work / "data", position_conversations(args.seed + offset, steps * BATCH,
                                                                             relational), name)
 
-    stage("stage1", args.warmup_steps, WARMUP_ARGS, lambda: warm)
-    stage("trained", args.steps, MAIN_ARGS, lambda: data)
+    stage("stage1", args.warmup_steps, WARMUP_ARGS, warm)
+    stage("trained", args.steps, MAIN_ARGS, data)
     stage("edges", args.edge_steps, POSITION_ARGS, position(EDGE_SEED_OFFSET, args.edge_steps, 0, "edges.jsonl"))
     stage("compared", args.compare_steps, POSITION_ARGS,
           position(COMPARE_SEED_OFFSET, args.compare_steps, COMPARE_TURNS, "compare.jsonl"))
