@@ -57,3 +57,17 @@ def test_plain_init_has_no_such_head(inits):
     model = Idefics3ForConditionalGeneration.from_pretrained(inits[False]).eval()
     processor = Idefics3Processor.from_pretrained(inits[False])
     assert max(check(model, batch) for batch in chats(processor, 2)) < 0.5
+
+
+def test_with_a_key_value_head_per_query_head_two_query_heads_still_read_the_markers(tmp_path):
+    """Under the demo's 2 key/value heads query heads 0 and 1 share the marker head's keys and values; with 4
+    (`--kv-heads 4`) key/value head 1 repeats head 0, so the same two query heads read the markers' cells."""
+    texts = tokenizer_corpus(write_dataset(tmp_path / "data", 0, 20, name="train.jsonl", turns=4))
+    model = Idefics3ForConditionalGeneration.from_pretrained(init_checkpoint(tmp_path / "mha", texts, marker_head=True,
+                                                                             kv_heads=4))
+    attn, hd = model.model.text_model.layers[0].self_attn, model.config.text_config.head_dim
+    assert model.config.text_config.num_key_value_heads == 4
+    for w in (attn.k_proj.weight, attn.v_proj.weight):
+        assert torch.equal(w[hd:2 * hd], w[:hd]) and not torch.equal(w[2 * hd:3 * hd], w[:hd])
+    processor = Idefics3Processor.from_pretrained(tmp_path / "mha")
+    assert min(check(model, batch) for batch in chats(processor, 2)) > 0.99

@@ -20,6 +20,9 @@ The construction, on a model with text width H (all other weights keep their ran
   0.55 of that at any offset from 4 to 600 (the next marker back is 4 tokens away). Values and the output
   projection copy the row and column dimensions, so after layer 0 each image token holds its own cell, in the
   markers' own dimensions.
+- Under the demo's grouped-query attention (2 key/value heads for 4 query heads) query head 1 shares key/value
+  head 0, so it too reads only the markers' cells (with its own random query). `readers` keeps that with one
+  key/value head per query head: key/value head 0 is copied into the next ones until `readers` query heads read it.
 `check` measures it: at init each image token puts more than 0.99 of that head's attention on its marker.
 """
 
@@ -45,9 +48,10 @@ def reserved_dims(hidden: int) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def install_marker_head(model: Idefics3ForConditionalGeneration, token_ids: dict[str, int]) -> None:
+def install_marker_head(model: Idefics3ForConditionalGeneration, token_ids: dict[str, int], readers: int = 2) -> None:
     """Write the marker-copying head into a freshly initialised `model` (see the module docstring);
-    `token_ids` maps `<row_r_col_c>` and `<global-img>` to their ids."""
+    `token_ids` maps `<row_r_col_c>` and `<global-img>` to their ids; at least `readers` query heads of layer 0
+    read key/value head 0 (the markers' cells)."""
     text, vision = model.config.text_config, model.config.vision_config
     hidden, hd = text.hidden_size, text.head_dim
     if hidden < 4 * (2 * GRID_MAX + 2) or max(FREQUENCIES) >= hd // 2:
@@ -87,6 +91,10 @@ def install_marker_head(model: Idefics3ForConditionalGeneration, token_ids: dict
     for j, d in enumerate(rows + cols):
         attn.v_proj.weight[j, d] = 1.0
         attn.o_proj.weight[d, j] = 1.0
+    group = text.num_attention_heads // text.num_key_value_heads  # query heads per key/value head
+    for h in range(1, -(-readers // group)):  # more key/value heads that repeat head 0
+        attn.k_proj.weight[h * hd:(h + 1) * hd] = attn.k_proj.weight[:hd]
+        attn.v_proj.weight[h * hd:(h + 1) * hd] = attn.v_proj.weight[:hd]
 
 
 @torch.no_grad()
