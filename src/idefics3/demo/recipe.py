@@ -47,9 +47,9 @@ shapes?" 99% right but "... more circles?" 77% (1 against 2 of them: 57-69%), 83
 after stage 2. Four last stages from the same stage 5 all ended at 82-83%: the polish above; 1200 steps whose
 two-image chats end with "How many circles are in the first image?" for both images (79%); 1500 steps whose
 first two-image question compares counts one apart (83%); 1500 steps at lr 1e-3 (82%). The recipe before the
-marker head (f721744) got 92%. With one key/value head per query head (`--kv-heads 4`, the marker head's
-key/value head then read by query head 0 alone) stage 2 ends at 91% and the last stage at 97-99% (seeds 1000,
-2000, 7000), but "Is the A left of the B?" never leaves chance: stage 4's loss stayed flat (0.17) for 1500 steps
+marker head (f721744) got 92%. With one key/value head per query head and the marker head's key/value head
+read by query head 0 alone (`install_marker_head(readers=1)`) stage 2 ends at 91% and the last stage at 97-99%
+(seeds 1000, 2000, 7000), but "Is the A left of the B?" never leaves chance: stage 4's loss stayed flat (0.17) for 1500 steps
 after 1000 edge steps and for 1700 after 2000, and position ended at 65-70% (54% on the comparisons). Under the
 default two key/value heads, query head 1 shares the marker head's keys and values and so reads the markers'
 cells too; `install_marker_head(readers=2)` keeps that with four (see marker_head.py). Checked: with four and
@@ -58,8 +58,8 @@ back at 83% after stage 2; that run ended at colour and shape 97%, count and pos
 (its 2000-step focus and 1200-step polish restore far less than the default lengths do).
 Time on 2 idle cores (two training threads, measured with `--kv-heads 4`): warm-up 4.4 min, main 20.0 min for
 4000 steps, edges 6.0 min for 2000, comparisons 6.0 for 1500, focus 9.8 for 2000, polish 6.0 for 1200 (stage
-data included), 34 s for the data and the initial checkpoint: ~66 min at the default lengths, ~57 with
-`--steps 4000 --compare-steps 2500 --focus-steps 2000 --polish-steps 1200`.
+data included), 34 s for the data and the initial checkpoint: ~66 min at the default lengths; the run with
+`--kv-heads 4 --steps 4000 --compare-steps 2500 --focus-steps 2000 --polish-steps 1200` took 59.3 min.
 Other layouts tried and dropped: 8-px patches with a 4x pixel shuffle (the global image becomes one token with a
 slot per cell): shapes at chance after stage 1 (28%); 64-px tiles with a 4x shuffle (one token per 2x2 cells):
 after stage 2 words 10%, colour 70%, left/right still at chance; a tokenizer with every task word one token
@@ -99,7 +99,7 @@ VISION = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "
           "image_size": TILE, "patch_size": 16}
 TEXT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024}
-KV_HEADS = 2  # of 4 query heads; 4 (one each) trains two-image questions to 97-99% but left/right to chance
+KV_HEADS = 2  # of 4 query heads (4: one each, the marker head still read by two; see above)
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
                "special_tokens_map.json")
