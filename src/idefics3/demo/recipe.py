@@ -49,9 +49,9 @@ two-image chats end with "How many circles are in the first image?" for both ima
 first two-image question compares counts one apart (83%); 1500 steps at lr 1e-3 (82%). The recipe before the
 marker head (f721744) got 92%. With one key/value head per query head and the marker head's key/value head
 read by query head 0 alone (`install_marker_head(readers=1)`) stage 2 ends at 91% and the last stage at 97-99%
-(seeds 1000, 2000, 7000), but "Is the A left of the B?" never leaves chance: stage 4's loss stayed flat (0.17) for 1500 steps
-after 1000 edge steps and for 1700 after 2000, and position ended at 65-70% (54% on the comparisons). Under the
-default two key/value heads, query head 1 shares the marker head's keys and values and so reads the markers'
+(seeds 1000, 2000, 7000), but "Is the A left of the B?" never leaves chance: stage 4's loss stayed flat (0.17)
+for 1500 steps after 1000 edge steps and for 1700 after 2000, and position ended at 65-70% (54% on the
+comparisons). Under the default two key/value heads, query head 1 shares the marker head's keys and values and so reads the markers'
 cells too; `install_marker_head(readers=2)` keeps that with four (see marker_head.py). Checked: with four and
 two readers (and the shorter lengths below) the comparisons learn again (91% after stage 4) but two images are
 back at 83% after stage 2; that run ended at colour and shape 97%, count and position 91%, word 18%, two 79%
