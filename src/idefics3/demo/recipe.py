@@ -51,11 +51,12 @@ marker head (f721744) got 92%. With one key/value head per query head and the ma
 read by query head 0 alone (`install_marker_head(readers=1)`) stage 2 ends at 91% and the last stage at 97-99%
 (seeds 1000, 2000, 7000), but "Is the A left of the B?" never leaves chance: stage 4's loss stayed flat (0.17)
 for 1500 steps after 1000 edge steps and for 1700 after 2000, and position ended at 65-70% (54% on the
-comparisons). Under the default two key/value heads, query head 1 shares the marker head's keys and values and so reads the markers'
-cells too; `install_marker_head(readers=2)` keeps that with four (see marker_head.py). Checked: with four and
-two readers (and the shorter lengths below) the comparisons learn again (91% after stage 4) but two images are
-back at 83% after stage 2; that run ended at colour and shape 97%, count and position 91%, word 18%, two 79%
-(its 2000-step focus and 1200-step polish restore far less than the default lengths do).
+comparisons). Under the default two key/value heads, query head 1 shares the marker head's keys and values and
+so reads the markers' cells too; `install_marker_head(readers=2)` keeps that with four (see marker_head.py).
+Checked: with four and two readers (and the shorter lengths below) the comparisons learn again (91% after
+stage 4) but two images are back at 83% after stage 2; that run ended at colour and shape 97%, count and
+position 91%, word 18%, two 79% (its 2000-step focus and 1200-step polish restore far less than the default
+lengths do).
 Time on 2 idle cores (two training threads, measured with `--kv-heads 4`): warm-up 4.4 min, main 20.0 min for
 4000 steps, edges 6.0 min for 2000, comparisons 6.0 for 1500, focus 9.8 for 2000, polish 6.0 for 1200 (stage
 data included), 34 s for the data and the initial checkpoint: ~66 min at the default lengths; the run with
