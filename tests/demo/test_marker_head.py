@@ -16,10 +16,13 @@ from idefics3.demo.dataset import write_dataset
 
 
 @pytest.fixture(scope="module")
-def inits(tmp_path_factory):
+def texts(tmp_path_factory):
+    return tokenizer_corpus(write_dataset(tmp_path_factory.mktemp("marker-data"), 0, 40, name="train.jsonl", turns=4))
+
+
+@pytest.fixture(scope="module")
+def inits(tmp_path_factory, texts):
     work = tmp_path_factory.mktemp("marker-head")
-    data = write_dataset(work / "data", 0, 40, name="train.jsonl", turns=4)
-    texts = tokenizer_corpus(data)
     return {flag: init_checkpoint(work / f"init-{flag}", texts, marker_head=flag) for flag in (True, False)}
 
 
@@ -59,10 +62,9 @@ def test_plain_init_has_no_such_head(inits):
     assert max(check(model, batch) for batch in chats(processor, 2)) < 0.5
 
 
-def test_with_a_key_value_head_per_query_head_two_query_heads_still_read_the_markers(tmp_path):
+def test_with_a_key_value_head_per_query_head_two_query_heads_still_read_the_markers(tmp_path, texts):
     """Under the demo's 2 key/value heads query heads 0 and 1 share the marker head's keys and values; with 4
     (`--kv-heads 4`) key/value head 1 repeats head 0, so the same two query heads read the markers' cells."""
-    texts = tokenizer_corpus(write_dataset(tmp_path / "data", 0, 20, name="train.jsonl", turns=4))
     model = Idefics3ForConditionalGeneration.from_pretrained(init_checkpoint(tmp_path / "mha", texts, marker_head=True,
                                                                              kv_heads=4))
     attn, hd = model.model.text_model.layers[0].self_attn, model.config.text_config.head_dim
