@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import idefics3
-from idefics3.demo.recipe import MODEL_FILES
+from idefics3.demo.conversations import DESCRIBE
+from idefics3.demo.recipe import MODEL_FILES, REPLAY
 
 HAS_MODEL = (idefics3.DEMO_MODEL / "config.json").is_file()
 needs_model = pytest.mark.skipif(not HAS_MODEL, reason="no built-in model")
@@ -62,6 +63,14 @@ def test_eval_rejects_a_bad_count():
     assert res.returncode != 0 and res.stderr.startswith("idefics3: error:")
 
 
+@pytest.mark.parametrize("flags, problem", [(["--heads", "6", "--kv-heads", "4"], "must divide --heads 6"),
+                                            (["--replay", "1"], "--replay 1.0 is a share")])
+def test_recipe_rejects_bad_flags_before_any_work(tmp_path, flags, problem):
+    res = subprocess.run([sys.executable, "-m", "idefics3.demo.recipe", str(tmp_path / "w"), *flags],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and problem in res.stderr and not (tmp_path / "w").exists()
+
+
 def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     """The same command as the real recipe, with 24 chats and 2 steps per stage: a loadable model comes out."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -76,6 +85,11 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     edges = [json.loads(line) for line in (tmp_path / "data" / "edges.jsonl").read_text().splitlines()]
     assert len(edges) == 2 * 16 and all("on the" in m["content"][-1]["text"] for e in edges
                                         for m in e["messages"] if m["role"] == "user")
+    # the comparison stage replays the main mix: REPLAY of its chats describe a scene or show two images
+    compare = [json.loads(line)["messages"] for line in (tmp_path / "data" / "compare.jsonl").read_text().splitlines()]
+    replayed = [m for m in compare if m[-2]["content"][-1]["text"] == DESCRIBE
+                or sum(p["type"] == "image" for p in m[0]["content"]) == 2]
+    assert len(compare) == 2 * 16 and len(replayed) == round(2 * 16 * REPLAY) > 0
     # --resume keeps what is trained: only the stage whose weights are gone runs again
     (tmp_path / "polished" / "model.safetensors").unlink()
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)

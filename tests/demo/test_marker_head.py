@@ -62,14 +62,17 @@ def test_plain_init_has_no_such_head(inits):
     assert max(check(model, batch) for batch in chats(processor, 2)) < 0.5
 
 
-def test_with_a_key_value_head_per_query_head_two_query_heads_still_read_the_markers(tmp_path, texts):
-    """Under the demo's 2 key/value heads query heads 0 and 1 share the marker head's keys and values; with 4
-    (`--kv-heads 4`) key/value head 1 repeats head 0, so the same two query heads read the markers' cells."""
-    model = Idefics3ForConditionalGeneration.from_pretrained(init_checkpoint(tmp_path / "mha", texts, marker_head=True,
-                                                                             kv_heads=4))
+@pytest.mark.parametrize("heads", [4, 6])
+def test_with_a_key_value_head_per_query_head_two_query_heads_still_read_the_markers(tmp_path, texts, heads):
+    """Under 2 key/value heads for 4 query heads, query heads 0 and 1 share the marker head's keys and values;
+    with one key/value head per query head (`--heads N --kv-heads N`) key/value head 1 repeats head 0, so the same
+    two query heads read the markers' cells and the others stay free."""
+    folder = init_checkpoint(tmp_path / "mha", texts, marker_head=True, heads=heads, kv_heads=heads)
+    model = Idefics3ForConditionalGeneration.from_pretrained(folder)
     attn, hd = model.model.text_model.layers[0].self_attn, model.config.text_config.head_dim
-    assert model.config.text_config.num_key_value_heads == 4
+    assert model.config.text_config.num_key_value_heads == model.config.text_config.num_attention_heads == heads
     for w in (attn.k_proj.weight, attn.v_proj.weight):
+        assert w.shape[0] == heads * hd
         assert torch.equal(w[hd:2 * hd], w[:hd]) and not torch.equal(w[2 * hd:3 * hd], w[:hd])
-    processor = Idefics3Processor.from_pretrained(tmp_path / "mha")
+    processor = Idefics3Processor.from_pretrained(folder)
     assert min(check(model, batch) for batch in chats(processor, 2)) > 0.99
