@@ -152,8 +152,8 @@ def init_checkpoint(folder: str | Path, texts: list[str], seed: int = 0, marker_
     raw = {"model_type": "idefics3", "scale_factor": 2, "image_token_id": ids["<image>"],
            "tie_word_embeddings": False, "pad_token_id": pad, "torch_dtype": "float32",
            "vision_config": dict(VISION),
-           "text_config": {**TEXT, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab, "bos_token_id": bos,
-                           "eos_token_id": eos, "pad_token_id": pad}}
+           "text_config": {**TEXT, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                           "vocab_size": vocab, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}}
     config = Idefics3Config.from_dict(raw)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
