@@ -7,7 +7,7 @@ frames, 2197 image tokens), a short question and 64 new tokens greedy (forced), 
 Printed: time to first token (preprocessing included), decode tokens/s at batch 1 against the HBM
 bandwidth limit (text weight bytes per token / device copy bandwidth measured on the spot), and peak
 memory. It needs about 35 GB of device memory and finishes in a few minutes on one H100. The processor
-files are the SmolVLM tokenizer of shared/testdata (with the 8B tile settings); the config's image token
+files are the SmolVLM tokenizer vendored in tests/data (with the 8B tile settings); the config's image token
 is pointed at that tokenizer's <image> id. Usage: python bench/gpu.py [--rounds 3] [--new-tokens 64]
 """
 

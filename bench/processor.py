@@ -6,7 +6,9 @@ Two workloads, run alternately (ours, then each reference, repeated) so that mac
 Outputs are checked to be identical to the PIL reference before timing. Prints per-workload medians and the
 ratio reference/ours (> 1 means we are faster).
 
-    python bench/processor.py [--folder PATH] [--reps 7] [--size N] [--threads N]   (default: SmolVLM test folder)
+    python bench/processor.py [--folder PATH] [--reps 7] [--size N] [--threads N]
+
+--folder defaults to the SmolVLM processor files vendored in tests/data/smolvlm-tokenizer.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from PIL import Image, ImageDraw
 
 from idefics3 import Idefics3Processor
 
-DEFAULT_FOLDER = Path("/work/shared/testdata/smolvlm-tokenizer")
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FOLDER = ROOT / "tests" / "data" / "smolvlm-tokenizer"  # vendored in the repository
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:

@@ -3,8 +3,8 @@
 Tests never download weights: each builds the smallest configuration that still exercises a feature,
 lets transformers==5.24.0 initialise and `save_pretrained` it (the 5.x layout), and optionally rewrites
 it into the 4.x layout of the real Hub repositories (rope_theta/rope_scaling, torch_dtype, sharded
-safetensors with an index). The processor files come from the real SmolVLM tokenizer in shared/testdata,
-retargeted to the tiny tile size.
+safetensors with an index). The processor files come from the real SmolVLM tokenizer vendored in
+tests/data/smolvlm-tokenizer, retargeted to the tiny tile size.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SMOLVLM_TOKENIZER = SHARED / "testdata" / "smolvlm-tokenizer"
-if not SMOLVLM_TOKENIZER.is_dir():  # CI clones next to a copy of shared/
-    SMOLVLM_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "smolvlm-tokenizer"
+# Vendored in the repository (tests/data/smolvlm-tokenizer, see its README): a bare clone has everything.
+TEST_DATA = Path(__file__).resolve().parent / "data"
+SMOLVLM_TOKENIZER = TEST_DATA / "smolvlm-tokenizer"
 
 # The spec's tiny test model (§12), with the SmolVLM vocabulary so that the real tokenizer fits.
 TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SMOLVLM_FOLDER = Path("/work/shared/testdata/smolvlm-tokenizer")
+# The real SmolVLM processor files, vendored in the repository (tests/data/smolvlm-tokenizer, see its README).
+SMOLVLM_FOLDER = Path(__file__).resolve().parents[1] / "data" / "smolvlm-tokenizer"
 
 IDEFICS3_TEMPLATE = (
     "<|begin_of_text|>{% for message in messages %}{{message['role'].capitalize()}}"
