@@ -1,15 +1,13 @@
-"""The synthetic task: deterministic from a seed, answers true to the scene, the data `finetune` reads."""
+"""The synthetic task: deterministic from a seed, answers true to the scene."""
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 
 import pytest
 
-from idefics3.demo.dataset import write_dataset
-from idefics3.demo.questions import KINDS, examples, make_example, warmup_examples
+from idefics3.demo.questions import KINDS, examples, make_example
 from idefics3.demo.scenes import CANVAS, COLOURS, SHAPES, WORDS, random_scene, render
 
 
@@ -46,23 +44,6 @@ def test_scene_rules_and_rendering():
     assert all(COLOURS[o.colour] in pixels for o in scene.objects)
 
 
-def test_dataset_is_chat_jsonl_with_relative_images(tmp_path):
-    path = write_dataset(tmp_path, seed=1, count=12)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == 12
-    for row in rows:
-        user, assistant = row["messages"]
-        assert assistant["role"] == "assistant" and assistant["content"][0]["text"]
-        for part in user["content"][:-1]:
-            assert part["type"] == "image" and (tmp_path / part["image"]).is_file()
-        assert user["content"][-1]["type"] == "text"
+def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown question kind"):
         make_example(random.Random(0), "smell")
-
-
-def test_warmup_is_one_shape_colour_and_shape_questions(tmp_path):
-    exs = list(warmup_examples(0, 10))
-    assert [e.kind for e in exs] == ["shape", "colour"] * 5
-    assert all(len(e.images) == 1 for e in exs)
-    path = write_dataset(tmp_path, seed=0, count=4, name="warm.jsonl", warmup=True)
-    assert len(path.read_text().splitlines()) == 4

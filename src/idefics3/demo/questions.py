@@ -32,7 +32,7 @@ class Example:
     answer: str
     images: list[Image.Image]
     turns: list[tuple[str, str]] | None = None  # several (question, answer) in one chat (training only)
-    scene: Scene | None = None  # the drawn scene (warm-up examples keep it for their description)
+    scene: Scene | None = None  # the drawn scene, where a caller keeps it (the training recipe's warm-up does)
 
     def messages(self, image_paths: list[str] | None = None) -> list[dict]:
         """The chat: the images (by path when given) before the first question, then the answer(s)."""
@@ -153,18 +153,4 @@ def examples(seed: int, count: int, weights: dict[str, float] | None = None) -> 
         yield make_example(rng, kind)
 
 
-def warmup_examples(seed: int, count: int) -> Iterator[Example]:
-    """The curriculum's first stage: one shape per scene, asked its colour or its shape in turn. A model
-    trained from scratch learns to look here within a few hundred steps; straight on the full mix it can
-    stay blind for thousands."""
-    rng = random.Random(seed)
-    for i in range(count):
-        scene = random_scene(rng, n_objects=1, with_word=rng.random() < 0.3)
-        o = scene.objects[0]
-        if i % 2:
-            yield Example("colour", f"What colour is the {o.shape}?", o.colour, [render(scene)], scene=scene)
-        else:
-            yield Example("shape", f"What shape is the {o.colour} one?", o.shape, [render(scene)], scene=scene)
-
-
-__all__ = ["KINDS", "Example", "make_example", "examples", "warmup_examples", "GRID"]
+__all__ = ["KINDS", "Example", "make_example", "examples", "GRID"]

@@ -10,7 +10,7 @@ loads:
 - RMSNorm divides by the mean square over the whole width: with W' = W + n zeros it is W/W' of the old one,
   so `rms_norm_eps` becomes eps·W/W' and every norm weight is multiplied by sqrt(W/W'):
   w'·x / sqrt((W/W')(m + eps)) = w·x / sqrt(m + eps), the old output exactly (up to float rounding).
-The test (tests/demo/test_widen.py) compares the logits of the two folders.
+The test (tests/recipes/demo/test_widen.py) compares the logits of the two folders.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The recipe of the packaged demo model: data, tokenizer, a random-init checkpoint, `idefics3 finetune --full`.
 
-    python -m idefics3.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 4000] [--heads 6]
+    python -m recipes.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 4000] [--heads 6]
                                    [--kv-heads 6] [--replay 0.4] [--resume] [--install]
 
 1. `dataset.write_dataset` renders `count` training chats from `seed`, each with up to four questions about
@@ -88,19 +88,21 @@ from pathlib import Path
 
 import torch
 
-from ..config import Idefics3Config
-from ..model.idefics3 import Idefics3ForConditionalGeneration
+from idefics3.config import Idefics3Config
+from idefics3.demo.questions import KINDS
+from idefics3.demo.scenes import CANVAS, COLOURS, SHAPES, WORDS
+from idefics3.model.idefics3 import Idefics3ForConditionalGeneration
+
 from .conversations import conversations, position_conversations
 from .dataset import TRAIN_WEIGHTS, write_dataset, write_examples
 from .marker_head import install_marker_head
-from .questions import KINDS
-from .scenes import CANVAS, COLOURS, SHAPES, WORDS
 from .tokenizer import train_tokenizer, write_image_processor_files
 from .widen import widen
 
 log = logging.getLogger(__name__)
 
-PACKAGED = Path(__file__).resolve().parent / "model"
+REPOSITORY = Path(__file__).resolve().parents[2]
+PACKAGED = REPOSITORY / "src" / "idefics3" / "demo" / "model"  # what --install overwrites
 TILE = 32
 VOCAB = 400
 VISION = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4,

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from ..model.idefics3 import Idefics3ForConditionalGeneration
+from idefics3.model.idefics3 import Idefics3ForConditionalGeneration
 
 GRID_MAX = 6  # the tokenizer's markers run <row_1_col_1> .. <row_6_col_6>
 FREQUENCIES = (0, 1, 2, 3, 4, 7, 8)  # RoPE pairs: at any offset from 4 to 600, at most 0.55 of the peak at 1
@@ -100,7 +100,7 @@ def install_marker_head(model: Idefics3ForConditionalGeneration, token_ids: dict
 @torch.no_grad()
 def check(model: Idefics3ForConditionalGeneration, batch: dict[str, torch.Tensor]) -> float:
     """The least attention that query head 0 of layer 0 puts from an image token on the token before it."""
-    from ..model.rope import apply_rope
+    from idefics3.model.rope import apply_rope
 
     layer = model.model.text_model.layers[0]
     captured: dict[str, tuple] = {}

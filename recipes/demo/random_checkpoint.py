@@ -3,7 +3,7 @@
 It is the real architecture at toy size (64-px tiles, 16 image tokens each, a 4-layer decoder) with a
 tokenizer trained on a few sentences, so every piece runs: image splitting, prompt expansion, the
 encoder, the connector, cached generation and decoding. Its answers are random text: it has never
-been trained. Usage: python -m idefics3.demo.random_checkpoint OUT_FOLDER [--seed S]
+been trained. Usage: python -m recipes.demo.random_checkpoint OUT_FOLDER [--seed S]
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Idefics3Config
-from ..model.idefics3 import Idefics3ForConditionalGeneration
+from idefics3.config import Idefics3Config
+from idefics3.model.idefics3 import Idefics3ForConditionalGeneration
+
 from .tokenizer import train_tokenizer, write_image_processor_files
 
 CORPUS = [

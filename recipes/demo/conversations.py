@@ -23,8 +23,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from .questions import EDGES, KINDS, SHAPES, Example, _plural, edge_question, extreme, warmup_examples
-from .scenes import Scene, Shape, random_scene, render
+from idefics3.demo.questions import EDGES, KINDS, SHAPES, Example, _plural, edge_question, extreme
+from idefics3.demo.scenes import Scene, Shape, random_scene, render
 
 # question, answer, the objects it names by colour and shape, and whether its answer is such a name
 Question = tuple[str, str, tuple[Shape, ...], bool]
@@ -153,8 +153,22 @@ def position_conversations(seed: int, count: int, relational: int) -> Iterator[E
         yield Example("position", "", "", [render(scene)], turns=[(q, a) for q, a, _, _ in qa])
 
 
+def warmup_examples(seed: int, count: int) -> Iterator[Example]:
+    """The curriculum's first stage: one shape per scene, asked its colour or its shape in turn. A model
+    trained from scratch learns to look here within a few hundred steps; straight on the full mix it can
+    stay blind for thousands."""
+    rng = random.Random(seed)
+    for i in range(count):
+        scene = random_scene(rng, n_objects=1, with_word=rng.random() < 0.3)
+        o = scene.objects[0]
+        if i % 2:
+            yield Example("colour", f"What colour is the {o.shape}?", o.colour, [render(scene)], scene=scene)
+        else:
+            yield Example("shape", f"What shape is the {o.colour} one?", o.shape, [render(scene)], scene=scene)
+
+
 def warmup_conversations(seed: int, count: int) -> Iterator[Example]:
-    """The curriculum's first stage with descriptions: `questions.warmup_examples` (one shape per scene, its
+    """The curriculum's first stage with descriptions: `warmup_examples` (one shape per scene, its
     colour or its shape asked), where every third chat asks for the scene's description instead (one turn
     each: after "What shape is the red one? square", "red square at 2 3" would be half copied)."""
     for i, ex in enumerate(warmup_examples(seed, count)):

@@ -1,6 +1,6 @@
 """Write the demo task as fine-tuning data: PNG files plus a JSONL of chats that `idefics3 finetune` reads.
 
-    python -m idefics3.demo.dataset OUT_FOLDER --seed 0 --count 20000
+    python -m recipes.demo.dataset OUT_FOLDER --seed 0 --count 20000
 
 Each line is {"messages": [...], "kind": ...} with image parts naming PNGs relative to the JSONL file.
 The same seed always writes the same files.
@@ -13,8 +13,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from .conversations import conversations, warmup_conversations
-from .questions import KINDS, Example, examples, warmup_examples
+from idefics3.demo.questions import KINDS, Example, examples
+
+from .conversations import conversations, warmup_conversations, warmup_examples
 
 # Training mix: the types that need finer looking get more examples.
 TRAIN_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.5, "position": 1.5, "word": 1.5, "two": 1.5}
@@ -23,7 +24,7 @@ TRAIN_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.5, "position": 1.5, "wo
 def write_dataset(folder: str | Path, seed: int, count: int, weights: dict[str, float] | None = None,
                   name: str = "data.jsonl", warmup: bool = False, turns: int = 1) -> Path:
     """Render `count` examples from `seed` into `folder`/images and `folder`/`name`; return the JSONL path.
-    warmup: the curriculum's one-shape scenes (`questions.warmup_examples`) instead of the task mix;
+    warmup: the curriculum's one-shape scenes (`conversations.warmup_examples`) instead of the task mix;
     turns > 1: chats of up to `turns` questions about one scene (`conversations.conversations`), or for the
     warm-up each question followed by the scene's description."""
     if warmup:

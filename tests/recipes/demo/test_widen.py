@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
-from idefics3.demo.conversations import conversation
-from idefics3.demo.dataset import write_dataset
-from idefics3.demo.recipe import init_checkpoint, tokenizer_corpus
-from idefics3.demo.widen import widen, widened_size
+from recipes.demo.conversations import conversation
+from recipes.demo.dataset import write_dataset
+from recipes.demo.recipe import init_checkpoint, tokenizer_corpus
+from recipes.demo.widen import widen, widened_size
 
 
 def test_widened_checkpoint_gives_the_same_logits(tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
-from idefics3.demo.conversations import conversation
-from idefics3.demo.marker_head import check, reserved_dims
-from idefics3.demo.recipe import init_checkpoint, tokenizer_corpus
-from idefics3.demo.dataset import write_dataset
+from recipes.demo.conversations import conversation
+from recipes.demo.dataset import write_dataset
+from recipes.demo.marker_head import check, reserved_dims
+from recipes.demo.recipe import init_checkpoint, tokenizer_corpus
 
 
 @pytest.fixture(scope="module")

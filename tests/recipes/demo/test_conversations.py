@@ -6,9 +6,10 @@ import json
 import random
 import re
 
-from idefics3.demo.conversations import DESCRIBE, conversation, conversations, describe, scene_questions
-from idefics3.demo.dataset import TRAIN_WEIGHTS, write_dataset
 from idefics3.demo.scenes import COLOURS, SHAPES, Scene, Shape, random_scene
+from recipes.demo.conversations import (DESCRIBE, conversation, conversations, describe, position_conversations,
+                                        scene_questions)
+from recipes.demo.dataset import TRAIN_WEIGHTS, write_dataset
 
 
 def _object(scene, colour=None, shape=None):
@@ -99,8 +100,6 @@ def test_description_names_every_object_in_reading_order():
 
 
 def test_position_stage_chats_ask_edges_then_comparisons():
-    from idefics3.demo.conversations import position_conversations
-
     edge = re.compile(r"What colour is the shape on the (left|right)\?")
     for relational in (0, 3):
         chats = list(position_conversations(9, 60, relational))
