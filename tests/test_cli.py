@@ -26,15 +26,17 @@ def image_file(tmp_path_factory):
     return path
 
 
-def expected_answer(checkpoint, messages, images, new=NEW) -> str:
-    """What the CLI should print for a conversation: the greedy answer of our library, in-process."""
+def expected_answer(checkpoint, messages, images, new=NEW, processor_overrides=None, dtype=None, **settings) -> str:
+    """What the CLI should print for a conversation, computed in-process with our library: greedy unless
+    `settings` ask for sampling (passed to model.generate as the CLI passes them), decoded as the CLI decodes
+    (special tokens skipped, leading space stripped)."""
     from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor, load_image
 
-    processor = Idefics3Processor.from_pretrained(checkpoint)
-    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint)
+    processor = Idefics3Processor.from_pretrained(checkpoint, **(processor_overrides or {}))
+    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint, **({"dtype": dtype} if dtype else {})).eval()
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=[load_image(str(p)) for p in images] or None, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=new)
+    out = model.generate(**inputs, max_new_tokens=new, **settings)
     new_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     return processor.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
 
@@ -51,12 +53,27 @@ def test_generate_streams_the_greedy_answer(tiny_checkpoint, image_file):
     assert res.stdout == want + "\n"
 
 
-def test_generate_with_inline_image_and_options(tiny_checkpoint, image_file):
-    res = cli("generate", "--image", str(image_file), "--max-new-tokens", "3", "--temperature", "0.8", "--top-p",
-              "0.9", "--seed", "1", "--no-split", "--longest-edge", "32", "--dtype", "fp32", "--device", "cpu",
-              "Look: <image> what is it?", model=str(tiny_checkpoint))
+def test_generate_samples_what_generate_samples_with_the_same_seed(tiny_checkpoint, image_file):
+    """A seeded sampling run of the CLI prints exactly the in-process sample for that seed (and the seed matters)."""
+    new, seed = 8, 1
+    res = cli("generate", "--image", str(image_file), "--max-new-tokens", str(new), "--temperature", "0.8",
+              "--top-p", "0.9", "--seed", str(seed), "--no-split", "--longest-edge", "32", "--dtype", "fp32",
+              "--device", "cpu", "Look: <image> what is it?", model=str(tiny_checkpoint))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.endswith("\n")
+    # The CLI's settings for these flags (cli.generation_settings) and processor overrides (cli.load_processor).
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"},
+                                             {"type": "text", "text": " what is it?"}]}]
+    overrides = {"size": {"longest_edge": 32}, "do_image_splitting": False}
+
+    def sample(seed: int) -> str:
+        return expected_answer(tiny_checkpoint, messages, [image_file], new=new, processor_overrides=overrides,
+                               dtype="fp32", do_sample=True, temperature=0.8, top_p=0.9, seed=seed)
+
+    want = sample(seed)
+    assert res.stdout == want + "\n"
+    assert want != expected_answer(tiny_checkpoint, messages, [image_file], new=new, processor_overrides=overrides,
+                                   dtype="fp32")  # greedy
+    assert sample(seed) == want and sample(seed + 1) != want  # seeded: reproducible, and another seed differs
 
 
 def test_chat_through_stdin(tiny_checkpoint, image_file):
