@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -86,20 +85,14 @@ from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 
-import torch
-
-from idefics3.config import Idefics3Config
 from idefics3.demo.questions import KINDS
 from idefics3.demo.scenes import CANVAS, COLOURS, SHAPES, WORDS
-from idefics3.model.idefics3 import Idefics3ForConditionalGeneration
 
 from .conversations import conversations, position_conversations
 from .dataset import TRAIN_WEIGHTS, write_dataset, write_examples
-from .marker_head import install_marker_head
-from .tokenizer import train_tokenizer, write_image_processor_files
+from .random_checkpoint import write_checkpoint
 from .widen import widen
 
-log = logging.getLogger(__name__)
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 PACKAGED = REPOSITORY / "src" / "idefics3" / "demo" / "model"  # what --install overwrites
@@ -145,28 +138,13 @@ def tokenizer_corpus(jsonl: Path) -> list[str]:
 
 def init_checkpoint(folder: str | Path, texts: list[str], seed: int = 0, marker_head: bool = False,
                     heads: int = HEADS, kv_heads: int = KV_HEADS) -> Path:
-    """A random-weight checkpoint of the demo configuration (with `kv_heads` key/value heads) with a tokenizer
-    trained on `texts` (and, with `marker_head`, the structured layer-0 head of marker_head.py, see the module
-    docstring)."""
-    folder = Path(folder)
-    ids = train_tokenizer(texts, vocab_size=VOCAB, folder=folder)
-    vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
-    bos, eos, pad = ids["<|im_start|>"], ids["<end_of_utterance>"], ids["<|im_end|>"]
-    raw = {"model_type": "idefics3", "scale_factor": 2, "image_token_id": ids["<image>"],
-           "tie_word_embeddings": False, "pad_token_id": pad, "torch_dtype": "float32",
-           "vision_config": dict(VISION),
-           "text_config": {**TEXT, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-                           "vocab_size": vocab, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}}
-    config = Idefics3Config.from_dict(raw)
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
-    if marker_head:
-        install_marker_head(model, ids)
-    model.save_pretrained(folder)
-    gen = {"bos_token_id": bos, "eos_token_id": [eos], "pad_token_id": pad, "max_new_tokens": 8}
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    write_image_processor_files(folder, tile=TILE, longest_edge=CANVAS, image_seq_len=config.image_seq_len)
-    return folder
+    """The recipe's starting checkpoint: `random_checkpoint.write_checkpoint` with the demo configuration
+    (`heads` query heads, `kv_heads` key/value heads), a tokenizer trained on `texts` and, with `marker_head`,
+    the layer-0 head of marker_head.py."""
+    return write_checkpoint(folder, texts, vocab_size=VOCAB, vision=VISION,
+                            text={**TEXT, "num_attention_heads": heads, "num_key_value_heads": kv_heads},
+                            longest_edge=CANVAS, seed=seed, marker_head=marker_head,
+                            generation={"max_new_tokens": 8})
 
 
 def finetune_command(model: Path, data: Path, output: Path, steps: int, seed: int,
