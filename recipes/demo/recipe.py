@@ -1,23 +1,25 @@
 """The recipe of the packaged demo model: data, tokenizer, a random-init checkpoint, `idefics3 finetune --full`.
 
+Run from the repository root (it imports the installed `idefics3`; --install overwrites src/idefics3/demo/model):
+
     python -m recipes.demo.recipe WORK_FOLDER [--seed 0] [--count 40000] [--steps 4000] [--heads 6]
-                                   [--kv-heads 6] [--replay 0.4] [--resume] [--install]
+                                  [--kv-heads 6] [--replay 0.4] [--resume] [--install]
 
 1. `dataset.write_dataset` renders `count` training chats from `seed`, each with up to four questions about
    one scene and then its description (`conversations.py`: several answers per encoded image), and
    `--warmup-steps` x 16 warm-up chats (one shape per scene: its colour, its shape or its description) from
    `seed + 100`; held-out evaluation (one question per chat) uses seed 1000.
 2. A byte-level BPE is trained with `tokenizers` on the task's chats (`tokenizer.train_tokenizer`).
-3. `init_checkpoint` writes the tiny Idefics3 configuration below (text: 3 layers of width 128, 6 query heads of
-   32, one key/value head each) with random weights, the tokenizer and the processor files (32-px tiles, 128-px
-   longest edge: a scene becomes 4x4 tiles, one per grid cell, + the global image, so each cell's image token
-   comes right after its `<row_r_col_c>` marker), and writes one hand-built head into layer 0 that copies each
-   image token's marker into it (`marker_head.py`; query heads 0 and 1 read it): from a plain random start no
-   text layer ever learnt to look from an image token to its marker, so no image token knew its cell.
-4. `python -m idefics3.finetune finetune --full`, five times: a curriculum, each stage starting from the last.
+3. `init_checkpoint` (`random_checkpoint.write_checkpoint`) writes the tiny Idefics3 configuration below (text:
+   3 layers of width 128, 6 query heads of 32, one key/value head each) with random weights, the tokenizer and
+   the processor files (32-px tiles, 128-px longest edge: a scene becomes 4x4 tiles, one per grid cell, + the
+   global image, so each cell's image token comes right after its `<row_r_col_c>` marker), and writes one
+   hand-built head into layer 0 that copies each image token's marker into it (`marker_head.py`; query heads 0
+   and 1 read it), so that the image tokens know their cells.
+4. `python -m idefics3.finetune finetune --full` once per stage of a curriculum, each stage starting from the
+   last (five stages by default: the focus stage is off):
    1. Warm-up (`--warmup-steps`) on the one-shape chats: it teaches the model to look at the image at all and to
-      tell shapes apart; straight on the full mix it stayed blind (loss at the answer-prior level) for 3400+
-      steps.
+      tell shapes apart.
    2. Main (`--steps`) on the full mix.
    3. Edges (`--edge-steps`, seed + 400): scenes of 2-4 shapes, only "What colour is the shape on the
       left/right?" (`conversations.position_conversations`).
@@ -25,7 +27,7 @@
       red circle left of the blue square?"; `--replay` (40%) of the chats come from the main mix (seed + 600),
       which keeps the other skills alive.
    5. Focus (`--focus-steps`, seed + 200; off unless asked for): the full mix weighted towards colour, position,
-      counting and two images, what brought the other skills back when stage 4 had no replay.
+      counting and two images.
    6. Polish (`--polish-steps`, seed + 300): the mix weighted towards colour and two-image questions, at a lower
       learning rate.
 5. The trained folder is copied to WORK_FOLDER/model (and, with --install, over the packaged model), its text
@@ -33,43 +35,9 @@
    multiple of the 6 heads; the function is the same).
    `--resume` keeps every stage whose folder already holds a model.safetensors.
 
-What was measured on the way (held-out seed 1000, 200 questions, unless said; "two-image" also on 300 from
-seed 7000):
-- Left/right took most of the work. On the full mix "Is the red circle left of the blue square?" stayed at
-  chance through every variant tried (up to 800 more steps weighted 6:1 towards it, an order-free "Which is
-  further left?", "left" only, a fourth text layer, answers that spell out both columns first), with and
-  without the marker head; so did "What colour is the shape on the left?" (36-61%). "at the top" works from the
-  start: it only needs the first object in reading order. What works is the marker head and time on position
-  alone, edges first: this recipe's stage 3 takes the edge questions from 37% to 100%, stage 4 the comparisons
-  from 44% to 98%.
-- Stage 4 without replay left shape at 0% and colour near chance (the model answered every question with a
-  colour or yes/no), and a 2500-step focus stage was needed to restore them. With 40% replay stage 4 ends at
-  colour 73%, shape, position 100%, count 91%, word 82%, two-image 82%, and the polish stage alone restores the
-  rest.
-- The text heads decide the two-image questions ("Which image has more circles?": 1 against 2 of a kind is the
-  hard case; "... more shapes?" is 99% everywhere). 4 query heads on 2 key/value heads (the previous packaged
-  model: query head 1 shares the marker head's keys and values): two-image 81% after stage 2 and 88% at the
-  end however the last stages were varied (four variants: 79-83% on seed 7000). 4 key/value heads with the
-  marker head read by query head 0 alone (`install_marker_head(readers=1)`): two-image 97-99% at the end, but
-  the comparisons never left chance (stage 4's loss flat at 0.17 for 1700 steps; position 65-70%). Read by
-  two (the default): comparisons learn, two-image 83% after stage 2. 6 query heads with their own key/value
-  heads (this recipe, two of them reading the markers): comparisons learn (98%), two-image 84% after stage 2,
-  97% at the end (seed 2000: 93.3%, seed 7000: 89%).
-- The polish stage's weights, all from the same stage 4 (1800 steps; seed 1000 / seed 2000): two-image 4, colour
-  1: colour 94% / 87%, two-image 94% / 95%; colour 3, two-image 3: colour 100% / 95%, word 91% / 97%, two-image
-  94% / 89%; colour 2.5, two-image 3.5 (the recipe's): colour 97% / 91%, two-image 97% / 93%, the rest 99-100%.
-- A second hand-built head that wrote into every token which image it is in (attending evenly to the first
-  token and every `<global-img>` marker before it: 0 in the first image, 1/2 in the second; exact at init)
-  did not help: after stage 2 two-image 79% (84% without it), colour 48% (79%). Dropped.
-- Other layouts tried and dropped: 8-px patches with a 4x pixel shuffle (the global image becomes one token with
-  a slot per cell): shapes at chance after stage 1 (28%); 64-px tiles with a 4x shuffle (one token per 2x2
-  cells): after stage 2 words 10%, colour 70%, left/right still at chance; a tokenizer with every task word one
-  token trained far worse (shape 42%, word 6% after stage 2).
-Time on 2 idle cores (two training threads; each stage prints its own): data and initial checkpoint 0.5 min,
-warm-up 4.5, main 22.8, edges 5.7, comparisons 14.2, polish 9.8 (stage data included): 57.5 min. The packaged
-model's polish ran at one thread; the same stage rerun at two threads (timed above) differs in float rounding
-and lands at colour, shape, count and position 100%, word 97%, two-image 90.9% on seed 1000: a rerun of the
-recipe lands near, not exactly on, the packaged model's figures.
+Each stage prints its time; the whole run takes about an hour on 2 idle cores. Training uses torch's default
+threads (one per core); set OMP_NUM_THREADS=1 to run two recipes side by side. Why each step is there, what else
+was tried and what it measured: NOTES.md, beside this file.
 """
 
 from __future__ import annotations
@@ -102,7 +70,7 @@ VISION = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "
           "image_size": TILE, "patch_size": 16}
 TEXT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "head_dim": 32,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024}
-HEADS, KV_HEADS = 6, 6  # query and key/value heads of the text model (see above)
+HEADS, KV_HEADS = 6, 6  # query and key/value heads of the text model (NOTES.md: why six of each)
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
                "special_tokens_map.json")
@@ -187,10 +155,10 @@ def main() -> None:
     ap.add_argument("--focus-steps", type=int, default=FOCUS_STEPS, help="stage-5 steps (0: none)")
     ap.add_argument("--polish-steps", type=int, default=POLISH_STEPS, help="stage-6 steps (0: none)")
     ap.add_argument("--no-marker-head", action="store_true",
-                    help="start from a plain random initialisation (left/right then stays at chance, see above)")
+                    help="start from a plain random initialisation (left/right then stays at chance: NOTES.md)")
     ap.add_argument("--heads", type=int, default=HEADS, help="query heads of the text model (32 wide each)")
     ap.add_argument("--kv-heads", type=int, default=KV_HEADS,
-                    help="key/value heads of the text model (a divisor of --heads; see above)")
+                    help="key/value heads of the text model (a divisor of --heads; NOTES.md compares them)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the stages already trained in WORK (those with a model.safetensors)")
     ap.add_argument("--install", action="store_true", help=f"copy the result over {PACKAGED}")

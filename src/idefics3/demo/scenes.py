@@ -5,14 +5,11 @@ processor splits it into 4x4 tiles plus the global image). Each object sits cent
 object in a scene has its own colour, so "the red one" always names one object. A word, when present, takes
 two horizontally adjacent cells and is drawn in black with Pillow's default font, centred on them.
 
-Why centred: a cell is exactly 2x2 of the demo encoder's 16-px patches (and one image token after the pixel
-shuffle), so a centred shape always looks the same to the encoder. With shapes jittered inside their cells a
-ViT trained from scratch has to learn every sub-patch offset: a shape-classification probe of the demo
-encoder was still at 55% after 400 steps of 32 scenes with +-9 px jitter, and at 91% after 250 steps
-without; the packaged model, trained on jittered scenes, never got past chance on shapes. Shapes are also
-drawn large (half-widths 10 and 14 of a 32-px cell): at 7 and 12 a circle and a square differ by a few pixels
-per patch, and a full model trained on shape questions alone sat at chance for 400 steps of 16, where at 10
-and 14 it was near 100% by step 375.
+Centred, because a cell is exactly 2x2 of the demo encoder's 16-px patches (and one image token after the pixel
+shuffle), so a centred shape always looks the same to the encoder; drawn large (half-widths 10 and 14 of a
+32-px cell), so that a circle and a square differ in more than a few pixels per patch. The encoder, trained
+from scratch, learnt neither jittered nor small shapes in the recipe's budget (recipes/demo/NOTES.md in the
+repository has the measurements).
 The background is mid grey (see BACKGROUND). Everything comes from a `random.Random`: a seed fixes the scene.
 """
 
@@ -37,8 +34,7 @@ WORDS = ("cat", "dog", "sun", "car", "hat", "cup", "pen", "key", "bus", "fox", "
 FONT_SIZE = 22
 MAX_OBJECTS = 5
 # Mid grey normalises to ~0 (mean = std = 0.5): a background patch then adds nothing but its bias, and a
-# shape's colour stands out in full. On white (+1 everywhere) a model trained from scratch stayed blind
-# for thousands of steps, even to a lone circle's colour; on grey it learns that in ~150 steps.
+# shape's colour stands out in full (on white a model trained from scratch learnt colours far later).
 BACKGROUND = (128, 128, 128)
 
 
