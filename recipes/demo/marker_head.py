@@ -2,13 +2,11 @@
 
 The demo's scenes put one object in each 32-px tile, so an image token's cell is known only from the marker
 just before it: `<fake_token_around_image><row_r_col_c><image>`. Every tile looks the same to the encoder
-(its position embeddings are the same in every tile), so nothing in the image token itself says where it is.
-A model trained from random weights never learnt to look from an image token to its marker (0.01-0.07 of
-the attention, measured on the trained model with `recipe.py`'s probes), so it could name the top object
-(first in reading order) but "Is the red circle left of the blue square?" stayed at chance through every
-curriculum tried. This module writes that one missing piece into the random initialisation; training then
-changes every weight as usual. The recipe starts from it (`--no-marker-head` to leave it out): the head
-survives training, the image tokens know their cells, and the position stages then teach left/right (recipe.py).
+(its position embeddings are the same in every tile), so nothing in the image token itself says where it is,
+and a model trained from random weights never learnt to look from an image token to its marker: left/right
+stayed at chance (NOTES.md). This module writes that one missing piece into the random initialisation; training
+then changes every weight as usual. The recipe starts from it (`--no-marker-head` to leave it out): the head
+survives training, the image tokens know their cells, and the position stages then teach left/right.
 
 The construction, on a model with text width H (all other weights keep their random values):
 - Reserved residual dimensions: H-1 is a constant (every token embedding, and every image token through a
@@ -20,10 +18,11 @@ The construction, on a model with text width H (all other weights keep their ran
   0.55 of that at any offset from 4 to 600 (the next marker back is 4 tokens away). Values and the output
   projection copy the row and column dimensions, so after layer 0 each image token holds its own cell, in the
   markers' own dimensions.
-- Under the demo's grouped-query attention (2 key/value heads for 4 query heads) query head 1 shares key/value
-  head 0, so it too reads only the markers' cells (with its own random query). `readers` keeps that with one
-  key/value head per query head: key/value head 0 is copied into the next ones until `readers` query heads read it.
-`check` measures it: at init each image token puts more than 0.99 of that head's attention on its marker.
+- `readers` query heads (2 by default) read key/value head 0. The demo's text model has 6 query heads, each with
+  its own key/value head, so key/value head 0 is copied into key/value head 1, and query head 1 too reads only
+  the markers' cells (with its own random query and output). Under grouped-query attention the query heads that
+  share key/value head 0 read it already; key/value heads are copied only where `readers` needs more.
+`check` measures it: at init each image token puts more than 0.99 of query head 0's attention on its marker.
 """
 
 from __future__ import annotations

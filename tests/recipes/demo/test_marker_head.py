@@ -1,5 +1,5 @@
-"""The demo recipe's structured initial head (on unless `--no-marker-head`): at init, every image token attends to its own cell marker and
-carries that marker's row and column out of layer 0; a plain random init does neither."""
+"""The demo recipe's structured initial head (on unless `--no-marker-head`): at init, every image token attends to
+its own cell marker and carries that marker's row and column out of layer 0; a plain random init does neither."""
 
 from __future__ import annotations
 
@@ -64,9 +64,8 @@ def test_plain_init_has_no_such_head(inits):
 
 @pytest.mark.parametrize("heads", [4, 6])
 def test_with_a_key_value_head_per_query_head_two_query_heads_still_read_the_markers(tmp_path, texts, heads):
-    """Under 2 key/value heads for 4 query heads, query heads 0 and 1 share the marker head's keys and values;
-    with one key/value head per query head (`--heads N --kv-heads N`) key/value head 1 repeats head 0, so the same
-    two query heads read the markers' cells and the others stay free."""
+    """With one key/value head per query head (`--heads N --kv-heads N`; the demo model has 6 and 6) key/value
+    head 1 repeats head 0, so query heads 0 and 1 read the markers' cells and the others stay free."""
     folder = init_checkpoint(tmp_path / "mha", texts, marker_head=True, heads=heads, kv_heads=heads)
     model = Idefics3ForConditionalGeneration.from_pretrained(folder)
     attn, hd = model.model.text_model.layers[0].self_attn, model.config.text_config.head_dim
