@@ -25,7 +25,8 @@ def test_toy_checkpoint_loads_splits_its_example_and_generates(tmp_path):
                        return_tensors="pt")
     assert inputs["pixel_values"].shape[1] > 1  # larger than a 64-px tile: split, plus the global image
     out = model.generate(**inputs, max_new_tokens=4)
-    assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 4  # random text, or an early end
+    prompt = inputs["input_ids"].shape[1]
+    assert prompt < out.shape[1] <= prompt + 4  # random text, maybe ended early
 
 
 def test_the_command_writes_the_same_folder_as_the_function(tmp_path, monkeypatch, capsys):

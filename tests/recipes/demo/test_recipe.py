@@ -52,7 +52,8 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     (tmp_path / "polished" / "model.safetensors").unlink()
     res = recipe(*flags, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.count("idefics3.finetune finetune") == 1 and "--output " + str(tmp_path / "polished") in res.stdout
+    assert res.stdout.count("idefics3.finetune finetune") == 1
+    assert "--output " + str(tmp_path / "polished") in res.stdout
     assert "data and initial checkpoint" not in res.stdout  # the trained stages' data is not written again
     out = tmp_path / "model"
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
