@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from idefics3.model.idefics3 import Idefics3ForConditionalGeneration
+from idefics3 import Idefics3ForConditionalGeneration
 
 GRID_MAX = 6  # the tokenizer's markers run <row_1_col_1> .. <row_6_col_6>
 FREQUENCIES = (0, 1, 2, 3, 4, 7, 8)  # RoPE pairs: at any offset from 4 to 600, at most 0.55 of the peak at 1

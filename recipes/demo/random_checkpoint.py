@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from idefics3.config import Idefics3Config
-from idefics3.model.idefics3 import Idefics3ForConditionalGeneration
+from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
 
 from .marker_head import install_marker_head
 from .tokenizer import train_tokenizer, write_image_processor_files
