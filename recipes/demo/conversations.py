@@ -8,7 +8,7 @@ questions of different types, so each encoded image teaches several things:
     User:What colour is the triangle?         Assistant: blue
     User:Is the red square left of the blue triangle?   Assistant: no
 
-Every question and answer follows the rules of `questions.py` (the held-out evaluation still asks one
+Every question and answer follows the rules of `idefics3.demo.questions` (the held-out evaluation asks one
 question per chat). An object is the subject of at most one colour or shape question in a chat, so an earlier
 answer never gives a later one away ("What shape is the red one? circle" then "What colour is the circle?"),
 and never after a position question has named it by colour and shape.
