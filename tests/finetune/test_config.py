@@ -37,17 +37,19 @@ def test_options_are_parsed_and_checked():
             config(**bad)
 
 
-def test_building_the_parser_imports_no_torch():
+def test_building_the_parsers_imports_no_torch_and_one_list_of_targets_serves():
     import subprocess
     import sys
 
-    code = ("import argparse, sys; from idefics3.finetune.cli import add_finetune_parser, add_merge_parser, "
-            "DEFAULT_TARGETS; p = argparse.ArgumentParser(); s = p.add_subparsers(); add_finetune_parser(s); "
-            "add_merge_parser(s); print('torch' in sys.modules, list(DEFAULT_TARGETS))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
-    from idefics3.finetune.lora import DEFAULT_TARGETS
+    code = ("import sys, idefics3.cli as c; from idefics3.finetune.cli import DEFAULT_TARGETS; "
+            "args = c.build_parser().parse_args(['finetune', '--model', 'm', '--data', 'd', '--output', 'o']); "
+            "print('torch' in sys.modules, list(args.lora_targets) == list(DEFAULT_TARGETS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
+    from idefics3.finetune import cli, config, lora, parts
 
-    assert out[0] == "False" and out[1].strip() == str(list(DEFAULT_TARGETS))
+    assert cli.DEFAULT_TARGETS is config.DEFAULT_TARGETS is lora.DEFAULT_TARGETS is parts.DEFAULT_TARGETS
+    assert cli.PARTS is config.PARTS is lora.PARTS is parts.PARTS
 
 
 def test_progress_bar_shows_loss_lr_throughput_and_eta():

@@ -16,8 +16,7 @@ import sys
 import time
 from typing import Any
 
-# lora.DEFAULT_TARGETS, repeated so that building the parser does not import torch (fast --help)
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .parts import DEFAULT_TARGETS, PARTS  # torch-free, so that building the parser stays fast (--help)
 
 
 def _duration(seconds: float) -> str:
@@ -71,7 +70,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--lora-dropout", type=float, default=0.05)
     g.add_argument("--lora-targets", type=_csv, default=list(DEFAULT_TARGETS),
                    help="Linear names (PEFT rules: a name matches modules ending in it), or all-linear")
-    g.add_argument("--freeze", type=_csv, default=[], help="parts left untouched: vision,connector,text")
+    g.add_argument("--freeze", type=_csv, default=[], help="parts left untouched: " + ",".join(PARTS))
     g.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",
                    help="assistant: answers and their <end_of_utterance> (default); all: every text token")
     g = p.add_argument_group("how long and how fast")

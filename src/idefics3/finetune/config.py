@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .encode import LOSS_MODES
-from .lora import DEFAULT_TARGETS, PARTS, LoraSettings
+from .lora import LoraSettings
+from .parts import DEFAULT_TARGETS, PARTS
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "fp32", "bf16")

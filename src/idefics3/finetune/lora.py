@@ -24,15 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .parts import DEFAULT_TARGETS, PARTS
+
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The model's parts by parameter-name prefix (the text part includes the output head).
-PARTS = {"vision": ("model.vision_model.",), "connector": ("model.connector.",),
-         "text": ("model.text_model.", "lm_head")}
 
 
 @dataclass
