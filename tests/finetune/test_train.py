@@ -103,6 +103,19 @@ def test_kill_and_resume_gives_identical_losses_and_a_damaged_checkpoint_is_skip
     assert {r["step"]: r["loss"] for r in read_metrics(out)} == expected
 
 
+def test_a_40_step_run_reaches_the_learning_rate_asked_for(tmp_path, tiny_checkpoint, colour_task, capsys):
+    """The issue's run: `idefics3 finetune ... --max-steps 40 --lr 3e-3` with the default warm-up (5%: 2 steps),
+    where a fixed 50-step warm-up never got past 2.4e-3."""
+    from idefics3.cli import main
+
+    assert main(["finetune", "--model", str(tiny_checkpoint), "--data", str(colour_task[0]), "--output",
+                 str(tmp_path), "--max-steps", "40", "--lr", "3e-3", "--lora-r", "2", "--no-split"]) == 0
+    lrs = [r["lr"] for r in read_metrics(tmp_path)]
+    assert len(lrs) == 40 and max(lrs) == 3e-3 and lrs[:3] == [1.5e-3, 3e-3, 3e-3] and lrs[-1] < 1e-4
+    assert "lr 0.003, warmup 2 steps, cosine decay" in (tmp_path / "README.md").read_text()
+    assert "done: 40 steps" in capsys.readouterr().out
+
+
 def test_a_second_run_into_the_same_folder_needs_resume(tmp_path, tiny_checkpoint, colour_task):
     (tmp_path / "checkpoints" / "step-00000001").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from .parts import DEFAULT_TARGETS, PARTS  # torch-free, so that building the parser stays fast (--help)
+from .schedule import DEFAULT_WARMUP_RATIO
 
 
 def _duration(seconds: float) -> str:
@@ -79,7 +80,12 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1, help="examples per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--warmup", type=int, default=50)
+    warmup = g.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-ratio", type=float, default=DEFAULT_WARMUP_RATIO, metavar="FRACTION",
+                        help="linear warm-up over this fraction of the steps (default %(default)s); the warm-up is "
+                             "always shorter than the run, so --lr is reached")
+    warmup.add_argument("--warmup", type=int, metavar="STEPS",
+                        help="warm-up steps instead of --warmup-ratio (cut to the run's steps - 1 if longer)")
     g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -141,7 +147,8 @@ def run_finetune(args: argparse.Namespace) -> int:
             lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             lora_targets=args.lora_targets, freeze=args.freeze, loss_on=args.loss_on, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-            warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+            warmup=args.warmup, warmup_ratio=args.warmup_ratio, schedule=args.schedule,
+            weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm, longest_edge=args.longest_edge, no_split=args.no_split,
             max_length=args.max_length, shuffle=not args.no_shuffle, strict=args.strict, dtype=args.dtype,
             gradient_checkpointing=args.gradient_checkpointing, device=args.device, fsdp=args.fsdp,

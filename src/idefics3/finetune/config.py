@@ -1,7 +1,8 @@
 """`FinetuneConfig`: every option of a fine-tuning run, checked once, shared by the CLI and the Python API.
 
 Defaults follow the recipes in the literature: LoRA r=16, alpha=32, dropout 0.05 on the attention and MLP
-projections, AdamW at 1e-4 with 50 warmup steps and cosine decay, gradient clipping at 1.0, loss on the
+projections, AdamW at 1e-4 with a linear warm-up over the first 5% of the steps (`warmup_ratio`; `warmup` sets a
+number of steps instead; either way shorter than the run) and cosine decay, gradient clipping at 1.0, loss on the
 assistant's answers. `--full` trains every parameter outside the frozen parts instead.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 from .encode import LOSS_MODES
 from .lora import LoraSettings
 from .parts import DEFAULT_TARGETS, PARTS
+from .schedule import DEFAULT_WARMUP_RATIO, warmup_steps
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "fp32", "bf16")
@@ -41,7 +43,8 @@ class FinetuneConfig:
     grad_accum: int = 1
     # optimiser and schedule
     lr: float = 1e-4
-    warmup: int = 50
+    warmup: int | None = None  # warm-up steps; None: warmup_ratio of the run
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO
     schedule: str = "cosine"
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -81,7 +84,8 @@ class FinetuneConfig:
                   (self.batch_size >= 1 and self.grad_accum >= 1, "batch size and accumulation must be >= 1"),
                   (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
                   (self.epochs > 0, "epochs must be > 0"), (self.lr > 0, "lr must be > 0"),
-                  (self.warmup >= 0, "warmup must be >= 0"),
+                  (self.warmup is None or self.warmup >= 0, "warmup must be >= 0"),
+                  (0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio must be in [0, 1]"),
                   (self.save_every is None or self.save_every >= 1, "save_every must be >= 1"),
                   (self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1"),
                   (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")]
@@ -90,6 +94,10 @@ class FinetuneConfig:
                 raise ValueError(message)
         if not self.full:
             self.lora_settings()  # validates rank, dropout
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warm-up steps of a run of `total_steps`: `warmup`, else `warmup_ratio` of it; always shorter than it."""
+        return warmup_steps(total_steps, self.warmup, self.warmup_ratio)
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,

@@ -64,8 +64,8 @@ def model_card(config: dict[str, Any], summary: dict[str, Any]) -> str:
     lines += [f"- loss on: {config['loss_on']} tokens", "", "## Training", "",
               f"- steps: {summary['steps']} (batch {config['batch_size']} x accumulation {config['grad_accum']} x "
               f"{summary['world_size']} process(es)), epochs seen: {summary['epochs']:.2f}",
-              f"- optimiser: AdamW, lr {config['lr']}, warmup {config['warmup']}, {config['schedule']} decay, "
-              f"weight decay {config['weight_decay']}, clip {config['max_grad_norm']}",
+              f"- optimiser: AdamW, lr {config['lr']}, warmup {summary.get('warmup_steps', config['warmup'])} steps, "
+              f"{config['schedule']} decay, weight decay {config['weight_decay']}, clip {config['max_grad_norm']}",
               f"- frozen parts: {', '.join(config['freeze']) or 'none'}; dtype {summary['dtype']}; seed {config['seed']}",
               f"- final training loss: {summary['final_loss']}" +
               (f"; final eval loss: {summary['eval_loss']}" if summary.get("eval_loss") is not None else ""),

@@ -96,6 +96,10 @@ class Trainer:
         self.trainable = list(trainable_named(self.model).values())
         global_batch = c.batch_size * c.grad_accum * w.size
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * len(self.source) / global_batch))
+        self.warmup = c.warmup_steps(self.total_steps)
+        if c.warmup is not None and self.warmup < c.warmup:
+            log.warning("warm-up shortened from %d to %d steps so that the %d-step run reaches lr %g",
+                        c.warmup, self.warmup, self.total_steps, c.lr)
         self.pad_id = self.processor.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.processor.tokenizer.eos_token_id or 0
@@ -176,7 +180,7 @@ class Trainer:
         c = self.config
         n_labels, n_inputs = dist_utils.all_sum(self.world, sum(label_tokens(b) for b in micro),
                                                 sum(int(b["attention_mask"].sum()) for b in micro))
-        lr = lr_at(self.step, c.lr, c.warmup, self.total_steps, c.schedule)
+        lr = lr_at(self.step, c.lr, self.warmup, self.total_steps, c.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
@@ -302,6 +306,7 @@ class Trainer:
         trainable = dist_utils.full_trainable_state(self.model, self.wrapped, self._fsdp())  # collective
         if self.world.is_main:
             summary = {"train_rows": len(self.source), "bad_rows": counts.summary(), "steps": self.step,
+                       "warmup_steps": self.warmup,
                        "world_size": self.world.size, "dtype": str(self.precision.compute).removeprefix("torch."),
                        "epochs": self.step * c.batch_size * c.grad_accum * self.world.size / len(self.source),
                        "final_loss": None if loss is None else round(loss, 4),
