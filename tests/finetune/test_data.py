@@ -15,7 +15,7 @@ import pytest
 from finetune.finetune_data import colour_image, colour_row, write_colour_task, write_jsonl
 from idefics3.finetune.data import ParquetSource, epoch_order, open_source
 from idefics3.finetune.encode import ConversationEncoder
-from idefics3.finetune.stream import DataError, ExampleStream
+from idefics3.finetune.stream import BadRowStats, DataError, ExampleStream
 
 
 def png_bytes(colour: str, seed: int = 0) -> bytes:
@@ -99,6 +99,36 @@ def test_bad_rows_are_skipped_counted_and_the_first_reasons_logged(tmp_path, pro
     strict.next()
     with pytest.raises(DataError, match="missing image.*strict"):
         strict.next()
+
+
+def test_a_bad_row_is_counted_once_over_epochs_ranks_and_a_resume(tmp_path, processor, caplog):
+    source = open_source(bad_rows_file(tmp_path))  # rows 0 and 7 good, 1-6 bad
+    encoder = ConversationEncoder(processor, max_length=300)
+    stream = ExampleStream(source, encoder, seed=0, shuffle=False)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(6):  # three epochs: every bad row is met three times
+            stream.next()
+    assert stream.position == 24 and dict(stream.stats.counts) == EXPECTED_BAD and stream.stats.total == 6
+    assert sum("skipping bad row" in r.getMessage() for r in caplog.records) == 5  # each logged once, up to 5
+    assert stream.stats.summary().startswith("6 bad rows skipped (")
+
+    # A checkpoint at position 3 holds the two bad rows met by then; a resumed stream counts the others once.
+    state = stream.stats.until(3).state()
+    assert state == {"rows": [[1, "missing image", 2], [2, "undecodable image", 3]], "unindexed": {}}
+    resumed = BadRowStats()
+    resumed.merge(json.loads(json.dumps(state)))  # as stored in state.json
+    again = ExampleStream(source, encoder, seed=0, shuffle=False, position=3, stats=resumed)
+    for _ in range(4):
+        again.next()
+    assert dict(again.stats.counts) == EXPECTED_BAD and again.stats.until(3).total == 2
+
+    # Ranks that met the same row in different epochs report it once; an older checkpoint's plain counts add up.
+    union = BadRowStats()
+    for rank_state in ({"rows": [[1, "missing image", 2]]}, {"rows": [[1, "missing image", 9], [4, "too long", 5]]},
+                       {"invalid json": 2}):
+        union.merge(rank_state)
+    assert dict(union.counts) == {"missing image": 1, "too long": 1, "invalid json": 2}
+    assert BadRowStats(rows={}).summary() == "no bad rows" and "1 bad row skipped" in again.stats.until(2).summary()
 
 
 def test_a_source_with_no_usable_row_fails_instead_of_spinning(tmp_path, processor):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import time
 import pytest
 import torch
 
+from finetune.finetune_data import colour_row, write_colour_task
 from idefics3 import Idefics3ForConditionalGeneration
 from idefics3.finetune import checkpoint as ckpt
 from idefics3.finetune import finetune, recompute
@@ -114,6 +117,21 @@ def test_a_40_step_run_reaches_the_learning_rate_asked_for(tmp_path, tiny_checkp
     assert len(lrs) == 40 and max(lrs) == 3e-3 and lrs[:3] == [1.5e-3, 3e-3, 3e-3] and lrs[-1] < 1e-4
     assert "lr 0.003, warmup 2 steps, cosine decay" in (tmp_path / "README.md").read_text()
     assert "done: 40 steps" in capsys.readouterr().out
+
+
+def test_one_bad_row_in_a_two_epoch_run_is_reported_once(tmp_path, tiny_checkpoint, capsys, caplog):
+    from idefics3.cli import main
+
+    write_colour_task(tmp_path, 3)
+    rows = (tmp_path / "train.jsonl").read_text().splitlines() + [json.dumps(colour_row("images/gone.png", "red"))]
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert main(["finetune", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "data.jsonl"),
+                     "--output", str(tmp_path / "out"), "--epochs", "2", "--lora-r", "2", "--no-split"]) == 0
+    assert len(read_metrics(tmp_path / "out")) == 8  # 2 epochs of 4 rows: 8 good rows, so the bad row is met 2-3 times
+    assert "skipped 1 bad row(s): missing image 1" in capsys.readouterr().err
+    assert "(4 rows; 1 bad row skipped (missing image: 1))" in (tmp_path / "out" / "README.md").read_text()
+    assert sum("skipping bad row" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_second_run_into_the_same_folder_needs_resume(tmp_path, tiny_checkpoint, colour_task):

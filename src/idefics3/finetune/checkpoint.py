@@ -3,7 +3,7 @@
 A checkpoint is a folder `checkpoints/step-00000042/` holding
     trainable.safetensors   the trainable parameters (LoRA weights, or everything trained in full mode)
     optimizer.pt            the optimizer state (torch.save, loaded with weights_only=True)
-    state.json              step, each rank's data position, elapsed time, bad-row counts, the run's settings
+    state.json              step, each rank's data position and bad rows met, elapsed time, the run's settings
     rng.pt                  each rank's RNG states (torch CPU/CUDA, Python)
     manifest.json           size and SHA-256 of every file above, written last
 It is written under a temporary name, every file fsynced, then renamed into place in one step, so a reader

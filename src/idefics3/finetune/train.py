@@ -21,7 +21,6 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +102,7 @@ class Trainer:
         self.pad_id = self.processor.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.processor.tokenizer.eos_token_id or 0
-        self.stats = BadRowStats()
+        self.stats = BadRowStats()  # the stream's, once it exists; until then a resumed checkpoint's
         self.step, self.position, self.elapsed_before, self.resumed_from = 0, 0, 0.0, None
 
     def _fsdp(self) -> bool:
@@ -114,7 +113,7 @@ class Trainer:
         """Checkpoint the current step (collective; rank 0 writes)."""
         state = {"positions": dist_utils.gather_objects(self.world, self.position),
                  "rng": dist_utils.gather_objects(self.world, ckpt.rng_state()),
-                 "bad_rows": dist_utils.gather_objects(self.world, dict(self.stats.counts))}
+                 "bad_rows": dist_utils.gather_objects(self.world, self._bad_rows().state())}
         trainable = dist_utils.full_trainable_state(self.model, self.wrapped, self._fsdp())
         optimizer = dist_utils.full_optimizer_state(self.wrapped, self.optimizer, self._fsdp())
         if self.world.is_main:
@@ -125,6 +124,10 @@ class Trainer:
                                         state["rng"], keep=self.config.keep_checkpoints)
             log.info("saved checkpoint %s", path)
         dist_utils.barrier(self.world)
+
+    def _bad_rows(self) -> BadRowStats:
+        """This rank's bad rows in the data trained on so far (the stream has read ahead of it)."""
+        return self.stats.until(self.position)
 
     def _resume(self) -> None:
         found = ckpt.latest_valid(self.out / "checkpoints")
@@ -169,11 +172,11 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.wrapped.no_sync()
 
-    def next_micro_batches(self, stream: ExampleStream) -> tuple[list[dict[str, torch.Tensor]], int, dict]:
-        """The micro-batches of one step, with the stream position and bad-row counts right after them."""
+    def next_micro_batches(self, stream: ExampleStream) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """The micro-batches of one step, with the stream position right after them."""
         c = self.config
         micro = [collate([stream.next() for _ in range(c.batch_size)], self.pad_id) for _ in range(c.grad_accum)]
-        return micro, stream.position, dict(stream.stats.counts)
+        return micro, stream.position
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """One optimiser step; returns (mean token loss, gradient norm, input tokens over all ranks)."""
@@ -261,7 +264,7 @@ class Trainer:
         if c.resume:
             self._resume()
         stream = ExampleStream(self.source, self.encoder, c.seed, self.world.rank, self.world.size, self.position,
-                               c.shuffle, c.strict, BadRowStats(self.stats.counts.copy()))
+                               c.shuffle, c.strict, self.stats)
         self.started = time.perf_counter()
         loss = eval_loss = None
         step_times: list[float] = []
@@ -272,12 +275,12 @@ class Trainer:
             pending = loader.submit(self.next_micro_batches, stream) if self.step < self.total_steps else None
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                micro, position, counts = pending.result()
+                micro, position = pending.result()
                 if self.step + 1 < self.total_steps:
                     pending = loader.submit(self.next_micro_batches, stream)
                 loss, norm, tokens = self.train_step(micro)
                 dt = time.perf_counter() - t0
-                self.position, self.stats = position, BadRowStats(Counter(counts), stream.stats.examples)
+                self.position = position
                 eval_loss = self.evaluate() if c.eval_every and self.step % c.eval_every == 0 else None
                 if eval_loss is None and self.step == self.total_steps:
                     eval_loss = self.evaluate()
@@ -294,8 +297,8 @@ class Trainer:
         if not interrupted:
             if c.save_every and self.step % c.save_every:
                 self.save()
-        counts = BadRowStats()
-        for per_rank in dist_utils.gather_objects(self.world, dict(self.stats.counts)):
+        counts = BadRowStats()  # a row bad on one rank may be met by another in a later epoch: counted once
+        for per_rank in dist_utils.gather_objects(self.world, self._bad_rows().state()):
             counts.merge(per_rank)
         if not interrupted:
             self._write_outputs(loss, eval_loss, counts)
