@@ -1,21 +1,14 @@
-"""`python -m idefics3.finetune {finetune,merge} ...`: the fine-tuning subcommands without the main CLI."""
+"""`python -m idefics3.finetune {finetune,merge} ...`: the same as `idefics3 finetune ...` / `idefics3 merge ...`.
+
+It runs the `idefics3` command line itself, so messages, `idefics3: error: ...` lines and exit codes are the same:
+0 done, 1 an error (bad options, data or files), 2 a usage error, 130 stopped by Ctrl-C after saving a checkpoint.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .cli import add_finetune_parser, add_merge_parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m idefics3.finetune")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_finetune_parser(subparsers)
-    add_merge_parser(subparsers)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
+from ..cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,11 @@
 """The `finetune` and `merge` subcommands: argument parsing, a progress bar, and exit codes.
 
 `add_finetune_parser(subparsers)` and `add_merge_parser(subparsers)` add them to any argparse subparsers
-object (the `idefics3` CLI, or `python -m idefics3.finetune`); each parser's `func(args)` returns the exit
-code: 0 done, 130 stopped by Ctrl-C after saving a checkpoint, 2 bad arguments, data or files. Both `func` and
-`run` are set, for either dispatch convention.
+object (the `idefics3` CLI; `python -m idefics3.finetune` runs that same CLI). Each parser's `func(args)` returns
+the exit code, 0 done or 130 stopped by Ctrl-C after saving a checkpoint, and raises on bad options, data or files
+(ValueError, FileNotFoundError, FileExistsError, DataError) with a message naming the problem: the `idefics3` CLI
+prints it as one `idefics3: error: ...` line and exits 1, as for its other commands (argparse usage errors exit 2).
+Both `func` and `run` are set, for either dispatch convention.
 """
 
 from __future__ import annotations
@@ -136,29 +138,24 @@ def _command() -> str:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig
-    from .stream import DataError
     from .train import finetune
 
     _logging()
     main = int(os.environ.get("RANK", "0")) == 0
-    try:
-        config = FinetuneConfig(
-            model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, full=args.full,
-            lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            lora_targets=args.lora_targets, freeze=args.freeze, loss_on=args.loss_on, epochs=args.epochs,
-            max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-            warmup=args.warmup, warmup_ratio=args.warmup_ratio, schedule=args.schedule,
-            weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, longest_edge=args.longest_edge, no_split=args.no_split,
-            max_length=args.max_length, shuffle=not args.no_shuffle, strict=args.strict, dtype=args.dtype,
-            gradient_checkpointing=args.gradient_checkpointing, device=args.device, fsdp=args.fsdp,
-            save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
-            resume=args.resume, seed=args.seed, command=_command())
+    config = FinetuneConfig(
+        model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, full=args.full,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets, freeze=args.freeze, loss_on=args.loss_on, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup=args.warmup, warmup_ratio=args.warmup_ratio, schedule=args.schedule, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, longest_edge=args.longest_edge, no_split=args.no_split,
+        max_length=args.max_length, shuffle=not args.no_shuffle, strict=args.strict, dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing, device=args.device, fsdp=args.fsdp,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every,
+        resume=args.resume, seed=args.seed, command=_command())
+    try:  # errors propagate: the CLI prints them as one line
         result = finetune(config, progress=ProgressBar() if main else None)
-    except (ValueError, FileNotFoundError, FileExistsError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the first Ctrl-C finishes the step and saves; a second one lands here
         print("aborted without saving (second interrupt)", file=sys.stderr)
         return 130
     if not main:
@@ -182,10 +179,6 @@ def run_merge(args: argparse.Namespace) -> int:
     from .merge import merge_adapter
 
     _logging()
-    try:
-        out = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype)  # errors propagate to the CLI
     print(f"merged checkpoint written to {out}")
     return 0

@@ -200,7 +200,7 @@ def read_adapter_config(folder: str | Path) -> LoraSettings:
     """LoraSettings from a PEFT adapter_config.json; options this module cannot reproduce raise."""
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {folder}")
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in the adapter folder {folder}")
     cfg = json.loads(path.read_text(encoding="utf-8"))
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')!r}")

@@ -10,13 +10,16 @@ import logging
 from pathlib import Path
 
 from ..model.idefics3 import Idefics3ForConditionalGeneration
-from .lora import load_adapter, merge_lora
+from .lora import ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
 
 log = logging.getLogger(__name__)
 
 
 def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dtype: str = "auto") -> Path:
     """Load `model`, apply the adapter at `adapter`, fold it into the weights and save to `output`."""
+    read_adapter_config(adapter)  # a missing or unsupported adapter fails before the base model is loaded
+    if not (Path(adapter) / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in the adapter folder {adapter}")
     base = Idefics3ForConditionalGeneration.from_pretrained(model, dtype=dtype)
     settings = load_adapter(base, adapter)
     merge_lora(base)
