@@ -1,4 +1,4 @@
-"""Decode step speed on the CPU (issue 5): plain PyTorch path vs the fused kernel vs transformers, alternating.
+"""Decode step speed on the CPU: plain PyTorch path vs the fused kernel vs transformers, alternating.
 
 Workload: a SmolVLM-256M-shaped checkpoint (seeded random bf16 weights, see common.py), a text prompt of
 --prompt tokens prefilled once per round, then --steps greedy decode steps timed one by one, for

@@ -1,4 +1,4 @@
-"""GPU comparison (issue 5): an Idefics3-8B-shaped model in bf16 on one CUDA device, idefics3 against transformers.
+"""GPU comparison: an Idefics3-8B-shaped model in bf16 on one CUDA device, idefics3 against transformers.
 
 The script builds the 8B configuration with random bf16 weights directly on the device (ours from the
 meta device; transformers' model gets the very same tensors through load_state_dict), one photo-like

@@ -1,4 +1,4 @@
-"""CPU speed targets (issue 5): idefics3 against transformers' best configuration, one run, alternating.
+"""CPU speed targets (README, Speed on CPU): idefics3 against transformers' best configuration, one run, alternating.
 
 Workload: a SmolVLM-256M-shaped checkpoint (real configuration, seeded random bf16 weights, the real
 SmolVLM processor files), one photo-like 1024x768 image at the default resolution (4x3 tiles + the

@@ -108,7 +108,8 @@ def check(model: Idefics3ForConditionalGeneration, batch: dict[str, torch.Tensor
         model(**batch)
     finally:
         handle.remove()
-    x, cos, sin = captured["in"][:3]  # normed input [B, T, H] and the RoPE tables
+    x, call = captured["in"][:2]  # normed input [B, T, H] and the call's shared state (TextCall)
+    cos, sin = call.cos, call.sin  # the RoPE tables [B, T, hd]
     attn, t = layer.self_attn, x.shape[1]
     hd = attn.head_dim
     q = apply_rope(attn.q_proj(x)[..., None, :hd].transpose(1, 2), cos, sin)  # [B, 1, T, hd]

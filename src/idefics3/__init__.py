@@ -12,7 +12,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# The built-in tiny model (src/idefics3/demo/model, recipe in demo/recipe.py): every command's default --model.
+# The built-in tiny model (src/idefics3/demo/model; its training recipe is recipes/demo/ in the repository):
+# every command's default --model.
 DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
 
 _EXPORTS = {
@@ -20,8 +21,15 @@ _EXPORTS = {
     "VisionConfig": "idefics3.config",
     "TextConfig": "idefics3.config",
     "ConfigError": "idefics3.config",
-    "Idefics3ForConditionalGeneration": "idefics3.model.idefics3",
+    "Idefics3ForConditionalGeneration": "idefics3.loading",
+    "Idefics3": "idefics3.model.idefics3",
     "Idefics3Output": "idefics3.model.idefics3",
+    "load_model": "idefics3.loading",
+    "load_processor": "idefics3.loading",
+    "resolve_model": "idefics3.loading",
+    "ask": "idefics3.loading",
+    "install_backend": "idefics3.kernels.backend",
+    "Backend": "idefics3.kernels.backend",
     "KVCache": "idefics3.model.kv_cache",
     "WeightsError": "idefics3.weights",
     "ModelNotFoundError": "idefics3.hub",

@@ -23,8 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from .dtypes import SHORT_NAMES
+
 PROG = "idefics3"
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEVICES = ("cpu", "cuda", "mps")
 DEFAULT_MAX_NEW_TOKENS = 512
 CHAT_HELP = "commands: /image PATH (attach an image to your next message), /reset (forget the conversation), /quit"
 
@@ -48,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-split", action="store_true", help="do not cut images into tiles (one frame each)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: bf16 on cuda and on CPUs with bf16 instructions, else fp16 on mps, fp32)")
-    run.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
+    run.add_argument("--dtype", choices=SHORT_NAMES, help="weights dtype (default: bf16 on cuda and on CPUs with bf16 instructions, else fp16 on mps, fp32)")
+    run.add_argument("--device", choices=list(DEVICES), help="default: cuda if available, else cpu")
     run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     run.add_argument("--temperature", type=float, metavar="T", help="sample with temperature T (0: greedy)")
     run.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
@@ -67,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", parents=[common, run], help="interactive multi-turn conversation",
                           description=f"Talk with the model; {CHAT_HELP}.")
     chat.set_defaults(run=cmd_chat)
-    info = sub.add_parser("info", parents=[common], help="configuration, parameters, tokens per image")
+    info = sub.add_parser("info", parents=[common], help="configuration, parameters, tokens per image, kernels")
+    info.add_argument("--no-backend", dest="backend", action="store_false",
+                      help="skip loading the model to show which kernel runs each op")
+    info.add_argument("--dtype", choices=SHORT_NAMES, help="weights dtype for the kernel choices (as generate)")
+    info.add_argument("--device", choices=list(DEVICES), help="device for the kernel choices (as generate)")
     info.set_defaults(run=cmd_info)
     from .demo.commands import add_demo_parser, add_eval_parser  # the built-in model's demo and evaluation
 
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(message)s")
+    logging.getLogger("idefics3.kernels.build").setLevel(logging.DEBUG if debug else logging.INFO)  # "compiling"
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
@@ -112,52 +119,20 @@ def _one_line(err: BaseException) -> str:
 
 # ---- loading ------------------------------------------------------------------------------------------
 def model_folder(args: argparse.Namespace) -> Path:
-    """The checkpoint folder named by --model / $IDEFICS3_MODEL / idefics3.DEMO_MODEL (Hub ids downloaded)."""
-    from .hub import resolve_model_path
+    """The checkpoint folder named by --model / $IDEFICS3_MODEL / the built-in demo model."""
+    from .loading import resolve_model
 
-    ref = args.model or os.environ.get("IDEFICS3_MODEL") or _demo_model()
-    if not ref:
-        raise CliError("no model given: pass --model FOLDER_OR_HUB_ID (or set IDEFICS3_MODEL)")
-    folder = resolve_model_path(ref)
-    if not (folder / "config.json").is_file():
-        raise CliError(f"{str(folder)!r} is not an Idefics3 checkpoint: it has no config.json")
-    return folder
+    return resolve_model(args.model)
 
 
-def _demo_model() -> str | None:
-    import idefics3
+def open_model(args: argparse.Namespace) -> tuple[Path, Any, Any]:
+    """(folder, processor, model) as the flags say."""
+    from .loading import load_model, load_processor
 
-    demo = getattr(idefics3, "DEMO_MODEL", None)
-    return str(demo) if demo and Path(demo).is_dir() else None
-
-
-def load_processor(folder: Path, args: argparse.Namespace) -> Any:
-    from .processing.processor import Idefics3Processor
-
-    overrides: dict[str, Any] = {}
-    if args.longest_edge is not None:
-        if args.longest_edge <= 0:
-            raise CliError(f"--longest-edge must be a positive number of pixels, got {args.longest_edge}")
-        overrides["size"] = {"longest_edge": args.longest_edge}
-    if args.no_split:
-        overrides["do_image_splitting"] = False
-    return Idefics3Processor.from_pretrained(folder, **overrides)
-
-
-def load_model(folder: Path, args: argparse.Namespace) -> Any:
-    import torch
-
-    from .model.idefics3 import Idefics3ForConditionalGeneration
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda was asked for, but CUDA is not available")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise CliError("--device mps was asked for, but MPS is not available")
-    from .device import default_dtype
-
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
-    return Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device).eval()
+    folder = model_folder(args)
+    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
+    model = load_model(folder, dtype=args.dtype, device=args.device)
+    return folder, processor, model
 
 
 def load_images(sources: list[str]) -> list[Any]:
@@ -167,22 +142,6 @@ def load_images(sources: list[str]) -> list[Any]:
 
 
 # ---- generate -----------------------------------------------------------------------------------------
-def user_content(prompt: str, n_images: int) -> list[dict[str, str]]:
-    """Chat content parts: the images first, unless the prompt places <image> itself."""
-    if "<image>" not in prompt:
-        return [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    pieces = prompt.split("<image>")
-    if len(pieces) - 1 != n_images:
-        raise CliError(f"the prompt places {len(pieces) - 1} <image> but {n_images} --image were given")
-    parts: list[dict[str, str]] = []
-    for i, piece in enumerate(pieces):
-        if i:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
-
-
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_new_tokens < 0:
         raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -201,48 +160,36 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def stream_answer(model: Any, processor: Any, messages: list[dict], images: list[Any],
                   settings: dict[str, Any], out: TextIO) -> str:
-    """Render, process, generate; print the answer as it comes. Returns the answer text."""
-    from .generation.streamer import IncrementalDecoder
-
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, images=images or None, return_tensors="pt")
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    decoder = IncrementalDecoder(processor.tokenizer, skip_special_tokens=True)
-    pieces: list[str] = []
+    """Ask and print the answer as it comes (then a newline). Returns the answer text."""
+    from .loading import ask
 
     def emit(text: str) -> None:
-        if not pieces:
-            text = text.lstrip()  # the answer follows "Assistant:" with a space
-        if text:
-            pieces.append(text)
-            out.write(text)
-            out.flush()
+        out.write(text)
+        out.flush()
 
-    model.generate(**inputs, callback=lambda row, token: emit(decoder.push(token)), **settings)
-    emit(decoder.flush())
+    reply = ask(model, processor, messages, images, on_text=emit, **settings)
     out.write("\n")
     out.flush()
-    return "".join(pieces)
+    return reply
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .loading import user_turn
+
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    folder = model_folder(args)
+    model_folder(args)  # a missing model fails before the images are read
     images = load_images(args.image)  # bad images fail before the (slow) model load
-    content = user_content(prompt, len(images))
+    turn = user_turn(prompt, len(images))
     settings = generation_settings(args)
-    processor = load_processor(folder, args)
-    model = load_model(folder, args)
-    stream_answer(model, processor, [{"role": "user", "content": content}], images, settings, sys.stdout)
+    _, processor, model = open_model(args)
+    stream_answer(model, processor, [turn], images, settings, sys.stdout)
     return 0
 
 
 # ---- chat ---------------------------------------------------------------------------------------------
 def cmd_chat(args: argparse.Namespace) -> int:
-    folder = model_folder(args)
     settings = generation_settings(args)
-    processor = load_processor(folder, args)
-    model = load_model(folder, args)
+    folder, processor, model = open_model(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {folder.name}; {CHAT_HELP}.", file=sys.stderr)
@@ -308,12 +255,39 @@ def _attach(source: str, pending: list[Any]) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import Idefics3Config
 
+    from .loading import load_processor
+
     folder = model_folder(args)
     config = Idefics3Config.from_pretrained(folder)
-    processor = load_processor(folder, args)
+    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
     for line in describe(folder, config, processor):
         print(line)
+    if args.backend:
+        from .loading import load_model
+
+        model = load_model(folder, dtype=args.dtype, device=args.device)
+        print(f"kernels:     {cpu_description()}, torch {_torch_version()}, dtype {str(model.dtype)[6:]}")
+        for line in model.backend.describe():
+            print(f"  {line}")
     return 0
+
+
+def cpu_description() -> str:
+    """The CPU model and the ISA extensions that decide the kernels (AVX2, AVX-512, AVX512-BF16, AMX)."""
+    import platform
+
+    from .device import cpu_flags, cpu_model
+
+    flags = cpu_flags()
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                   ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return f"{cpu_model() or platform.machine()} ({' '.join(isa) or 'no AVX2'})"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def describe(folder: Path, config: Any, processor: Any) -> list[str]:

@@ -28,6 +28,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) ...", "AMD EPYC ..."), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 arithmetic (x86 avx512_bf16 / amx_bf16, Arm bf16)."""

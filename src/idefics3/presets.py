@@ -2,7 +2,7 @@
 
 Used to build correctly shaped models without weights: benchmarks write random checkpoints of the real
 shapes, and tests check that our parameter names and shapes equal transformers' for each of them.
-Values follow the public configs (see shared/reference/idefics3-spec.md §1).
+Values follow the public config.json files of those checkpoints on the Hugging Face Hub.
 """
 
 from __future__ import annotations

@@ -24,15 +24,13 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, Idefics3Config
 from .device import runnable_dtype
+from .dtypes import NAMES, to_torch_dtype
 from .hub import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # Files that travel with the weights and are copied as they are by save_pretrained.
 _COMPANIONS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
@@ -44,15 +42,10 @@ class WeightsError(ValueError):
 
 def parse_dtype(dtype: torch.dtype | str | None, config: Idefics3Config) -> torch.dtype:
     """A torch dtype from a dtype, a name ("bf16", "bfloat16", "torch.float16") or "auto"/None (the checkpoint's)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype is None or dtype == "auto":
-        name = config.torch_dtype or "float32"
-        return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of: bf16, fp16, fp32, auto)")
-    return _DTYPES[name]
+        name = str(config.torch_dtype or "float32").removeprefix("torch.")
+        return to_torch_dtype(name) if name in NAMES else torch.float32
+    return to_torch_dtype(dtype)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

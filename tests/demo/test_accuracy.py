@@ -1,6 +1,6 @@
 """The built-in model on 200 held-out questions (a seed never used in training).
 
-Targets (issue 7): colour, shape, count and position 95% exact match or better; reading the word 80%;
+Targets (the README's demo table): colour, shape, count and position 95% exact match or better; reading the word 80%;
 two-image questions 90%. Accuracy only: how long the evaluation takes depends on the machine and its load, so it
 is measured by bench/demo_eval.py (per-question latency, medians, the CPU model), not asserted here.
 """

@@ -25,7 +25,9 @@ def inputs(processor):
 
 
 def ours(tiny_checkpoint):
-    return Idefics3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    """The plain path: LoRA injected after fused kernels would compare fused (before) with plain (after)."""
+    return Idefics3ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32,
+                                                            backend="torch").eval()
 
 
 def hf_model(folder):

@@ -1,7 +1,5 @@
 """Fixtures for the kernel tests.
 
-Each kernel test sees the kernels' fallback reasons logged afresh (they are logged once per process).
-
 A kernel test is skipped only when the kernel cannot run here by design: the CPU lacks the features it needs
 (`missing_cpu_features`), or the kernels were turned off explicitly with IDEFICS3_KERNELS=0. When the CPU has
 them, a kernel that does not build is a failure, with the build error, never a skip: otherwise the fast path
@@ -48,13 +46,6 @@ def kernels_build():
     for name, load_library, bf16 in KERNELS:
         if why_not_here(bf16) is None:
             load_or_fail(name, load_library)
-
-
-@pytest.fixture(autouse=True)
-def fresh_log_once():
-    build._logged.clear()
-    yield
-    build._logged.clear()
 
 
 @pytest.fixture(scope="session")

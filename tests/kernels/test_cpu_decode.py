@@ -21,7 +21,8 @@ from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, S
 from idefics3.device import cpu_flags
 from idefics3.generation.engine import Request
 from idefics3.kernels import build, cpu_decode
-from idefics3.kernels.cpu_decode import CpuDecoder, cpu_decoder_for, load_library
+from idefics3.kernels.backend import install_backend
+from idefics3.kernels.cpu_decode import CpuDecoder, DecoderParts, load_library
 
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
 BF16 = AVX512 and "avx512_bf16" in cpu_flags()
@@ -35,6 +36,13 @@ SHAPES = {
     "gqa3-hd32-llama3": (dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
                               rope_parameters=LLAMA3), False),
 }
+
+
+def cpu_decoder_for(model, cache):
+    """The fused decoder that the model's backend (installed once per model, as at load) gives an engine."""
+    if getattr(model, "backend", None) is None:
+        model.backend = install_backend(model)
+    return model.backend.decoder_for(model, cache)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +239,8 @@ def test_engine_fast_and_plain_decode_agree(library):
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (4, 9, 6)]
 
     def run(fast: bool) -> list[list[int]]:
-        engine = Engine(model, max_batch=2, max_seq_len=64, eos_token_ids=[0], fast_decode=fast)
+        engine = Engine(model, max_batch=2, max_seq_len=64, eos_token_ids=[0], fast_decode=fast,
+                        backend=install_backend(model))
         assert (engine.fast_decoder is not None) == fast
         return engine_tokens(engine, prompts, max_new_tokens=7)
 
@@ -239,38 +248,39 @@ def test_engine_fast_and_plain_decode_agree(library):
 
 
 # ---- the switch and the fallbacks: no build needed ----------------------------------------------------------
-def test_env_switch_turns_it_off(monkeypatch, caplog):
+def test_env_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv("IDEFICS3_KERNELS", "0")
     model = tiny_model("gqa-hd16", torch.float32)
-    with caplog.at_level(logging.INFO, logger="idefics3.kernels.build"):
-        assert cpu_decoder_for(model, model.make_cache(1, 8)) is None
-        assert Engine(model, max_batch=1, max_seq_len=8, eos_token_ids=[0]).fast_decoder is None
-    assert "IDEFICS3_KERNELS=0" in caplog.text
+    backend = install_backend(model)
+    assert backend.decoder_for(model, model.make_cache(1, 8)) is None
+    assert Engine(model, max_batch=1, max_seq_len=8, eos_token_ids=[0], backend=backend).fast_decoder is None
+    assert "IDEFICS3_KERNELS=0" in backend.choices["decode"].reason
 
 
 def test_unsupported_configurations_fall_back(monkeypatch):
     model = tiny_model("gqa-hd16", torch.float32)
     cache = model.make_cache(1, 8)
     biased = tiny_model("gqa-hd16", torch.float32, attention_bias=True)
-    assert "biases" in cpu_decode.unsupported_reason(biased, biased.make_cache(1, 8))
+    reason = cpu_decode.unsupported_reason
+    assert "biases" in reason(DecoderParts.of(biased), biased.make_cache(1, 8))
     wrapped = copy.deepcopy(model)
     wrapped.model.text_model.layers[1].mlp.up_proj = torch.nn.Sequential(wrapped.model.text_model.layers[1].mlp.up_proj)
-    assert "up_proj" in cpu_decode.unsupported_reason(wrapped, cache)
-    assert "cache" in cpu_decode.unsupported_reason(model, copy.deepcopy(model).to(torch.bfloat16).make_cache(1, 8))
-    assert "Idefics3" in cpu_decode.unsupported_reason(object(), cache)
+    assert "up_proj" in reason(DecoderParts.of(wrapped), cache)
+    bf16_cache = copy.deepcopy(model).to(torch.bfloat16).make_cache(1, 8)
+    assert "cache" in reason(DecoderParts.of(model), bf16_cache)
     monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert "avx512f" in cpu_decode.unsupported_reason(model, cache)
-    assert cpu_decoder_for(model, cache) is None
+    assert "avx512f" in reason(DecoderParts.of(model), cache)
+    assert install_backend(model).decoder_for(model, cache) is None
 
 
-def test_failed_build_falls_back(monkeypatch, caplog):
+def test_failed_build_falls_back(monkeypatch):
     if not AVX512:
         pytest.skip("the CPU lacks AVX-512: the build is never tried")
     monkeypatch.setattr(cpu_decode, "load_library", lambda: "the fused CPU decode kernel did not build (no g++)")
     model = tiny_model("gqa-hd16", torch.float32)
-    with caplog.at_level(logging.WARNING, logger="idefics3.kernels.build"):
-        engine = Engine(model, max_batch=1, max_seq_len=16, eos_token_ids=[0])
-    assert engine.fast_decoder is None and "no g++" in caplog.text
+    backend = install_backend(model)
+    engine = Engine(model, max_batch=1, max_seq_len=16, eos_token_ids=[0], backend=backend)
+    assert engine.fast_decoder is None and "no g++" in backend.choices["decode"].reason
     engine.add(Request([5, 6, 7], SamplingParams(max_new_tokens=3)))
     while engine.has_work():
         engine.step()

@@ -11,7 +11,9 @@ from checkpoints import tiny_config
 from inputs import engine_tokens
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration
 from idefics3.kernels import cpu_attention
-from idefics3.kernels.cpu_text import FusedTextAttention, fuse_text_kernels
+from fusing import fuse_text
+from idefics3.kernels.backend import install_backend
+from idefics3.kernels.cpu_text import FusedTextAttention
 
 TEXT = {"vocab_size": 1001, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 32, "intermediate_size": 256, "num_hidden_layers": 2}
@@ -42,7 +44,7 @@ def prefill_logits(model, ids, prefix: int = 0):
 def test_bf16_prefill_logits_match_the_plain_path(attention_kernel, prefix, monkeypatch):
     plain = tiny_model()
     fused = copy.deepcopy(plain)
-    assert fuse_text_kernels(fused) == 2 and fuse_text_kernels(fused) == 0
+    assert fuse_text(fused) == 2 and fuse_text(fused) == 0
     ids = torch.randint(5, 1000, (1, 60), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         a, b = prefill_logits(plain, ids, prefix), prefill_logits(fused, ids, prefix)
@@ -55,13 +57,14 @@ def test_bf16_prefill_logits_match_the_plain_path(attention_kernel, prefix, monk
     assert len(calls) == 2 * (2 if prefix else 1)
 
 
-def test_engine_installs_it_and_greedy_tokens_agree(attention_kernel):
+def test_the_backend_installs_it_and_greedy_tokens_agree(attention_kernel):
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in (40, 25, 33)]
 
     def run(fast: bool) -> list[list[int]]:
         model = tiny_model()
-        engine = Engine(model, max_batch=2, max_seq_len=96, eos_token_ids=[0], fast_decode=fast)
+        backend = install_backend(model, "auto" if fast else "torch")
+        engine = Engine(model, max_batch=2, max_seq_len=96, eos_token_ids=[0], backend=backend)
         assert any(isinstance(m, FusedTextAttention) for m in model.modules()) == fast
         return engine_tokens(engine, prompts, max_new_tokens=6)
 
@@ -71,7 +74,7 @@ def test_engine_installs_it_and_greedy_tokens_agree(attention_kernel):
 def test_training_keeps_sdpa_and_its_gradients():
     plain = tiny_model(torch.float32).train()
     fused = copy.deepcopy(plain)
-    fuse_text_kernels(fused)
+    fuse_text(fused)
     ids = torch.randint(5, 1000, (1, 30), generator=torch.Generator().manual_seed(3))
     for m in (plain, fused):
         m(ids).logits.square().mean().backward()
@@ -82,4 +85,14 @@ def test_training_keeps_sdpa_and_its_gradients():
 
 def test_switch_off(monkeypatch):
     monkeypatch.setenv("IDEFICS3_KERNELS", "0")
-    assert fuse_text_kernels(tiny_model()) == 0
+    model = tiny_model()
+    backend = install_backend(model)
+    assert backend.impl("prefill attention") == "torch"
+    assert not any(isinstance(m, FusedTextAttention) for m in model.modules())
+
+
+def test_engine_leaves_the_model_alone(attention_kernel):
+    model = tiny_model()
+    classes = [type(m) for m in model.modules()]
+    Engine(model, max_batch=1, max_seq_len=16, eos_token_ids=[0])
+    assert [type(m) for m in model.modules()] == classes

@@ -19,7 +19,6 @@ def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (1 is fastest for the small built-in model)")
-    p.set_defaults(dtype=None)
 
 
 def add_demo_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@
 The questions come from `questions.examples(seed, count)` with equal shares of every type; the packaged model
 was trained on seed 0, so any other seed is held out. An answer counts when it equals the expected one after
 trimming spaces and a final full stop, ignoring case. `answer(...)` is the one-question helper that the demo
-command shares.
+command shares (a thin use of `idefics3.ask`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..loading import ask, load_model, load_processor, resolve_model
 from .questions import KINDS, Example, examples
 
 MAX_NEW_TOKENS = 8
@@ -31,18 +32,7 @@ def normalise(text: str) -> str:
 def answer(model: Any, processor: Any, images: list[Image.Image], question: str,
            max_new_tokens: int = MAX_NEW_TOKENS) -> str:
     """The model's greedy answer to `question` about `images` (given before the question)."""
-    with torch.inference_mode():
-        return _answer(model, processor, images, question, max_new_tokens)
-
-
-def _answer(model: Any, processor: Any, images: list[Image.Image], question: str, max_new_tokens: int) -> str:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(text=prompt, images=images or None, return_tensors="pt")
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return processor.decode(new, skip_special_tokens=True).strip()
+    return ask(model, processor, question, images, max_new_tokens=max_new_tokens).strip()
 
 
 @dataclass
@@ -103,15 +93,13 @@ def _ask(model: Any, processor: Any, ex: Example) -> Record:
 
 def run_eval(args: argparse.Namespace) -> int:
     """`idefics3 eval`: load the model, ask, print one line per type (and the wrong answers if asked)."""
-    from ..cli import load_model, load_processor, model_folder
-
     if args.count <= 0:
         raise ValueError(f"--count must be positive, got {args.count}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = model_folder(args)
-    processor = load_processor(folder, args)
-    model = load_model(folder, args)
+    folder = resolve_model(args.model)
+    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
+    model = load_model(folder, device=args.device)
     print(f"model: {folder}\nquestions: {args.count} from seed {args.seed}")
     report = evaluate(model, processor, args.seed, args.count)
     if args.show_errors:

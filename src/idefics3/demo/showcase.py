@@ -16,21 +16,20 @@ from pathlib import Path
 
 import torch
 
+from ..loading import load_model, load_processor, resolve_model
 from .evaluate import answer, normalise
 from .questions import KINDS, make_example
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..cli import load_model, load_processor, model_folder
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = model_folder(args)
+    folder = resolve_model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    processor = load_processor(folder, args)
-    model = load_model(folder, args)
+    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
+    model = load_model(folder, device=args.device)
     print(f"model: {folder} (loaded in {time.perf_counter() - start:.1f}s)")
     rng = random.Random(args.seed)
     right = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..model.idefics3 import Idefics3ForConditionalGeneration
+from ..model.idefics3 import Idefics3
 from .lora import ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dt
     read_adapter_config(adapter)  # a missing or unsupported adapter fails before the base model is loaded
     if not (Path(adapter) / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in the adapter folder {adapter}")
-    base = Idefics3ForConditionalGeneration.from_pretrained(model, dtype=dtype)
+    base = Idefics3.from_pretrained(model, dtype=dtype)
     settings = load_adapter(base, adapter)
     merge_lora(base)
     base.save_pretrained(output)

@@ -1,19 +1,21 @@
 """Gradient (activation) checkpointing applied from outside the model.
 
-Each vision-encoder and decoder layer gets an instance-level `forward` that runs the original forward under
-`torch.utils.checkpoint` (non-reentrant, which works with a frozen vision tower and with LoRA) whenever
-gradients are being recorded; no module is replaced, so parameter names and checkpoint keys do not change.
-`disable` restores the class forward.
+`enable` replaces every vision-encoder and decoder layer by a view (model/replace.py: a subclass over the same
+parameters, names and hooks) whose `forward` runs the original one under `torch.utils.checkpoint`
+(non-reentrant, which works with a frozen vision tower and with LoRA) whenever gradients are being recorded;
+parameter names and checkpoint keys do not change. It returns the `Replacements` record; `disable` undoes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..model.replace import Replacements, replace_modules, view_as
 
 
 def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
@@ -21,22 +23,32 @@ def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     return [*model.model.vision_model.encoder.layers, *model.model.text_model.layers]
 
 
-def _wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
-    def recomputed(*args: Any, **kwargs: Any) -> Any:
+class Recomputed(nn.Module):
+    """Mixed in before a layer's class: its forward, recomputed in the backward pass while training."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        run = super().forward
         if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    recomputed.__wrapped__ = forward  # type: ignore[attr-defined]
-    return recomputed
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return run(*args, **kwargs)
 
 
-def enable(model: nn.Module) -> None:
-    for layer in checkpointed_layers(model):
-        if "forward" not in vars(layer):
-            layer.forward = _wrap(layer.forward)
+@functools.cache
+def recomputed_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The `Recomputed` subclass of a layer class (one per class)."""
+    return type(f"Recomputed{cls.__name__}", (Recomputed, cls), {})
 
 
-def disable(model: nn.Module) -> None:
-    for layer in checkpointed_layers(model):
-        vars(layer).pop("forward", None)
+def enable(model: nn.Module) -> Replacements:
+    layers = {id(layer) for layer in checkpointed_layers(model)}
+
+    def choose(name: str, module: nn.Module) -> nn.Module | None:
+        if id(module) not in layers or isinstance(module, Recomputed):
+            return None
+        return view_as(module, recomputed_class(type(module)))
+
+    return replace_modules(model, choose)
+
+
+def disable(record: Replacements) -> None:
+    record.undo()

@@ -95,9 +95,9 @@ def write_outputs(config: Any, model: torch.nn.Module, sharded: bool, processor:
         save_adapter(model, out / "adapter", config.lora_settings(), config.model, tensors=trainable)
     else:
         if sharded:
-            from ..model.idefics3 import Idefics3ForConditionalGeneration
+            from ..model.idefics3 import Idefics3
 
-            model = Idefics3ForConditionalGeneration.from_pretrained(config.model, dtype=torch.float32)
+            model = Idefics3.from_pretrained(config.model, dtype=torch.float32)
             model.load_state_dict(trainable, strict=False)
         with torch.no_grad():
             for p in model.parameters():

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..config import Idefics3Config
 from ..hub import resolve_model_path
-from ..model.idefics3 import Idefics3ForConditionalGeneration
+from ..loading import load_processor as load_checkpoint_processor
+from ..model.idefics3 import Idefics3
 from ..processing.processor import Idefics3Processor
 from ..weights import parse_dtype
 from . import lora as lora_lib
@@ -46,12 +47,7 @@ def precision(config: FinetuneConfig, device: torch.device) -> Precision:
 
 
 def load_processor(config: FinetuneConfig) -> Idefics3Processor:
-    overrides: dict = {}
-    if config.longest_edge is not None:
-        overrides["size"] = {"longest_edge": config.longest_edge}
-    if config.no_split:
-        overrides["do_image_splitting"] = False
-    return Idefics3Processor.from_pretrained(config.model, **overrides)
+    return load_checkpoint_processor(config.model, longest_edge=config.longest_edge, split=not config.no_split)
 
 
 def make_encoder(config: FinetuneConfig, processor: Idefics3Processor, model_config: Idefics3Config
@@ -66,9 +62,10 @@ def freeze_parts(model: nn.Module, parts: list[str]) -> None:
             p.requires_grad_(False)
 
 
-def prepare_model(config: FinetuneConfig, device: torch.device, prec: Precision) -> Idefics3ForConditionalGeneration:
-    """Load the base model and make exactly the right parameters trainable (LoRA adapters or unfrozen parts)."""
-    model = Idefics3ForConditionalGeneration.from_pretrained(config.model, dtype=prec.weights, device=device)
+def prepare_model(config: FinetuneConfig, device: torch.device, prec: Precision) -> Idefics3:
+    """Load the base network (no kernels, no generation state: training runs the plain path) and make exactly
+    the right parameters trainable (LoRA adapters or unfrozen parts)."""
+    model = Idefics3.from_pretrained(config.model, dtype=prec.weights, device=device)
     if config.full:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -37,9 +37,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.cpu_decode import cpu_decoder_for
-from ..kernels.cpu_text import fuse_text_kernels
-from ..kernels.cpu_vision import fuse_vision_kernels
+from ..kernels.backend import Backend
 from .encoder_cache import EncoderCache
 from .sampling import BatchSampler, SamplingParams, ban_tokens
 from .stopping import StopCondition, finish_reason
@@ -89,17 +87,16 @@ class Engine:
 
     max_seq_len (prompt + new tokens per sequence) defaults to 4096, or the model's context if shorter: the
     cache is allocated up front, and a context of 131072 (Idefics3-8B) would not fit. max_prefill_tokens caps
-    the padded size of one batched prefill. fast_decode: decode steps go through the fused CPU kernel
-    (kernels/cpu_decode.py) where it can run, and on CPU the vision encoder's layers and the decoder's
-    prefill attention take our kernels (kernels/cpu_vision.py, cpu_text.py: in place on the model, for
-    inference only; the model and its weights are unchanged); prefill always runs the model's forward.
-    Not thread-safe: drive add/step/abort from one thread.
+    the padded size of one batched prefill. backend: the model's kernel backend (kernels/backend.py; by
+    default the one installed at load, `model.backend`, if any): decode steps go through its fused decoder
+    where it has one, and fast_decode=False keeps them on the model's forward. The engine never changes the
+    model; prefill always runs the model's forward. Not thread-safe: drive add/step/abort from one thread.
     """
 
     def __init__(self, model: Any, max_batch: int = 8, max_seq_len: int | None = None,
                  eos_token_ids: list[int] | None = None, max_prefill_tokens: int = 16384,
                  pad_token_id: int | None = None, encoder_cache: EncoderCache | None = None,
-                 fast_decode: bool = True) -> None:
+                 fast_decode: bool = True, backend: Backend | None = None) -> None:
         text = model.config.text_config
         if eos_token_ids is None:
             from .config import GenerationConfig  # only for the default; the engine itself reads no files
@@ -118,10 +115,9 @@ class Engine:
         self.vocab_size = text.vocab_size
         with torch.inference_mode():
             self.cache = model.make_cache(max_batch, self.max_seq_len)
-        self.fast_decoder = cpu_decoder_for(model, self.cache) if fast_decode else None
-        if fast_decode and self.device.type == "cpu":
-            fuse_vision_kernels(model)
-            fuse_text_kernels(model)
+        if backend is None:
+            backend = getattr(model, "backend", None)
+        self.fast_decoder = backend.decoder_for(model, self.cache) if fast_decode and backend is not None else None
         self.free_slots = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []

@@ -12,12 +12,12 @@ generator when a seed is given), so a row gets the same tokens alone or in any b
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..compat import drop_neutral
 from .config import GenerationConfig
 from .encoder_cache import EncoderCache
 from .engine import Engine, Request
@@ -51,9 +51,9 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         tokenizer: needed for stop_strings (anything with `decode`).
         seed: seeds a torch.Generator per row (each row draws what it would draw alone).
         generator: one generator shared by all rows (drawn in row order), or one per row.
-        encoder_cache: True (the default) keeps image features per model, keyed by the pixels' content, so a
-            second question about the same image skips the vision encoder; False disables it; or pass an
-            EncoderCache to share one explicitly.
+        encoder_cache: True (the default) uses the model's `encoder_cache` (image features keyed by the pixels'
+            content, so a second question about the same image skips the vision encoder); False disables it;
+            or pass an EncoderCache to share one explicitly.
         **settings: GenerationConfig fields: max_new_tokens, max_length, min_new_tokens, do_sample,
             temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id, stop_strings.
     """
@@ -76,7 +76,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
     frames = _frames_per_row(model, rows, pixel_values, pixel_attention_mask, image_hidden_states)
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     generators = _generators(generator, b)
-    engine = Engine(model, max_batch=b, max_seq_len=max(len(r) for r in rows) + max_new,
+    engine = Engine(model, backend=getattr(model, "backend", None), max_batch=b, max_seq_len=max(len(r) for r in rows) + max_new,
                     eos_token_ids=config.eos_token_id, max_prefill_tokens=1 << 62,
                     pad_token_id=config.resolved_pad_token_id, encoder_cache=_encoder_cache(model, encoder_cache))
     for i, prompt in enumerate(rows):
@@ -97,26 +97,17 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
     return _assemble(input_ids, new, config.resolved_pad_token_id)
 
 
-_MODEL_CACHES: "weakref.WeakKeyDictionary[Any, EncoderCache]" = weakref.WeakKeyDictionary()
-
-
 def _encoder_cache(model: Any, choice: EncoderCache | None | bool) -> EncoderCache | None:
+    """The cache to use: the one passed, none, or (True) the model's own `encoder_cache` if it has one."""
     if isinstance(choice, EncoderCache):
         return choice
     if choice is None or choice is False:
         return None
-    cache = _MODEL_CACHES.get(model)
-    if cache is None:
-        cache = _MODEL_CACHES[model] = EncoderCache()
-    return cache
+    return getattr(model, "encoder_cache", None)
 
 
 def _resolve_config(model: Any, base: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
-    for name, neutral in _NEUTRAL.items():
-        if name in settings:
-            value = settings.pop(name)
-            if value != neutral and not (neutral is None and not value):
-                raise ValueError(f"generate does not support {name}={value!r}")
+    drop_neutral("generate", settings, _NEUTRAL)
     if base is None:
         base = getattr(model, "generation_config", None)
         if not isinstance(base, GenerationConfig):

@@ -5,10 +5,11 @@ encoder (bidirectional, padded patches masked) and the text prefill (causal, GQA
     y = text_attention(q, k, v, mask, is_causal)         # [B, H, T, hd] / [B, Hkv, L, hd] in, [B, T, H, hd] out
 
 q, k and v are read where they are (the projections' output, the column blocks of a fused q/k/v projection,
-the KV cache), and the result comes in the [.., T, H, hd] layout the output projection reads. None means the
-kernel does not apply (another dtype or device, autograd recording, a head size it lacks, a mask that is not
-"keys up to a limit", a CPU without AVX512-BF16, IDEFICS3_KERNELS=0, a failed build) and the caller takes
-`F.scaled_dot_product_attention`.
+the KV cache), and the result comes in the [.., T, H, hd] layout the output projection reads. Whether the
+kernel runs at all on this machine (bf16 CPU model, AVX512-BF16, a successful build) is decided once, when the
+backend is installed (`unsupported_reason`, backend.py); per call, None means it does not apply to these
+tensors (another dtype or device, autograd recording, shapes that do not fit, a mask that is not "keys up to
+a limit") and the caller takes `F.scaled_dot_product_attention`.
 
 Measured on SigLIP-base shapes ([2 frames, 1024 patches, 12 heads of 64], one thread): 46 ms against aten's
 flash attention at 98 ms, i.e. 140 against 66 GFLOP/s, next to 190 GFLOP/s for a bf16 linear layer of the
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
-from .build import compile_library, kernels_enabled, log_once, missing_cpu_features
+from .build import ENV_SWITCH, compile_library, kernels_enabled, missing_cpu_features
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 MAX_HEAD_DIM = 128  # the kernel keeps a row's outputs in up to 8 registers of 16
@@ -44,43 +44,44 @@ def load_library() -> ctypes.CDLL | str:
     return lib
 
 
-def unsupported_reason(q: torch.Tensor, head_dim: int) -> str | None:
-    """Why the kernel cannot run on `q` here, or None when it can (no build involved)."""
+def unsupported_reason(dtype: torch.dtype, device: torch.device, head_dim: int) -> str | None:
+    """Why the kernel cannot serve a model of this dtype, device and head size here, or None when it can
+    (the build included)."""
     if not kernels_enabled():
-        return "IDEFICS3_KERNELS=0"
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
-        return f"no kernel for {q.dtype} on {q.device.type}"
+        return f"{ENV_SWITCH}=0"
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return f"no kernel for {dtype} on {device.type} (bf16 on CPU only)"
     if head_dim % 2 or head_dim > MAX_HEAD_DIM:
         return f"head size {head_dim} is odd or above {MAX_HEAD_DIM}"
     missing = missing_cpu_features(bf16=True)
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    lib = load_library()
+    return lib if isinstance(lib, str) else None
 
 
 def _usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel can take q [B, H, T, hd], k, v [B, Hkv, L, hd] here (the reason logged once if not).
-    Cheap: callers ask before building masks for it."""
+    """Whether the kernel takes q [B, H, T, hd], k, v [B, Hkv, L, hd]. Cheap: callers ask before building masks."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False  # training: autograd needs the aten op
     b, h, _, hd = q.shape
-    reason = unsupported_reason(q, hd)
-    if reason is None and (k.shape != v.shape or k.shape[0] != b or k.shape[3] != hd or h % k.shape[1]
-                           or k.dtype != q.dtype or v.dtype != q.dtype):
-        reason = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together"
-    if reason is not None:
-        log_once(logging.INFO, f"attention kernel off: {reason}")
-        return False
-    lib = load_library()
-    if isinstance(lib, str):
-        log_once(logging.WARNING, lib + "; attention stays on aten")
-        return False
-    return True
+    fits = (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape == v.shape and k.shape[0] == b and k.shape[3] == hd and h % k.shape[1] == 0
+            and hd % 2 == 0 and hd <= MAX_HEAD_DIM)
+    return fits and kernels_enabled() and _machine_ready()
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_ready() -> bool:
+    """This CPU has AVX512-BF16 and the kernel built (a fact of the machine, looked up once)."""
+    return not missing_cpu_features(bf16=True) and not isinstance(load_library(), str)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None,
               limits: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(hd)) v for q [B, H, T, hd] and k, v [B, Hkv, L, hd] (any strides), over all keys,
     the keys where key_valid [B, L] is true, or for query (b, t) the keys j < limits[b, t]. Returns a
-    contiguous [B, T, H, hd], or None where the kernel does not apply (the reason logged once)."""
+    contiguous [B, T, H, hd], or None where the kernel does not apply."""
     if not _usable(q, k, v):
         return None
     return _run(q, k, v, key_valid, limits)
@@ -90,6 +91,8 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Ten
          limits: torch.Tensor | None) -> torch.Tensor | None:
     b, h, t, hd = q.shape
     lib = load_library()
+    if isinstance(lib, str):
+        return None
     if q.stride(3) != 1:
         q = q.contiguous()
     if k.stride(3) != 1 or v.stride(3) != 1 or k.stride() != v.stride():
@@ -121,24 +124,30 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     return None if y is None else y.view(n, s, d)
 
 
-_last_mask: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # every layer of a forward passes the same mask
-
-
-def _prefix_limits(mask: torch.Tensor) -> torch.Tensor | None:
-    """For a bool mask [B, 1, T, L] whose rows are each "keys 0..n-1" (n >= 1): n as [B, T]; else None.
-    Checked once per mask object: the layers of one forward share it."""
-    if _last_mask and _last_mask[0][0] is mask:
-        return _last_mask[0][1]
+def prefix_limits(mask: torch.Tensor) -> torch.Tensor | None:
+    """For a bool mask [B, 1, T, L] whose rows are each "keys 0..n-1" (n >= 1): n as [B, T]; else None."""
     limits = mask[:, 0].sum(-1)  # [B, T]
     keys = torch.arange(mask.shape[-1])
     if not bool((mask[:, 0] == (keys < limits[..., None])).all()) or not bool((limits > 0).all()):
-        limits = None
-    _last_mask[:] = [(mask, limits)]
+        return None
     return limits
 
 
+class LimitsMemo:
+    """The limits of the last mask seen: every layer of one forward passes the same mask object, so it is
+    checked once per forward. One memo per installed backend (its text attention modules share it)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor | None:
+        if self._last is None or self._last[0] is not mask:
+            self._last = (mask, prefix_limits(mask))
+        return self._last[1]
+
+
 def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   is_causal: bool) -> torch.Tensor | None:
+                   is_causal: bool, memo: LimitsMemo | None = None) -> torch.Tensor | None:
     """The decoder's attention as SDPA computes it with (attn_mask=mask, is_causal, enable_gqa): q [B, H, T, hd],
     k, v [B, Hkv, L, hd] -> [B, T, H, hd], or None (also when the bool mask [B, 1, T, L] is not, row by row,
     the keys before some limit: left padding, for one)."""
@@ -150,7 +159,7 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != (b, 1, t, length):
             return None
-        limits = _prefix_limits(mask)
+        limits = memo(mask) if memo is not None else prefix_limits(mask)
         if limits is None:
             return None
     elif is_causal:  # SDPA's causal mask is top-left aligned: query t sees keys 0..t

@@ -1,6 +1,8 @@
 """The fused CPU decode step: one C++ call per token (cpu_decode.cpp) instead of ~750 small aten ops.
 
-    decoder = cpu_decoder_for(model, cache)          # None where it cannot run here (reason logged once)
+    parts = DecoderParts.of(model)
+    reason = unsupported_reason(parts, cache)        # None where it can run here
+    decoder = CpuDecoder(parts, cache, load_library(), derived)   # what the backend does (backend.py)
     logits = decoder(input_ids, positions, slots, kv_len)   # [R, 1, V], like model(...).logits
 
 It computes what `model(input_ids, position_ids=positions, kv_cache=cache, cache_slots=slots,
@@ -8,34 +10,33 @@ logits_to_keep=1, kv_len=kv_len).logits` computes, for the text decoder only (de
 images), and writes the new keys/values into the same `KVCache`, so the plain model can prefill and
 this kernel decode. At batch 1 it reads the model's own weight tensors and the cache buffers through raw
 pointers, copying nothing. The first bf16 step of two or more rows makes packed copies of the decoder's
-matrices and the lm_head (as much memory again as those weights: 270 MB for SmolVLM-256M), on which
-batches run 1.8x faster (cpu_decode.cpp, packed_tile). It is therefore bound to the tensors it saw when
-built: build it once the weights are final (the engine builds one per engine), and not across
-`model.to(...)` or LoRA injection (a model with LoRA layers gets None).
+matrices and the lm_head (as much memory again as those weights: 270 MB for SmolVLM-256M), kept in the
+backend's `DerivedWeights` store (so counted and shared by later decoders), on which batches run 1.8x faster
+(cpu_decode.cpp, packed_tile). A decoder is bound to the tensors it saw when built: the backend builds one per
+engine, and `unsupported_reason` refuses a model whose decoder linears are not plain (LoRA, say).
 
-The source is compiled at first use (build.py: g++ through torch's extension builder, about a second,
-once per machine and source version). It needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for bf16 weights. Set IDEFICS3_KERNELS=0 to
-turn it off; `cpu_decoder_for` returns None then, as it does on other devices, dtypes or CPUs, for
-configurations with biases, and when the build fails, and the caller keeps the plain path.
+The source is compiled once per machine (build.py). It needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for
+bf16 weights; IDEFICS3_KERNELS=0, other devices, dtypes or CPUs, biases and a failed build each give a reason,
+and the engine keeps the plain path. This module reads the model through `DecoderParts` (the decoder, its
+head and their config) and does not import the model class.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..model.idefics3 import Idefics3ForConditionalGeneration
+from ..config import TextConfig
 from ..model.kv_cache import KVCache
-from .build import ENV_SWITCH, compile_library, derived, kernels_enabled, log_once, missing_cpu_features
-
-log = logging.getLogger(__name__)
+from ..model.text import TextModel
+from .build import ENV_SWITCH, compile_library, kernels_enabled, missing_cpu_features
+from .derived import DerivedWeights
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # attention is specialised per head size
@@ -60,65 +61,84 @@ def load_library() -> ctypes.CDLL | str:
     return lib
 
 
-def unsupported_reason(model: Any, cache: KVCache) -> str | None:
-    """Why the kernel cannot decode for this model and cache here, or None when it can (no build involved)."""
+@dataclass
+class DecoderParts:
+    """What the kernel reads of a model: its text decoder, output head and their config."""
+
+    text: TextModel
+    lm_head: nn.Module
+    config: TextConfig
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "DecoderParts":
+        """The parts of an Idefics3 model (`model.model.text_model`, `model.lm_head`, its text config)."""
+        return cls(model.model.text_model, model.lm_head, model.config.text_config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+
+def machine_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why this machine cannot run the kernel for weights of this dtype and device (the build included)."""
     if not kernels_enabled():
         return f"{ENV_SWITCH}=0"
-    if not isinstance(model, Idefics3ForConditionalGeneration):
-        return f"the model is a {type(model).__name__}, not an Idefics3ForConditionalGeneration"
-    if model.device.type != "cpu" or cache.device.type != "cpu":
-        return f"the model is on {model.device.type}, not the CPU"
-    dtype = model.dtype
+    if device.type != "cpu":
+        return f"the model is on {device.type}, not the CPU"
     if dtype not in _DTYPES:
         return f"no kernel for {dtype}"
     missing = missing_cpu_features(bf16=dtype == torch.bfloat16)
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
-    t = model.config.text_config
+    lib = load_library()
+    return lib if isinstance(lib, str) else None
+
+
+def unsupported_reason(parts: DecoderParts, cache: KVCache | None = None) -> str | None:
+    """Why the kernel cannot decode for this model (and cache) here, or None when it can."""
+    dtype, t = parts.dtype, parts.config
+    reason = machine_reason(dtype, parts.device)
+    if reason is not None:
+        return reason
     if t.attention_bias or t.mlp_bias:
         return "the decoder has biases"
     if t.head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {t.head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
+    for name, module in _linears(parts):
+        if type(module) is not nn.Linear or module.bias is not None:
+            return f"{name} is a {type(module).__name__}, not a plain nn.Linear without bias"
+    for name, w in _tensors(parts):
+        if w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous():
+            return f"{name} is not a contiguous {dtype} CPU tensor"
+    if cache is None:
+        return None
+    if cache.device.type != "cpu":
+        return f"the cache is on {cache.device.type}, not the CPU"
     if cache.dtype != dtype:
         return f"the cache is {cache.dtype}, the model {dtype}"
     expect = (cache.max_batch, t.num_key_value_heads, cache.max_seq_len, t.head_dim)
     if any(tuple(b.shape) != expect or not b.is_contiguous() for b in (*cache.k, *cache.v)):
         return "the cache buffers do not have the [batch, kv heads, positions, head_dim] layout"
-    for name, module in _linears(model):
-        if type(module) is not nn.Linear or module.bias is not None:
-            return f"{name} is a {type(module).__name__}, not a plain nn.Linear without bias"
-    for name, w in _tensors(model):
-        if w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous():
-            return f"{name} is not a contiguous {dtype} CPU tensor"
     return None
 
 
-def cpu_decoder_for(model: Any, cache: KVCache) -> "CpuDecoder | None":
-    """A CpuDecoder over the model and cache, or None (the reason logged once) where it cannot run."""
-    reason = unsupported_reason(model, cache)
-    if reason is None:
-        lib = load_library()
-        if isinstance(lib, str):
-            log_once(logging.WARNING, lib + "; decoding on the plain path")
-            return None
-        return CpuDecoder(model, cache, lib)
-    log_once(logging.INFO, f"fused CPU decode off: {reason}")
-    return None
-
-
-def _linears(model: Any) -> list[tuple[str, nn.Module]]:
-    layers = model.model.text_model.layers
+def _linears(parts: DecoderParts) -> list[tuple[str, nn.Module]]:
+    layers = parts.text.layers
     out = [(f"layers.{i}.{p}", layer.get_submodule(p)) for i, layer in enumerate(layers) for p in _PROJECTIONS]
-    return out + [("lm_head", model.lm_head)]
+    return out + [("lm_head", parts.lm_head)]
 
 
-def _tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
-    text = model.model.text_model
+def _tensors(parts: DecoderParts) -> list[tuple[str, torch.Tensor]]:
+    text = parts.text
     out = [("embed_tokens", text.embed_tokens.weight), ("norm", text.norm.weight)]
     for i, layer in enumerate(text.layers):
         out += [(f"layers.{i}.input_layernorm", layer.input_layernorm.weight),
                 (f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm.weight)]
-    return out + [(name, m.weight) for name, m in _linears(model)]
+    return out + [(name, m.weight) for name, m in _linears(parts)]
 
 
 def pack_for_batches(w: torch.Tensor) -> torch.Tensor:
@@ -142,9 +162,9 @@ def interleave_blocks(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class CpuDecoder:
     """One fused decode step over a model's text decoder and a KVCache (see the module docstring)."""
 
-    def __init__(self, model: Any, cache: KVCache, lib: ctypes.CDLL) -> None:
-        t = model.config.text_config
-        text = model.model.text_model
+    def __init__(self, parts: DecoderParts, cache: KVCache, lib: ctypes.CDLL, derived: DerivedWeights) -> None:
+        t = parts.config
+        text = parts.text
         per_layer = []
         for i, layer in enumerate(text.layers):
             a, m = layer.self_attn, layer.mlp
@@ -153,21 +173,20 @@ class CpuDecoder:
                               m.up_proj.weight, m.down_proj.weight, cache.k[i], cache.v[i]])
         # the tensors stay referenced here, so the addresses below stay valid as long as this object lives
         self._tensors = [w for row in per_layer for w in row] + [text.embed_tokens.weight, text.norm.weight,
-                                                                 model.lm_head.weight]
+                                                                 parts.lm_head.weight]
         ptrs = torch.tensor([[w.data_ptr() for w in row] for row in per_layer], dtype=torch.int64)  # [L, 11]
         self._lib, self._ptrs = lib, ptrs
-        self.dtype = model.dtype
+        self.dtype = parts.dtype
         self.vocab_size, self.max_batch, self.max_seq_len = t.vocab_size, cache.max_batch, cache.max_seq_len
         self.rotary = text.rotary
         handle = lib.idefics3_decoder_create(
             _DTYPES[self.dtype], t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
             t.num_key_value_heads, t.head_dim, t.vocab_size, cache.max_batch, cache.max_seq_len, t.rms_norm_eps,
             ptrs.data_ptr(), text.embed_tokens.weight.data_ptr(), text.norm.weight.data_ptr(),
-            model.lm_head.weight.data_ptr())
+            parts.lm_head.weight.data_ptr())
         self._handle = handle
         weakref.finalize(self, lib.idefics3_decoder_destroy, handle)
-        self._model = weakref.ref(model)
-        t = model.config.text_config
+        self._parts, self._derived = parts, derived
         # batched bf16 steps run on packed copies of the weights, made at the first batch
         self._packed: list[torch.Tensor] | None = None
         self._can_pack = self.dtype == torch.bfloat16 and all(
@@ -175,11 +194,10 @@ class CpuDecoder:
 
     def _pack(self) -> None:
         """Packed bf16 copies of every decoder matrix and the lm_head for batched steps (as much memory again
-        as those weights, so made only once a batch shows up, and kept on the model for later decoders)."""
-        model = self._model()
-        assert model is not None, "the model of this decoder is gone"
-        layers = model.model.text_model.layers
-        sources = [m.weight for _, m in _linears(model)]  # what gets packed
+        as those weights, so made only once a batch shows up, and kept by the backend for later decoders)."""
+        parts = self._parts
+        layers = parts.text.layers
+        sources = [m.weight for _, m in _linears(parts)]  # what gets packed
 
         def pack() -> list[torch.Tensor]:
             out = []
@@ -189,9 +207,9 @@ class CpuDecoder:
                 out += [pack_for_batches(qkv), pack_for_batches(a.o_proj.weight),
                         pack_for_batches(interleave_blocks(m.gate_proj.weight, m.up_proj.weight)),
                         pack_for_batches(m.down_proj.weight)]
-            return out + [pack_for_batches(model.lm_head.weight)]
+            return out + [pack_for_batches(parts.lm_head.weight)]
 
-        self._packed = derived(model, "_idefics3_packed_decode", sources, pack)
+        self._packed = self._derived.get(parts.text, "packed_decode", sources, pack)
         ptrs = torch.tensor([w.data_ptr() for w in self._packed[:-1]], dtype=torch.int64)  # [L * 4]
         lm_head = self._packed[-1]
         self._lib.idefics3_decoder_set_packed(self._handle, ptrs.data_ptr(), lm_head.data_ptr())

@@ -13,42 +13,52 @@ aten's speed. And each encoder layer as a whole makes one q/k/v multiply (the th
 copy of 3 D^2 per layer, rebuilt if a projection changes) whose column blocks the attention kernel reads in
 place, and does both residual adds in the epilogues of out_proj and fc2: 2-8% off the encoder on top.
 
-`fuse_vision_kernels(model)` turns each vision layer, its MLP, attention and attention projections into
-subclasses of their own classes (`VisionEncoderLayer`, `VisionMLP`, `VisionAttention`, `nn.Linear`) whose
-forward takes the fused path: same objects, parameters, names, hooks and state_dict keys, and LoRA injection still sees `nn.Linear`s. The fused path runs only for
+The backend (backend.py) replaces each vision layer, its MLP, attention and attention projections by views
+(model/replace.py) of subclasses of their own classes (`VisionEncoderLayer`, `VisionMLP`, `VisionAttention`,
+`nn.Linear`) whose forward takes the fused path: same parameters, names, hooks and state_dict keys, and LoRA
+injection still sees `nn.Linear`s. They share one `VisionKernels` state with the backend: the stacked q/k/v
+copies (owned and counted by the backend) and whether oneDNN refused to run here. The fused path runs only for
 inference on a CPU tensor of the weight's dtype (bf16 or fp32) whose children are plain linears; with autograd
-recording (training), under LoRA, or anywhere else it runs the original computation. `IDEFICS3_KERNELS=0`
-turns it off, as it does the decode kernel. In fp32 the results equal the plain path's to float rounding; in
-bf16 the GELU sees the fp32 accumulator instead of a bf16-rounded one.
+recording (training), under LoRA, or anywhere else it runs the original computation. In fp32 the results equal
+the plain path's to float rounding; in bf16 the GELU sees the fp32 accumulator instead of a bf16-rounded one.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..model.replace import view_as
 from ..model.vision import VisionAttention, VisionEncoderLayer, VisionMLP
-from .build import derived, swap_classes
 from .cpu_attention import vision_attention
+from .derived import DerivedWeights
 
 log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
-_broken: list[str] = []  # set once oneDNN's linear refused to run here: every wrapper falls back from then on
 
 
-def _fusable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    if _broken or x.device.type != "cpu" or x.dtype not in _DTYPES or any(w.dtype != x.dtype for w in weights):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+class VisionKernels:
+    """What the fused vision modules of one backend share: its derived-weight store, whether the attention
+    kernel may run, and the reason oneDNN refused to (after which every module falls back)."""
 
+    def __init__(self, derived: DerivedWeights, attention_kernel: bool) -> None:
+        self.derived = derived
+        self.attention_kernel = attention_kernel
+        self.broken: str | None = None
 
-def _fallback(error: Exception) -> None:
-    if not _broken:
-        _broken.append(str(error))
-        log.warning("oneDNN fused linear unavailable here (%s); the vision encoder keeps the plain path", error)
+    def fusable(self, x: torch.Tensor, *weights: torch.Tensor) -> bool:
+        if self.broken or x.device.type != "cpu" or x.dtype not in _DTYPES or any(w.dtype != x.dtype for w in weights):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+
+    def fallback(self, error: Exception) -> None:
+        if self.broken is None:
+            self.broken = str(error)
+            log.warning("oneDNN fused linear unavailable here (%s); the vision encoder keeps the plain path", error)
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none", algorithm: str = "") -> torch.Tensor:
@@ -60,9 +70,9 @@ def _linear_add(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor) -> to
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
 
 
-def _qkv_weights(attn: VisionAttention) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _qkv_weights(attn: VisionAttention, derived: DerivedWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q_proj, k_proj and v_proj stacked into one [3D, D] weight (and [3D] bias) for a single multiply. The copy
-    is kept on the module and rebuilt whenever a source tensor is replaced or changed in place."""
+    is kept in the backend's store and rebuilt whenever a source tensor is replaced or changed in place."""
     parts = [attn.q_proj, attn.k_proj, attn.v_proj]
     if len({p.bias is None for p in parts}) > 1:
         raise RuntimeError("q, k and v projections differ in having a bias")
@@ -72,39 +82,48 @@ def _qkv_weights(attn: VisionAttention) -> tuple[torch.Tensor, torch.Tensor | No
         bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
         return torch.cat([p.weight for p in parts]), bias  # [3D, D], [3D]
 
-    return derived(attn, "_qkv_cache", tensors, stack)
+    return derived.get(attn, "qkv", tensors, stack)
 
 
 class FusedLinear(nn.Linear):
     """nn.Linear with the bias added in the multiply's epilogue (inference on CPU; the plain path otherwise)."""
 
+    kernels: VisionKernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fusable(x, self.weight):
+        if self.kernels.fusable(x, self.weight):
             try:
                 return _linear(x, self)
             except RuntimeError as e:
-                _fallback(e)
+                self.kernels.fallback(e)
         return super().forward(x)
 
 
 class FusedVisionMLP(VisionMLP):
     """fc2(gelu_tanh(fc1(x))) with both biases and the GELU in the multiplies' epilogues."""
 
+    kernels: VisionKernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2
-        if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and _fusable(x, fc1.weight, fc2.weight):
+        if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and \
+                self.kernels.fusable(x, fc1.weight, fc2.weight):
             try:
                 return _linear(_linear(x, fc1, "gelu", "tanh"), fc2)  # [N, S, D]
             except RuntimeError as e:
-                _fallback(e)
+                self.kernels.fallback(e)
         return super().forward(x)
 
 
 class FusedVisionAttention(VisionAttention):
     """VisionAttention whose attention itself is the C++ kernel of cpu_attention.py where it applies."""
 
+    kernels: VisionKernels
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.kernels.attention_kernel:
+            return super().attend(q, k, v, key_mask)
         y = vision_attention(q, k, v, key_mask, self.num_heads)  # [N, S, D] or None
         return y if y is not None else super().attend(q, k, v, key_mask)
 
@@ -114,31 +133,44 @@ class FusedVisionEncoderLayer(VisionEncoderLayer):
     residual adds in the epilogues of out_proj and fc2 (plain linears and inference only; the layer-by-part
     path otherwise)."""
 
+    kernels: VisionKernels
+
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2]
-        if all(type(m) in (nn.Linear, FusedLinear) for m in linears) and _fusable(x, *(m.weight for m in linears)):
+        if all(type(m) in (nn.Linear, FusedLinear) for m in linears) and \
+                self.kernels.fusable(x, *(m.weight for m in linears)):
             try:
                 return self._fused(x, key_mask)
             except RuntimeError as e:
-                _fallback(e)
+                self.kernels.fallback(e)
         return super().forward(x, key_mask)
 
     def _fused(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
-        weight, bias = _qkv_weights(attn)
+        weight, bias = _qkv_weights(attn, self.kernels.derived)
         qkv = torch.ops.mkldnn._linear_pointwise(self.layer_norm1(x), weight, bias, "none", [], "")  # [N, S, 3D]
         q, k, v = qkv.split(x.shape[-1], dim=-1)  # 3 x [N, S, D] views
         x = _linear_add(attn.attend(q, k, v, key_mask), attn.out_proj, x)  # [N, S, D]
         return _linear_add(_linear(self.layer_norm2(x), mlp.fc1, "gelu", "tanh"), mlp.fc2, x)  # [N, S, D]
 
 
-def fuse_vision_kernels(model: nn.Module) -> int:
-    """Give the vision encoder of `model` the fused forwards (in place, idempotent); returns how many modules
-    changed. Nothing happens with IDEFICS3_KERNELS=0."""
-    changed = swap_classes(model, {VisionEncoderLayer: FusedVisionEncoderLayer, VisionMLP: FusedVisionMLP,
-                                   VisionAttention: FusedVisionAttention})
-    for attn in model.modules():
-        if isinstance(attn, FusedVisionAttention):
-            changed += swap_classes(attn, {nn.Linear: FusedLinear})  # its q, k, v and out projections
-    return changed
+_FUSED: dict[type, type] = {VisionEncoderLayer: FusedVisionEncoderLayer, VisionMLP: FusedVisionMLP,
+                            VisionAttention: FusedVisionAttention}
+
+
+def vision_replacement(kernels: VisionKernels) -> Callable[[str, nn.Module], nn.Module | None]:
+    """The `replace_modules` choice that fuses the vision encoder: each layer, MLP and attention (exact classes)
+    and the attention's four projections become fused views sharing `kernels`."""
+
+    def choose(name: str, module: nn.Module) -> nn.Module | None:
+        cls = _FUSED.get(type(module))
+        if cls is None and type(module) is nn.Linear and name.rsplit(".", 2)[-2:-1] == ["self_attn"]:
+            cls = FusedLinear
+        if cls is None or ".vision_model." not in f".{name}":
+            return None
+        view = view_as(module, cls)
+        view.kernels = kernels
+        return view
+
+    return choose

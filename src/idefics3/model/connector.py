@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ..config import Idefics3Config
+
 
 def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
     """[N, S, D] on a square √S×√S grid -> [N, S/r², D·r²] in the checkpoint's channel order."""
@@ -38,10 +40,10 @@ class ModalityProjection(nn.Module):
 class Connector(nn.Module):
     """Patch features [N, S, D_vision] -> image token embeddings [N, S/r², D_text]."""
 
-    def __init__(self, vision_hidden: int, text_hidden: int, scale_factor: int) -> None:
+    def __init__(self, config: Idefics3Config) -> None:
         super().__init__()
-        self.scale_factor = scale_factor
-        self.modality_projection = ModalityProjection(vision_hidden * scale_factor ** 2, text_hidden)
+        self.scale_factor = config.scale_factor
+        self.modality_projection = ModalityProjection(config.connector_input_size, config.text_config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.modality_projection(pixel_shuffle(x, self.scale_factor))

@@ -1,12 +1,14 @@
-"""The full Idefics3 model: vision encoder -> connector -> image features merged into the Llama decoder.
+"""The Idefics3 network: vision encoder -> connector -> image features merged into the Llama decoder -> head.
 
-`Idefics3ForConditionalGeneration` holds `model` (vision_model, connector, text_model) and `lm_head`,
-so its parameter names are the checkpoint's keys. The forward takes what the processor makes
-(input_ids, attention_mask, pixel_values [B, N, 3, H, W], pixel_attention_mask [B, N, H, W]) or
-precomputed image features (so that a server can cache encoder outputs), and optionally a `KVCache`
-with a slot per row, which is how the generation engine steps sequences of different lengths together.
-Loading and saving live in `weights.py`; generation lives in `generation/` (the `generate` method
-here only hands over to it).
+`Idefics3` holds `model` (vision_model, connector, text_model) and `lm_head`, so its parameter names are the
+checkpoint's keys. One function, `embed`, turns token ids and images (pixels [B, N, 3, H, W] with
+pixel_attention_mask [B, N, H, W], or precomputed features) into the decoder's input embeddings: `forward`,
+the training loss (finetune/objective.py) and the generation engine's prefill all go through it, and one loss
+function, `next_token_loss`, scores labelled next tokens for both `forward(labels=...)` and training. A
+`KVCache` with a slot per row is how the generation engine steps sequences of different lengths together.
+
+This is the plain network. What users load, `idefics3.Idefics3ForConditionalGeneration` (loading.py), is this
+class plus the model card's conveniences: `from_pretrained` with a kernel backend, `generate`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import ANY, take_neutral
 from ..config import Idefics3Config
+from ..weights import load_pretrained, save_pretrained
 from .connector import Connector
 from .kv_cache import KVCache
 from .text import TextModel
 from .vision import VisionTransformer
+
+IGNORE_INDEX = -100  # a label that is not scored (prompt, image tokens, padding)
+
+# transformers' forward arguments that ask for what this forward does anyway (compat.py)
+_NEUTRAL_FORWARD = {"return_dict": True, "use_cache": ANY, "output_attentions": False,
+                    "output_hidden_states": False, "past_key_values": None, "cache_position": None}
 
 
 @dataclass
@@ -39,21 +49,16 @@ class Idefics3Output:
 class Idefics3Model(nn.Module):
     def __init__(self, config: Idefics3Config) -> None:
         super().__init__()
-        v, t = config.vision_config, config.text_config
-        self.vision_model = VisionTransformer(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
-                                              v.num_attention_heads, v.image_size, v.patch_size, v.num_channels,
-                                              v.layer_norm_eps)
-        self.connector = Connector(v.hidden_size, t.hidden_size, config.scale_factor)
-        self.text_model = TextModel(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers,
-                                    t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rms_norm_eps,
-                                    t.rope_theta, t.rope_scaling, t.attention_bias, t.mlp_bias)
+        self.vision_model = VisionTransformer(config.vision_config)
+        self.connector = Connector(config)
+        self.text_model = TextModel(config.text_config)
 
 
 def real_frames(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flatten [B, N, 3, H, W] to frames and drop the all-zero padding frames (batch-major order)."""
     if pixel_values.dim() == 4:  # already [N, 3, H, W]
-        pixel_values = pixel_values[:, None]
+        pixel_values = pixel_values[:, None]  # [N, 1, 3, H, W]
         pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[:, None]
     if pixel_values.dim() != 5:
         raise ValueError(f"pixel_values must be [batch, frames, channels, height, width], "
@@ -68,7 +73,9 @@ def real_frames(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor |
     return frames[real], None if mask is None else mask[real]
 
 
-class Idefics3ForConditionalGeneration(nn.Module):
+class Idefics3(nn.Module):
+    """Token ids + images -> next-token logits [B, T, V] (see the module docstring)."""
+
     def __init__(self, config: Idefics3Config) -> None:
         super().__init__()
         self.config = config
@@ -113,8 +120,31 @@ class Idefics3ForConditionalGeneration(nn.Module):
                 f"the prompt has {n_tokens} <image> tokens but the images give {n_features} "
                 f"({n_features // per} frames x {per} tokens per frame); each image tile must be expanded "
                 f"to exactly {per} <image> tokens (use the processor)")
-        features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)
+        features = image_features.reshape(-1, inputs_embeds.shape[-1]).to(inputs_embeds.dtype)  # [K, D]
         return inputs_embeds.masked_scatter(is_image[..., None], features)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              pixel_attention_mask: torch.Tensor | None = None,
+              image_hidden_states: torch.Tensor | None = None, images_required: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's input: (embeddings [B, T, D] with the image features in place, the features or None).
+
+        images_required: the prompt's `<image>` tokens need pixels or features (a cached decode step, whose
+        images were merged when its prompt was prefilled, passes False)."""
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("pass either pixel_values or image_hidden_states, not both")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        embeds = self.model.text_model.embed_tokens(input_ids)  # [B, T, D]
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values, pixel_attention_mask)
+        if image_hidden_states is not None:
+            if isinstance(image_hidden_states, (list, tuple)):
+                image_hidden_states = torch.cat(list(image_hidden_states), dim=0)  # [N, S, D]
+            embeds = self.merge_image_features(input_ids, embeds, image_hidden_states)
+        elif images_required and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError("the prompt has <image> tokens but no pixel_values or image_hidden_states were given")
+        return embeds, image_hidden_states
 
     def make_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
         t = self.config.text_config
@@ -127,54 +157,40 @@ class Idefics3ForConditionalGeneration(nn.Module):
                 pixel_attention_mask: torch.Tensor | None = None,
                 image_hidden_states: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 cache_slots: torch.Tensor | None = None, logits_to_keep: int = 0,
-                labels: torch.Tensor | None = None, kv_len: int | None = None, **ignored: Any) -> Idefics3Output:
+                labels: torch.Tensor | None = None, kv_len: int | None = None, **transformers_args: Any
+                ) -> Idefics3Output:
         """kv_len (cached calls): 1 + the largest position_ids value, if the caller knows it; it spares a
-        device-to-host sync per step."""
-        if pixel_values is not None and image_hidden_states is not None:
-            raise ValueError("pass either pixel_values or image_hidden_states, not both")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        embeds = self.model.text_model.embed_tokens(input_ids)  # [B, T, D]
-        if pixel_values is not None:
-            image_hidden_states = self.get_image_features(pixel_values, pixel_attention_mask)
-        if image_hidden_states is not None:
-            if isinstance(image_hidden_states, (list, tuple)):
-                image_hidden_states = torch.cat(list(image_hidden_states), dim=0)
-            embeds = self.merge_image_features(input_ids, embeds, image_hidden_states)
-        elif bool((input_ids == self.config.image_token_id).any()) and kv_cache is None:
-            raise ValueError("the prompt has <image> tokens but no pixel_values or image_hidden_states were given")
+        device-to-host sync per step. transformers' neutral arguments (return_dict=True, use_cache, ...) are
+        accepted; any other keyword raises, naming it."""
+        take_neutral("forward", transformers_args, _NEUTRAL_FORWARD)
+        embeds, image_hidden_states = self.embed(input_ids, pixel_values, pixel_attention_mask,
+                                                 image_hidden_states, images_required=kv_cache is None)
         h = self.model.text_model(embeds, position_ids, attention_mask, kv_cache, cache_slots, kv_len)  # [B, T, D]
+        loss = None if labels is None else next_token_loss(h, labels, self.lm_head)
         if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+            h = h[:, -logits_to_keep:]  # [B, T', D]
         logits = self.lm_head(h)  # [B, T', V]
-        loss = None if labels is None else causal_lm_loss(logits, labels)
         return Idefics3Output(logits=logits, loss=loss, image_hidden_states=image_hidden_states)
-
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        """Prompt + new token ids, like transformers' generate; see `idefics3.generation.generate`."""
-        from ..generation.generate import generate
-
-        return generate(self, **kwargs)
 
     # ---- files ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, ref: str | Path, dtype: torch.dtype | str | None = None,
-                        torch_dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                        revision: str | None = None, **ignored: Any) -> "Idefics3ForConditionalGeneration":
-        """Load a checkpoint folder or Hub id. dtype (alias torch_dtype): a torch dtype, its name, or "auto"
-        (the default: the dtype the checkpoint was saved in)."""
-        from ..weights import load_pretrained
-
-        return load_pretrained(cls, ref, dtype if dtype is not None else torch_dtype, device, revision)
+                        device: torch.device | str | None = None, revision: str | None = None) -> "Idefics3":
+        """Load a checkpoint folder or Hub id: dtype a torch dtype, its name, or "auto" (the default: the
+        dtype the checkpoint was saved in, fp32 on CPUs without bf16 instructions)."""
+        return load_pretrained(cls, ref, dtype, device, revision)
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str | None = None) -> None:
-        from ..weights import save_pretrained
-
         save_pretrained(self, folder, max_shard_size)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 over the labels that are not `ignore_index`."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(T-1), V]
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # [B*(T-1)]
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (fp32) of every labelled next token: hidden [B, T, D], labels [B, T] (IGNORE_INDEX where
+    unscored). The head runs only at the labelled positions ([K, D] -> [K, V]), not over all B*T.
+    reduction: "mean" over the labelled tokens (forward's loss, as transformers) or "sum" (training divides by
+    the labelled tokens of a whole optimiser step)."""
+    targets = labels[:, 1:].to(hidden.device)  # [B, T-1]: position t predicts token t+1
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    logits = head(hidden[:, :-1][keep])  # [K, V]
+    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)

@@ -1,6 +1,6 @@
 """A preallocated key/value cache with one row ("slot") per sequence.
 
-The generation engine and the server step many sequences together, each at its own length. Every
+The generation engine steps many sequences together, each at its own length. Every
 slot holds one sequence's keys and values at positions 0..len-1; a forward call names the slot of
 each batch row and the position of each token, writes the new keys/values there, and attends to
 the slot's positions up to each query's own. Buffers are allocated once, so decoding allocates

@@ -3,20 +3,41 @@
 One forward serves every use: a plain full pass (training, scoring, parity) with a causal mask and an
 optional 2-D padding mask, and cached passes (prefill and decode) against a `KVCache` whose slots hold
 sequences of different lengths, each token attending to its own slot's positions up to its own.
-Attention always goes through `scaled_dot_product_attention`; the mask is built once per forward and
-dropped whenever it would allow everything, so SDPA can use its causal or unmasked fast kernels.
+Everything one call shares across layers (positions, mask, RoPE tables, cache and slots) is built once in
+`TextModel.forward` as a `TextCall` and handed to every layer. Attention goes through
+`scaled_dot_product_attention`; the mask is dropped whenever it would allow everything, so SDPA can use
+its causal or unmasked fast kernels.
 
-Parameter names equal the checkpoint keys under `model.text_model.`.
+Layers take the `TextConfig` they are built from. Parameter names equal the checkpoint keys under
+`model.text_model.`. Kernels (idefics3/kernels) may replace `Attention` modules by subclasses that override
+`attend` only, through `model/replace.py`; this file does not know them (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import TextConfig
 from .kv_cache import KVCache
 from .rope import RotaryTable, apply_rope
+
+
+@dataclass
+class TextCall:
+    """What one forward of the decoder shares across its layers."""
+
+    positions: torch.Tensor      # [B, T] position of every token (in its cache slot, when cached)
+    cos: torch.Tensor            # [B, T, hd] RoPE tables for those positions
+    sin: torch.Tensor            # [B, T, hd]
+    mask: torch.Tensor | None    # bool [B, 1, T, L] (True = may attend), or None
+    is_causal: bool              # with mask None: SDPA's causal mask (else no mask at all)
+    kv_len: int                  # L: keys per row (1 + the largest position when cached, else T)
+    cache: KVCache | None = None
+    slots: torch.Tensor | None = None  # [B] cache rows; None = rows 0..B-1
 
 
 class RMSNorm(nn.Module):
@@ -32,26 +53,24 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 bias: bool = False) -> None:
+    def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None, layer: int, slots: torch.Tensor | None,
-                positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, call: TextCall, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, slots, positions, k, v, kv_len)  # [B, Hkv, L, hd]
-        return self.o_proj(self.attend(q, k, v, mask, is_causal))  # [B, T, D]
+        q, k = apply_rope(q, call.cos, call.sin), apply_rope(k, call.cos, call.sin)
+        if call.cache is not None:
+            k, v = call.cache.update(layer, call.slots, call.positions, k, v, call.kv_len)  # [B, Hkv, L, hd]
+        return self.o_proj(self.attend(q, k, v, call.mask, call.is_causal))  # [B, T, D]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                is_causal: bool) -> torch.Tensor:
@@ -64,30 +83,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        d, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, eps: float, attention_bias: bool = False, mlp_bias: bool = False) -> None:
+    def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(hidden_size, eps)
-        self.self_attn = Attention(hidden_size, num_heads, num_kv_heads, head_dim, attention_bias)
-        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
-        self.mlp = MLP(hidden_size, intermediate_size, mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None, layer: int, slots: torch.Tensor | None,
-                positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, layer, slots,
-                               positions, kv_len)
+    def forward(self, h: torch.Tensor, call: TextCall, layer: int) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), call, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -98,16 +114,16 @@ def build_mask(positions: torch.Tensor, attention_mask: torch.Tensor | None, cac
     Cached: query (b, t) sees slot positions 0..positions[b, t]; one token of one row sees the whole
     kv_len (by the contract kv_len = its position + 1), so it needs no mask, and rows that all hold positions
     0..T-1 with kv_len = T (a prefill from the start) need only `is_causal` (aten's causal kernel skips the
-    blocks above the diagonal: 1.5x faster than the same mask given explicitly, for 881 tokens on CPU). Plain: causal over the T
-    tokens, with padded keys (attention_mask == 0) hidden; a fully padded query row sees itself so it
-    stays finite. Built with tensor ops only: no host synchronisation on the decode path.
+    blocks above the diagonal: 1.5x faster than the same mask given explicitly, for 881 tokens on CPU). Plain:
+    causal over the T tokens, with padded keys (attention_mask == 0) hidden; a fully padded query row sees
+    itself so it stays finite. Built with tensor ops only: no host synchronisation on the decode path.
     """
     b, t = positions.shape
     if cached:
         if b == 1 and t == 1:
             return None, False
         if kv_len == t and bool((positions == torch.arange(t, device=positions.device)).all()):
-            return None, True  # a prefill from position 0: the mask is the causal one, and SDPA's causal path is faster
+            return None, True  # a prefill from position 0: the causal mask, and SDPA's causal path is faster
         keys = torch.arange(kv_len, device=positions.device)
         return (keys[None, None, None, :] <= positions[:, None, :, None]), False  # [B, 1, T, L]
     if attention_mask is None or bool(attention_mask.all()):
@@ -120,22 +136,27 @@ def build_mask(positions: torch.Tensor, attention_mask: torch.Tensor | None, cac
 class TextModel(nn.Module):
     """Token embeddings in, final hidden states out: embeds [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
-                 num_attention_heads: int, num_key_value_heads: int, head_dim: int, rms_norm_eps: float,
-                 rope_theta: float, rope_scaling: dict | None = None, attention_bias: bool = False,
-                 mlp_bias: bool = False) -> None:
+    def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
-                         rms_norm_eps, attention_bias, mlp_bias) for _ in range(num_hidden_layers))
-        self.norm = RMSNorm(hidden_size, rms_norm_eps)
-        self.rotary = RotaryTable(head_dim, rope_theta, rope_scaling)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryTable(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         """kv_len: 1 + the largest position in this call, when the caller knows it (saves a host sync)."""
+        h = inputs_embeds
+        call = self.plan(h, position_ids, attention_mask, cache, slots, kv_len)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, call, i)
+        return self.norm(h)
+
+    def plan(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None,
+             attention_mask: torch.Tensor | None, cache: KVCache | None, slots: torch.Tensor | None,
+             kv_len: int | None) -> TextCall:
+        """The `TextCall` every layer of this forward shares (positions, mask, RoPE tables, cache)."""
         b, t, _ = inputs_embeds.shape
         if position_ids is None:
             if cache is not None:
@@ -148,7 +169,4 @@ class TextModel(nn.Module):
             raise ValueError(f"position {kv_len - 1} does not fit the KV cache ({cache.max_seq_len} positions)")
         mask, is_causal = build_mask(position_ids, attention_mask, cache is not None, kv_len)
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype, kv_len)  # [B, T, hd] each
-        h = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, is_causal, cache, i, slots, position_ids, kv_len)
-        return self.norm(h)
+        return TextCall(position_ids, cos, sin, mask, is_causal, kv_len, cache, slots)

@@ -7,7 +7,9 @@ mask: the valid patches of each frame get position ids bucketised onto the full 
 and attention ignores padded keys. When every patch is valid the mask is skipped entirely, which also
 lets SDPA take its fastest kernel. All layers run, then `post_layernorm`; there is no pooling head.
 
-Parameter names equal the checkpoint keys under `model.vision_model.`.
+Layers take the `VisionConfig` they are built from; parameter names equal the checkpoint keys under
+`model.vision_model.`. Kernels (idefics3/kernels) may replace the layers by subclasses through
+`model/replace.py`; this file does not know them (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import VisionConfig
 
 
 def patch_mask_from_pixels(pixel_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -46,12 +50,13 @@ def bucketized_position_ids(patch_mask: torch.Tensor, patches_per_side: int) -> 
 
 
 class VisionEmbeddings(nn.Module):
-    def __init__(self, hidden_size: int, image_size: int, patch_size: int, num_channels: int) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.patches_per_side = image_size // patch_size
-        self.patch_embedding = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.position_embedding = nn.Embedding(self.patches_per_side ** 2, hidden_size)
+        p, d = config.patch_size, config.hidden_size
+        self.patch_size = p
+        self.patches_per_side = config.patches_per_side
+        self.patch_embedding = nn.Conv2d(config.num_channels, d, kernel_size=p, stride=p)
+        self.position_embedding = nn.Embedding(self.patches_per_side ** 2, d)
         self._identity: bool | None = None
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None) -> torch.Tensor:
@@ -74,10 +79,11 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
+        hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden_size // self.num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
@@ -97,22 +103,22 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class VisionEncoderLayer(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, eps: float) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(hidden_size, eps=eps)
-        self.self_attn = VisionAttention(hidden_size, num_heads)
-        self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps)
-        self.mlp = VisionMLP(hidden_size, intermediate_size)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionMLP(config)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), key_mask)
@@ -120,11 +126,9 @@ class VisionEncoderLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int,
-                 eps: float) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            VisionEncoderLayer(hidden_size, intermediate_size, num_heads, eps) for _ in range(num_layers))
+        self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
@@ -135,15 +139,12 @@ class VisionEncoder(nn.Module):
 class VisionTransformer(nn.Module):
     """Frames [N, C, H, W] (+ optional pixel mask [N, H, W]) -> patch features [N, hp*wp, D]."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
-                 num_attention_heads: int, image_size: int, patch_size: int, num_channels: int = 3,
-                 layer_norm_eps: float = 1e-6) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.embeddings = VisionEmbeddings(hidden_size, image_size, patch_size, num_channels)
-        self.encoder = VisionEncoder(num_hidden_layers, hidden_size, intermediate_size, num_attention_heads,
-                                     layer_norm_eps)
-        self.post_layernorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.patch_size = config.patch_size
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = VisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
         patch_mask = None

@@ -1,0 +1,146 @@
+"""The kernel backend: which implementation runs each hot op of one model, why, and what memory it owns.
+
+    backend = install_backend(model, "auto")   # or "torch": the plain PyTorch path everywhere
+    print("\\n".join(backend.describe()))       # one line per op: implementation and reason
+    engine = Engine(model, backend=backend)    # the engine asks it for a fused decoder
+    backend.remove()                           # the model as it was
+
+Installing is the one explicit step that changes a model for speed, and it happens once, at load
+(`idefics3.load_model` / `AutoModelForVision2Seq.from_pretrained(..., backend="auto")`) or where the caller
+calls it. On CPU it replaces the vision encoder's layers and the decoder's attention modules by fused views
+(model/replace.py: same parameters and names, forward through oneDNN epilogues and our C++ attention), and it
+hands the engine a fused decode step (cpu_decode.py) per KV cache. Everything derived from the weights
+(stacked q/k/v, packed decode matrices) lives in the backend's `DerivedWeights`, so `nbytes()` reports it.
+Each op's choice is made here by capability (device, dtype, CPU features, a successful build) and recorded
+with its reason; `idefics3 info` prints them. Nothing else in the package changes a model behind its back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..model.kv_cache import KVCache
+from ..model.replace import Replacements, replace_modules
+from . import cpu_attention, cpu_decode
+from .build import ENV_SWITCH, kernels_enabled
+from .cpu_text import MIN_QUERIES, text_replacement
+from .cpu_vision import VisionKernels, vision_replacement
+from .derived import DerivedWeights
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "torch")
+TORCH = "torch"
+
+
+@dataclass
+class OpChoice:
+    op: str      # "vision layers", "vision attention", "prefill attention", "decode"
+    impl: str    # what runs it ("torch" for the plain path)
+    reason: str  # why
+
+
+@dataclass
+class Backend:
+    """What `install_backend` chose for one model (see the module docstring)."""
+
+    requested: str
+    choices: dict[str, OpChoice] = field(default_factory=dict)
+    derived: DerivedWeights = field(default_factory=DerivedWeights)
+    replacements: Replacements = field(default_factory=Replacements)
+
+    def choose(self, op: str, impl: str, reason: str) -> None:
+        self.choices[op] = OpChoice(op, impl, reason)
+        log.debug("%s: %s (%s)", op, impl, reason)
+
+    def impl(self, op: str) -> str:
+        choice = self.choices.get(op)
+        return choice.impl if choice is not None else TORCH
+
+    def decoder_for(self, model: nn.Module, cache: KVCache) -> cpu_decode.CpuDecoder | None:
+        """A fused decode step over the model's decoder and `cache`, or None (plain path) where the decode op
+        is not on the kernel or this model/cache no longer fits it (LoRA injected since, another cache dtype)."""
+        if self.impl("decode") == TORCH:
+            return None
+        parts = cpu_decode.DecoderParts.of(model)
+        reason = cpu_decode.unsupported_reason(parts, cache)
+        if reason is not None:
+            log.info("fused CPU decode off for this engine: %s", reason)
+            return None
+        return cpu_decode.CpuDecoder(parts, cache, cpu_decode.load_library(), self.derived)
+
+    def nbytes(self) -> int:
+        """Memory of the weights derived for the kernels (packed and stacked copies)."""
+        return self.derived.nbytes()
+
+    def describe(self) -> list[str]:
+        """One line per op: its implementation and why."""
+        lines = [f"{c.op + ':':<19} {c.impl} ({c.reason})" for c in self.choices.values()]
+        return lines + [f"{'derived weights:':<19} {self.nbytes() / 2**20:.1f} MiB"]
+
+    def remove(self) -> None:
+        """Put the model's own modules back and free the derived weights."""
+        self.replacements.undo()
+        self.derived.clear()
+        for op in list(self.choices):
+            self.choose(op, TORCH, "backend removed")
+
+
+def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
+    """Choose and install the implementation of each hot op for `model` as it is now (device, dtype).
+
+    backend "torch" changes nothing (every op on the plain path); "auto" takes our kernels wherever this machine
+    and model can run them. Call it once the weights are final (after `.to(...)`; LoRA injected later simply
+    turns the affected kernels off again)."""
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    result = Backend(backend)
+    ops = ("vision layers", "vision attention", "prefill attention", "decode")
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    why_not = _machine_reason(backend, device)
+    if why_not is not None:
+        for op in ops:
+            result.choose(op, TORCH, why_not)
+        return result
+    v, t = model.config.vision_config, model.config.text_config
+    attention_reason = cpu_attention.unsupported_reason(dtype, device, v.hidden_size // v.num_attention_heads)
+    vision_dtype = model.model.vision_model.post_layernorm.weight.dtype
+    if vision_dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        result.choose("vision layers", TORCH, f"oneDNN fused linears need fp32 or bf16 with oneDNN ({vision_dtype})")
+        result.choose("vision attention", TORCH, "the vision layers are not fused")
+    else:
+        kernels = VisionKernels(result.derived, attention_kernel=attention_reason is None)
+        result.replacements.changed += replace_modules(model, vision_replacement(kernels)).changed
+        result.choose("vision layers", "oneDNN linears with bias, GELU and residual in the epilogues",
+                      "inference on CPU; training and LoRA layers take the plain path")
+        result.choose("vision attention", "torch" if attention_reason else "C++ flash attention (AVX512-BF16)",
+                      attention_reason or "bf16 on a CPU with AVX512-BF16")
+    text_reason = cpu_attention.unsupported_reason(dtype, device, t.head_dim)
+    if text_reason is None:
+        memo = cpu_attention.LimitsMemo()
+        result.replacements.changed += replace_modules(model, text_replacement(memo)).changed
+        result.choose("prefill attention", "C++ flash attention (AVX512-BF16)",
+                      f"prompts of {MIN_QUERIES}+ tokens, bf16 on a CPU with AVX512-BF16")
+    else:
+        result.choose("prefill attention", TORCH, text_reason)
+    decode_reason = cpu_decode.unsupported_reason(cpu_decode.DecoderParts.of(model))
+    if decode_reason is None:
+        isa = "AVX512-BF16" if dtype == torch.bfloat16 else "AVX-512 FMA"
+        result.choose("decode", f"fused C++ decode step ({isa})", "one call per token over the model's weights")
+    else:
+        result.choose("decode", TORCH, decode_reason)
+    return result
+
+
+def _machine_reason(backend: str, device: torch.device) -> str | None:
+    if backend == TORCH:
+        return "backend 'torch' asked for"
+    if not kernels_enabled():
+        return f"{ENV_SWITCH}=0"
+    if device.type != "cpu":
+        return f"the model is on {device.type}; the kernels are for CPUs"
+    return None

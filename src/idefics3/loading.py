@@ -1,0 +1,184 @@
+"""One way in: name a model, load it and its processor, ask it something.
+
+    model = load_model("HuggingFaceTB/SmolVLM-256M-Instruct", dtype="bf16")   # kernels installed: backend="auto"
+    processor = load_processor(model.checkpoint_dir, longest_edge=1024)
+    text = ask(model, processor, "What is in this image?", images=[image])
+
+Everything above this module (the CLI, the demo, fine-tuning, the benches and tests) loads and asks through
+it, so a model reference, a dtype name and a device mean the same everywhere. It also defines what users load,
+`Idefics3ForConditionalGeneration`: the network of model/idefics3.py plus the model card's conveniences
+(`from_pretrained` that installs the kernel backend, `generate`, an image-feature cache), exported as
+`idefics3.Idefics3ForConditionalGeneration` and `AutoModelForVision2Seq`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import DEMO_MODEL
+from .compat import ANY, take_neutral
+from .device import default_dtype
+from .dtypes import to_torch_dtype
+from .generation.encoder_cache import EncoderCache
+from .generation.generate import generate
+from .generation.streamer import IncrementalDecoder
+from .hub import resolve_model_path
+from .kernels.backend import Backend, install_backend
+from .model.idefics3 import Idefics3
+from .processing.processor import Idefics3Processor
+
+MODEL_ENV = "IDEFICS3_MODEL"
+DEVICES = ("cpu", "cuda", "mps")
+
+# transformers' from_pretrained arguments that change nothing here (compat.py)
+_NEUTRAL_LOAD = {"trust_remote_code": ANY, "low_cpu_mem_usage": ANY, "use_safetensors": True,
+                 "attn_implementation": ANY, "_attn_implementation": ANY, "local_files_only": ANY}
+
+
+class Idefics3ForConditionalGeneration(Idefics3):
+    """The Idefics3 network with the model card's conveniences (see the module docstring).
+
+    backend: the kernel backend installed at load (kernels/backend.py), or None for the plain path.
+    encoder_cache: image features of recent images, so `generate` skips the encoder for a repeated image.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.backend: Backend | None = None
+        self.encoder_cache: EncoderCache | None = EncoderCache()
+
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, dtype: torch.dtype | str | None = None,  # type: ignore[override]
+                        device: torch.device | str | None = None, revision: str | None = None, *,
+                        torch_dtype: torch.dtype | str | None = None, backend: str = "auto",
+                        device_map: str | None = None, **transformers_args: Any
+                        ) -> "Idefics3ForConditionalGeneration":
+        """Load a checkpoint folder or Hub id and install the kernel backend ("auto": our CPU kernels where
+        they run, "torch": the plain path). dtype (alias torch_dtype): a torch dtype, a name, or "auto" (the
+        checkpoint's; fp32 on CPUs without bf16). device (or a device_map naming one device) defaults to the CPU.
+        transformers' neutral arguments are accepted; any other keyword raises, naming it."""
+        take_neutral("from_pretrained", transformers_args, _NEUTRAL_LOAD)
+        if device_map is not None:
+            if device is not None or not isinstance(device_map, str) or device_map == "auto":
+                raise ValueError(f"device_map={device_map!r}: give one device (device='cuda' or device_map='cuda')")
+            device = device_map
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
+        model = super().from_pretrained(ref, dtype if dtype is not None else torch_dtype, device, revision)
+        model.backend = install_backend(model, backend)
+        return model
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """Prompt + new token ids, like transformers' generate; see `idefics3.generation.generate`."""
+        return generate(self, **kwargs)
+
+
+AutoModelForVision2Seq = Idefics3ForConditionalGeneration
+
+
+# ---- naming and loading ---------------------------------------------------------------------------------
+def resolve_model(ref: str | os.PathLike | None = None) -> Path:
+    """The checkpoint folder of `ref`, else of $IDEFICS3_MODEL, else the built-in demo model (Hub ids are
+    fetched through huggingface_hub's cache). Raises FileNotFoundError naming what is missing."""
+    ref = ref or os.environ.get(MODEL_ENV) or (str(DEMO_MODEL) if DEMO_MODEL.is_dir() else None)
+    if not ref:
+        raise FileNotFoundError(f"no model given: pass a checkpoint folder or Hub id (or set {MODEL_ENV})")
+    folder = resolve_model_path(ref)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not an Idefics3 checkpoint: it has no config.json")
+    return folder
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, checked to exist here; by default CUDA when available, else the CPU."""
+    name = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {name!r} (use one of: {', '.join(DEVICES)})")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but CUDA is not available")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps was asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None, backend: str = "auto"
+               ) -> Idefics3ForConditionalGeneration:
+    """Load for inference: dtype a torch dtype or name ("bf16", "fp16", "fp32"; default: bf16 on CUDA and on
+    CPUs with bf16 instructions, else fp32; "auto": the checkpoint's), device as `pick_device`, and the kernel
+    backend ("auto" or "torch")."""
+    folder = resolve_model(ref)
+    target = pick_device(device)
+    if dtype is None:
+        dtype = default_dtype(target)
+    elif dtype != "auto":
+        dtype = to_torch_dtype(dtype)
+    return Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=target,
+                                                            backend=backend).eval()
+
+
+def load_processor(ref: str | os.PathLike | None = None, longest_edge: int | None = None,
+                   split: bool = True) -> Idefics3Processor:
+    """The checkpoint's processor; longest_edge (pixels) and split=False lower the image tokens."""
+    overrides: dict[str, Any] = {}
+    if longest_edge is not None:
+        if longest_edge <= 0:
+            raise ValueError(f"longest_edge must be a positive number of pixels, got {longest_edge}")
+        overrides["size"] = {"longest_edge": longest_edge}
+    if not split:
+        overrides["do_image_splitting"] = False
+    return Idefics3Processor.from_pretrained(resolve_model(ref), **overrides)
+
+
+# ---- asking -----------------------------------------------------------------------------------------------
+def user_turn(prompt: str, n_images: int) -> dict[str, Any]:
+    """One user message: the images first, unless the prompt places `<image>` itself (once per image)."""
+    if "<image>" not in prompt:
+        return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}
+    pieces = prompt.split("<image>")
+    if len(pieces) - 1 != n_images:
+        raise ValueError(f"the prompt places {len(pieces) - 1} <image> but {n_images} images were given")
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return {"role": "user", "content": parts}
+
+
+def ask(model: Idefics3, processor: Idefics3Processor, prompt: str | list[dict[str, Any]],
+        images: list[Any] | None = None, on_text: Callable[[str], None] | None = None,
+        **settings: Any) -> str:
+    """The model's answer (special tokens skipped, leading space trimmed) to a question or a conversation.
+
+    prompt: a question (the images go before it, or where it places `<image>`) or a list of chat messages.
+    on_text: called with each new piece of the answer as it is generated (streaming).
+    settings: generate's (max_new_tokens, do_sample, temperature, top_p, seed, ...); greedy by default."""
+    images = list(images or [])
+    messages = [user_turn(prompt, len(images))] if isinstance(prompt, str) else prompt
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=text, images=images or None, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    decoder = IncrementalDecoder(processor.tokenizer, skip_special_tokens=True)
+    pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        if not pieces:
+            piece = piece.lstrip()  # the answer follows "Assistant:" with a space
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    settings.setdefault("do_sample", False)
+    with torch.inference_mode():
+        generate(model, **inputs, callback=lambda row, token: emit(decoder.push(token)), **settings)
+    emit(decoder.flush())
+    return "".join(pieces).rstrip()
