@@ -77,7 +77,8 @@ def test_generate_samples_what_generate_samples_with_the_same_seed(tiny_checkpoi
 
 
 def test_chat_through_stdin(tiny_checkpoint, image_file):
-    script = f"Hello there\n/image {image_file}\nWhat is in it?\n/image /no/such.png\n/frobnicate\n/reset\nAgain\n/quit\nnever\n"
+    script = (f"Hello there\n/image {image_file}\nWhat is in it?\n/image /no/such.png\n/frobnicate\n/reset\n"
+              "Again\n/quit\nnever\n")
     res = cli("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", str(NEW), stdin=script)
     assert res.returncode == 0, res.stderr
     first = expected_answer(tiny_checkpoint, [user("Hello there")], [])
@@ -97,6 +98,19 @@ def test_info(tiny_checkpoint):
     assert "up to 5 tiles x 4 = 20 image tokens" in res.stdout
     res = cli("info", "--model", str(tiny_checkpoint), "--no-split")
     assert "up to 1 tile x 4 = 4 image tokens" in res.stdout
+
+
+def test_info_shows_the_kernel_backend_choices(tiny_checkpoint):
+    res = cli("info", "--model", str(tiny_checkpoint), "--dtype", "fp32")
+    assert res.returncode == 0, res.stderr
+    assert "kernels:" in res.stdout and "torch 2." in res.stdout and "dtype float32" in res.stdout
+    for op in ("vision layers:", "vision attention:", "prefill attention:", "decode:", "derived weights:"):
+        assert op in res.stdout, op
+    assert "no kernel for torch.float32" in res.stdout  # the attention kernels are bf16 only: the reason shows
+    off = subprocess.run([sys.executable, "-m", "idefics3.cli", "info", "--model", str(tiny_checkpoint)],
+                         capture_output=True, text=True, env={**os.environ, "IDEFICS3_KERNELS": "0"})
+    assert off.stdout.count("IDEFICS3_KERNELS=0") == 4, off.stdout
+    assert "kernels:" not in cli("info", "--model", str(tiny_checkpoint), "--no-backend").stdout
 
 
 @pytest.mark.parametrize("case", ["missing image", "unreadable image", "not a checkpoint", "no such folder",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from checkpoints import to_4x_config, tiny_config
+from checkpoints import tiny_config, to_4x_config
 from idefics3 import ConfigError, Idefics3Config
 from idefics3.presets import preset
 

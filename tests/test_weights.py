@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import build_hf_model, save_checkpoint, tiny_config
-from inputs import pixels, prompt
 from idefics3 import Idefics3ForConditionalGeneration, ModelNotFoundError, WeightsError
+from inputs import pixels, prompt
 
 
 def logits(model, ids, pv):

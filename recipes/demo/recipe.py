@@ -61,7 +61,6 @@ from .dataset import TRAIN_WEIGHTS, write_dataset, write_examples
 from .random_checkpoint import write_checkpoint
 from .widen import widen
 
-
 REPOSITORY = Path(__file__).resolve().parents[2]
 PACKAGED = REPOSITORY / "src" / "idefics3" / "demo" / "model"  # what --install overwrites
 TILE = 32
@@ -212,7 +211,8 @@ def main() -> None:
     stage("edges", args.edge_steps, POSITION_ARGS, position(EDGE_SEED_OFFSET, args.edge_steps, 0, "edges.jsonl"))
     stage("compared", args.compare_steps, POSITION_ARGS,
           position(COMPARE_SEED_OFFSET, args.compare_steps, COMPARE_TURNS, "compare.jsonl", args.replay))
-    stage("focused", args.focus_steps, FOCUS_ARGS, mix(FOCUS_SEED_OFFSET, args.focus_steps, FOCUS_WEIGHTS, "focus.jsonl"))
+    stage("focused", args.focus_steps, FOCUS_ARGS,
+          mix(FOCUS_SEED_OFFSET, args.focus_steps, FOCUS_WEIGHTS, "focus.jsonl"))
     stage("polished", args.polish_steps, POLISH_ARGS,
           mix(POLISH_SEED_OFFSET, args.polish_steps, POLISH_WEIGHTS, "polish.jsonl"))
     installed = install(model, work / "model")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-split", action="store_true", help="do not cut images into tiles (one frame each)")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--dtype", choices=SHORT_NAMES, help="weights dtype (default: bf16 on cuda and on CPUs with bf16 instructions, else fp16 on mps, fp32)")
+    run.add_argument("--dtype", choices=SHORT_NAMES,
+                     help="weights dtype (default: bf16 on cuda and on CPUs with bf16 instructions, fp16 on mps, "
+                          "else fp32)")
     run.add_argument("--device", choices=list(DEVICES), help="default: cuda if available, else cpu")
     run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     run.add_argument("--temperature", type=float, metavar="T", help="sample with temperature T (0: greedy)")
@@ -254,7 +255,6 @@ def _attach(source: str, pending: list[Any]) -> None:
 # ---- info ---------------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import Idefics3Config
-
     from .loading import load_processor
 
     folder = model_folder(args)
@@ -317,7 +317,8 @@ def describe(folder: Path, config: Any, processor: Any) -> list[str]:
         f"({t.num_key_value_heads} kv), vocab {t.vocab_size}, context {t.max_position_embeddings}",
         f"parameters:  {_human(total)} ({parts})" + (f", weights {config.torch_dtype}" if config.torch_dtype else ""),
         f"resolution:  longest edge {edge} px, splitting {split}",
-        f"per image:   up to {frames} tile{'s' if frames != 1 else ''} x {config.image_seq_len} = {image_tokens} image tokens "
+        f"per image:   up to {frames} tile{'s' if frames != 1 else ''} x {config.image_seq_len} = {image_tokens} "
+        f"image tokens "
         f"({len(ids)} prompt tokens with the tile markers)",
     ]
 

@@ -113,7 +113,7 @@ class Idefics3Config:
 
     # ---- reading ----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Idefics3Config":
+    def from_dict(cls, raw: dict[str, Any]) -> Idefics3Config:
         raw = _strip_underscores(raw)
         model_type = raw.get("model_type")
         if model_type is None:
@@ -140,7 +140,7 @@ class Idefics3Config:
                    extra=extra, **top)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Idefics3Config":
+    def from_pretrained(cls, folder: str | Path) -> Idefics3Config:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{str(folder)!r} is not a checkpoint folder: no config.json in it")

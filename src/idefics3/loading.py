@@ -57,7 +57,7 @@ class Idefics3ForConditionalGeneration(Idefics3):
                         device: torch.device | str | None = None, revision: str | None = None, *,
                         torch_dtype: torch.dtype | str | None = None, backend: str = "auto",
                         device_map: str | None = None, **transformers_args: Any
-                        ) -> "Idefics3ForConditionalGeneration":
+                        ) -> Idefics3ForConditionalGeneration:
         """Load a checkpoint folder or Hub id and install the kernel backend ("auto": our CPU kernels where
         they run, "torch": the plain path). dtype (alias torch_dtype): a torch dtype, a name, or "auto" (the
         checkpoint's; fp32 on CPUs without bf16). device (or a device_map naming one device) defaults to the CPU.

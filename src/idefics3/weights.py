@@ -13,8 +13,8 @@ import contextlib
 import json
 import logging
 import os
-import struct
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +155,8 @@ def _check_keys(model: torch.nn.Module, found: dict[str, tuple[list[int], Path]]
     unexpected = sorted(set(found) - set(expected) - ({"lm_head.weight"} if tied else set()))
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        more = " ..." if len(missing) > 20 else ""
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{more}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
                         f"{' ...' if len(unexpected) > 20 else ''}")

@@ -9,10 +9,10 @@ import shutil
 import subprocess
 
 import pytest
+from safetensors.torch import load_file
 
 from idefics3.finetune import finetune
 from idefics3.finetune.report import read_metrics
-from safetensors.torch import load_file
 
 STEPS = dict(max_steps=3, lr=3e-3, warmup=1, lora_r=4, lora_dropout=0.0, no_split=True, seed=1)
 

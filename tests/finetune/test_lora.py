@@ -11,8 +11,15 @@ import torch
 
 from finetune.finetune_data import colour_image
 from idefics3 import Idefics3ForConditionalGeneration
-from idefics3.finetune.lora import (LoraSettings, LoRALinear, inject_lora, load_adapter, lora_modules, merge_lora,
-                                    save_adapter)
+from idefics3.finetune.lora import (
+    LoRALinear,
+    LoraSettings,
+    inject_lora,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+    save_adapter,
+)
 
 
 @pytest.fixture(scope="module")

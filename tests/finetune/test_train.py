@@ -19,8 +19,8 @@ from idefics3 import Idefics3ForConditionalGeneration
 from idefics3.finetune import checkpoint as ckpt
 from idefics3.finetune import finetune, recompute
 from idefics3.finetune.collate import collate
-from idefics3.finetune.encode import ConversationEncoder
 from idefics3.finetune.data import open_source
+from idefics3.finetune.encode import ConversationEncoder
 from idefics3.finetune.objective import TokenLoss
 from idefics3.finetune.report import read_metrics
 
@@ -51,7 +51,8 @@ def test_loss_halves_on_a_small_task_and_outputs_are_complete(tmp_path, tiny_che
     assert result.eval_loss == rows[9]["eval_loss"] < rows[4]["eval_loss"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "README.md"):
         assert (tmp_path / name).is_file(), name
-    assert "idefics3 finetune" in (tmp_path / "README.md").read_text() or "Python API" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "idefics3 finetune" in card or "Python API" in card
     trained = Idefics3ForConditionalGeneration.from_pretrained(tmp_path)
     base = Idefics3ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     assert torch.equal(trained.model.vision_model.post_layernorm.weight, base.model.vision_model.post_layernorm.weight)

@@ -156,3 +156,15 @@ def test_text_declines_masks_that_are_not_a_prefix():
     with torch.inference_mode():
         assert text_attention(q, k, v, causal, False) is not None
         assert text_attention(q, k, v, left_padded, False) is None
+
+
+def test_a_first_build_says_so_once(monkeypatch, caplog):
+    """A build that is not yet in the extension cache logs one line (the CLI shows it) before compiling."""
+    monkeypatch.setattr(build, "_built_before", lambda name, source: False)
+    caplog.set_level("INFO", logger="idefics3.kernels.build")
+    build.compile_library.__wrapped__("idefics3_cpu_attention", cpu_attention.SOURCE)
+    assert caplog.text.count("compiling CPU kernels") == 1
+    caplog.clear()
+    monkeypatch.setattr(build, "_built_before", lambda name, source: True)
+    build.compile_library.__wrapped__("idefics3_cpu_attention", cpu_attention.SOURCE)
+    assert "compiling" not in caplog.text

@@ -10,19 +10,18 @@ the CPU lacks the instructions.
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 
 from checkpoints import tiny_config
-from inputs import engine_tokens
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
 from idefics3.device import cpu_flags
 from idefics3.generation.engine import Request
 from idefics3.kernels import build, cpu_decode
 from idefics3.kernels.backend import install_backend
 from idefics3.kernels.cpu_decode import CpuDecoder, DecoderParts, load_library
+from inputs import engine_tokens
 
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
 BF16 = AVX512 and "avx512_bf16" in cpu_flags()

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from checkpoints import tiny_config
-from inputs import engine_tokens
+from fusing import fuse_text
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration
 from idefics3.kernels import cpu_attention
-from fusing import fuse_text
 from idefics3.kernels.backend import install_backend
 from idefics3.kernels.cpu_text import FusedTextAttention
+from inputs import engine_tokens
 
 TEXT = {"vocab_size": 1001, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 32, "intermediate_size": 256, "num_hidden_layers": 2}

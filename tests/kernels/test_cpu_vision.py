@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 
 from checkpoints import tiny_config
+from fusing import fuse_vision
 from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
 from idefics3.finetune.lora import LoraSettings, inject_lora
 from idefics3.kernels import cpu_vision
-from fusing import fuse_vision
 from idefics3.kernels.backend import install_backend
 from idefics3.kernels.cpu_vision import FusedLinear, FusedVisionMLP, VisionKernels
 from idefics3.kernels.derived import DerivedWeights

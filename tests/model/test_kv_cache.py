@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from inputs import pixels, prompt
 from idefics3 import Idefics3ForConditionalGeneration
+from inputs import pixels, prompt
 
 
 def load(tiny_checkpoint):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from checkpoints import SMOLVLM_IMAGE_TOKEN, build_hf_model, save_checkpoint, tiny_config
-from inputs import assert_close, pixels, prompt
 from idefics3 import Idefics3ForConditionalGeneration
+from inputs import assert_close, pixels, prompt
 
 IMG = SMOLVLM_IMAGE_TOKEN
 

@@ -253,7 +253,7 @@ def test_batch_feature():
 
     assert model(**features) == (torch.Size([2, 2]), torch.Size([2, 1, 3, 4, 4]))
     with pytest.raises(AttributeError, match="no field 'labels'"):
-        features.labels
+        _ = features.labels
     with pytest.raises(ValueError, match="return_tensors must be one of"):
         BatchFeature({"input_ids": [[1]]}, tensor_type="tf")
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import idefics3
 from recipes.demo.recipe import MODEL_FILES
+
+import idefics3
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "idefics3"
 

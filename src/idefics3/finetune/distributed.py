@@ -126,8 +126,11 @@ def load_training_state(model: nn.Module, wrapped: nn.Module, optimizer: torch.o
                         trainable: dict[str, torch.Tensor], optimizer_state: dict[str, Any], sharded: bool) -> None:
     """Put checkpointed trainable weights and optimiser state back (every rank reads the same full state)."""
     if sharded:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(wrapped, {"model." + k: v for k, v in trainable.items()}, options=options)

@@ -107,7 +107,8 @@ class ConversationEncoder:
         images = []
         for src in sources:
             try:
-                images.append(load_image(src, timeout=self.processor.load_timeout, max_pixels=self.processor.max_pixels))
+                images.append(load_image(src, timeout=self.processor.load_timeout,
+                                         max_pixels=self.processor.max_pixels))
             except ImageLoadError as err:
                 reason = "missing image" if "not an existing file" in str(err) else "undecodable image"
                 raise BadRow(reason, str(err)) from err

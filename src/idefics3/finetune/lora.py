@@ -1,13 +1,15 @@
-"""LoRA by composition: wrap chosen `nn.Linear` modules of a built model, save and load PEFT-format adapters, merge.
+"""LoRA by composition: wrap chosen `nn.Linear` modules of a built model, save and load PEFT-format adapters,
+merge.
 
-`inject_lora(model, settings)` swaps each targeted Linear for a `LoRALinear` that keeps the original layer as
-`base_layer` and adds `lora_A` (in -> r) and `lora_B` (r -> out); the model's code never learns about it. The
-layout, the initialisation (Kaiming-uniform A, zero B, so step 0 is the base model) and the names equal PEFT's,
-so an adapter saved here (`adapter_config.json` + `adapter_model.safetensors`, keys
-`base_model.model.<module>.lora_A.weight`) loads with `peft.PeftModel.from_pretrained` on transformers' model,
-and a PEFT adapter loads here. Target selection follows PEFT's rules: a list of names matches a module whose
-name equals an entry or ends with "." + entry, a string is a regular expression matched against the full name,
-and "all-linear" means every Linear but the output head. Adapters are kept in float32 whatever the base dtype.
+`inject_lora(model, settings)` replaces each targeted Linear (through model/replace.py, the one way features
+change a model) by a `LoRALinear` that keeps the original layer as `base_layer` and adds `lora_A` (in -> r)
+and `lora_B` (r -> out); the model's code never learns about it. The layout, the initialisation (Kaiming-
+uniform A, zero B, so step 0 is the base model) and the names equal PEFT's, so an adapter saved here
+(`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`) loads
+with `peft.PeftModel.from_pretrained` on transformers' model, and a PEFT adapter loads here. Target selection
+follows PEFT's rules: a list of names matches a module whose name equals an entry or ends with "." + entry, a
+string is a regular expression matched against the full name, and "all-linear" means every Linear but the
+output head. Adapters are kept in float32 whatever the base dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..model.replace import replace_modules
 from .parts import DEFAULT_TARGETS, PARTS
 
 log = logging.getLogger(__name__)
@@ -117,14 +120,10 @@ def select_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
         chosen = [n for n in linears if matches_peft(n, settings.targets)]
     chosen = [n for n in chosen if part_of(n) not in settings.exclude_parts]
     if not chosen:
+        endings = sorted({n.rsplit('.', 1)[-1] for n in linears})
         raise ValueError(f"no Linear module matches the LoRA targets {settings.targets!r} outside the frozen "
-                         f"parts {list(settings.exclude_parts)}; Linear names end in e.g. {sorted({n.rsplit('.', 1)[-1] for n in linears})}")
+                         f"parts {list(settings.exclude_parts)}; Linear names end in e.g. {endings}")
     return chosen
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def inject_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
@@ -134,9 +133,9 @@ def inject_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     if tied and "lm_head" in names:
         raise ValueError("lm_head shares its weight with the input embeddings (tie_word_embeddings); "
                          "LoRA on it is not supported")
-    for name in names:
-        _set_module(model, name, LoRALinear(model.get_submodule(name), settings.r, settings.scaling,
-                                            settings.dropout))
+    chosen = set(names)
+    replace_modules(model, lambda name, module: LoRALinear(module, settings.r, settings.scaling, settings.dropout)
+                    if name in chosen else None)
     log.info("LoRA r=%d alpha=%g on %d Linear modules", settings.r, settings.alpha, len(names))
     return names
 
@@ -251,9 +250,9 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += scaling·B@A, in float32) and put the plain Linear back."""
     with torch.no_grad():
-        for name, module in lora_modules(model).items():
+        for module in lora_modules(model).values():
             base = module.base_layer
             base.weight.copy_((base.weight.float() + module.delta_weight().to(base.weight.device))
                               .to(base.weight.dtype))
-            _set_module(model, name, base)
+    replace_modules(model, lambda name, module: module.base_layer if isinstance(module, LoRALinear) else None)
     return model

@@ -5,8 +5,9 @@ function `forward` and the engine's prefill use: token embeddings with the image
 decoder, and `next_token_loss` (the same loss as `forward(labels=...)`), which applies the output head only
 where a label exists instead of producing [B, T, V] logits for every position: with the loss on the
 assistant's answers that is a few dozen rows instead of thousands, which saves most of the head's time and
-memory. It returns the *sum* of the token losses; the loop divides by the number of labelled tokens in the whole optimiser step (over
-accumulation and ranks), so the update does not depend on how a step is split into micro-batches or processes.
+memory. It returns the *sum* of the token losses; the loop divides by the number of labelled tokens in the
+whole optimiser step (over accumulation and ranks), so the update does not depend on how a step is split
+into micro-batches or processes.
 
 Under FSDP every rank must run the same modules in the same order (each sharded layer all-gathers its weights),
 so with `always_run_vision` a batch without images still runs the vision tower on one dummy frame and adds

@@ -66,7 +66,8 @@ def model_card(config: dict[str, Any], summary: dict[str, Any]) -> str:
               f"{summary['world_size']} process(es)), epochs seen: {summary['epochs']:.2f}",
               f"- optimiser: AdamW, lr {config['lr']}, warmup {summary.get('warmup_steps', config['warmup'])} steps, "
               f"{config['schedule']} decay, weight decay {config['weight_decay']}, clip {config['max_grad_norm']}",
-              f"- frozen parts: {', '.join(config['freeze']) or 'none'}; dtype {summary['dtype']}; seed {config['seed']}",
+              f"- frozen parts: {', '.join(config['freeze']) or 'none'}; dtype {summary['dtype']}; "
+              f"seed {config['seed']}",
               f"- final training loss: {summary['final_loss']}" +
               (f"; final eval loss: {summary['eval_loss']}" if summary.get("eval_loss") is not None else ""),
               "", "## Use", ""]
@@ -77,7 +78,8 @@ def model_card(config: dict[str, Any], summary: dict[str, Any]) -> str:
                   f"load_adapter(model, '{out}/adapter')  # or: merge_lora(model) after it",
                   f"processor = Idefics3Processor.from_pretrained('{out}')", "```", "",
                   f"With transformers + peft: `PeftModel.from_pretrained(base_model, '{out}/adapter')`. To write a "
-                  f"plain checkpoint: `idefics3 merge --model {config['model']} --adapter {out}/adapter --output merged/`."]
+                  f"plain checkpoint: `idefics3 merge --model {config['model']} --adapter {out}/adapter "
+                  f"--output merged/`."]
     else:
         lines += ["```python", "from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor", "",
                   f"model = Idefics3ForConditionalGeneration.from_pretrained('{out}')",

@@ -73,7 +73,7 @@ class GenerationConfig:
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "GenerationConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> GenerationConfig:
         """Build from a generation_config.json dict; `null` values keep the defaults, unknown keys go to extra."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names and v is not None}
@@ -81,7 +81,7 @@ class GenerationConfig:
         return cls(**known, extra=extra)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "GenerationConfig":
+    def from_pretrained(cls, folder: str | Path) -> GenerationConfig:
         """Read `folder/generation_config.json` (defaults when absent) and add `<end_of_utterance>` to the eos ids."""
         folder = Path(folder)
         path = folder / "generation_config.json"
@@ -101,7 +101,7 @@ class GenerationConfig:
         return config
 
     @classmethod
-    def for_model(cls, model: Any) -> "GenerationConfig":
+    def for_model(cls, model: Any) -> GenerationConfig:
         """The model's defaults: its checkpoint's generation_config.json, else the text config's ids."""
         text = model.config.text_config
         folder = getattr(model, "checkpoint_dir", None)
@@ -114,7 +114,7 @@ class GenerationConfig:
             config.bos_token_id = text.bos_token_id
         return config
 
-    def update(self, **overrides: Any) -> "GenerationConfig":
+    def update(self, **overrides: Any) -> GenerationConfig:
         """A copy with the given fields replaced; `None` values are ignored, unknown names raise TypeError."""
         names = {f.name for f in dataclasses.fields(self)} - {"extra"}
         unknown = sorted(set(overrides) - names)

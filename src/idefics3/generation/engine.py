@@ -75,7 +75,7 @@ class _Sequence:
     generator: torch.Generator | None
     slot: int = -1
     generated: list[int] = field(default_factory=list)
-    same_prompt_as: "_Sequence | None" = None  # prefilled by that sequence; its slot holds the same prompt
+    same_prompt_as: _Sequence | None = None  # prefilled by that sequence; its slot holds the same prompt
 
     @property
     def total_len(self) -> int:
@@ -301,7 +301,7 @@ class _DecodeBatch:
     shared: torch.Tensor | None  # [R, 2] (slot, length) where a row's prompt is read from; None if nowhere
 
     @classmethod
-    def build(cls, seqs: list[_Sequence], device: torch.device) -> "_DecodeBatch":
+    def build(cls, seqs: list[_Sequence], device: torch.device) -> _DecodeBatch:
         def col(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 

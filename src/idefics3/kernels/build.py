@@ -51,7 +51,7 @@ def _built_before(name: str, source: Path) -> bool:
     return any(lib.stat().st_mtime >= mtime for lib in folder.glob(f"{name}*.so"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compile_library(name: str, source: Path) -> ctypes.CDLL | str:
     """The compiled library of `source` (built once per machine, loaded once per process), or why it could not
     be built."""

@@ -70,7 +70,7 @@ class DecoderParts:
     config: TextConfig
 
     @classmethod
-    def of(cls, model: nn.Module) -> "DecoderParts":
+    def of(cls, model: nn.Module) -> DecoderParts:
         """The parts of an Idefics3 model (`model.model.text_model`, `model.lm_head`, its text config)."""
         return cls(model.model.text_model, model.lm_head, model.config.text_config)
 

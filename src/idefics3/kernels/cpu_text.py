@@ -29,7 +29,7 @@ class FusedTextAttention(Attention):
     memo: LimitsMemo  # shared by the backend's text attention modules: one mask check per forward
 
     @classmethod
-    def of(cls, module: Attention, memo: LimitsMemo) -> "FusedTextAttention":
+    def of(cls, module: Attention, memo: LimitsMemo) -> FusedTextAttention:
         view = view_as(module, cls)
         view.memo = memo
         return view

@@ -175,7 +175,7 @@ class Idefics3(nn.Module):
     # ---- files ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, ref: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None, revision: str | None = None) -> "Idefics3":
+                        device: torch.device | str | None = None, revision: str | None = None) -> Idefics3:
         """Load a checkpoint folder or Hub id: dtype a torch dtype, its name, or "auto" (the default: the
         dtype the checkpoint was saved in, fp32 on CPUs without bf16 instructions)."""
         return load_pretrained(cls, ref, dtype, device, revision)

@@ -53,14 +53,20 @@ class Replacements:
 def replace_modules(root: nn.Module, choose: Callable[[str, nn.Module], nn.Module | None]) -> Replacements:
     """Replace each submodule `m` (named `name` under root) by choose(name, m) where that is not None.
 
-    Modules are visited in `named_modules` order, parents before children, and a replacement's own children
-    are visited too (under the same names), so nested replacements compose. Returns the record to undo them.
+    Modules are visited in `named_modules` order as it was before the call, parents before children; a view's
+    children are the original's and are visited too (under the same names), so nested replacements compose.
+    Returns the record to undo them.
     """
     record = Replacements()
-    for name, module in list(root.named_modules())[1:]:
+    for name, _ in list(root.named_modules())[1:]:
         parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        current = parent._modules[child]
+        try:
+            parent = root.get_submodule(parent_name) if parent_name else root
+        except AttributeError:
+            continue  # inside a module replaced above by one without this child (a LoRA wrapper unwrapped)
+        current = parent._modules.get(child)
+        if current is None:
+            continue
         new = choose(name, current)
         if new is None or new is current:
             continue

@@ -38,7 +38,7 @@ from .resize import resize
 MAX_IMAGE_SIZE = 4096
 
 # A working image: PIL "RGB" (uint8 pixels) or an (H, W, 3) float array in the reference's float convention.
-WorkImage = Union[Image.Image, np.ndarray]
+WorkImage = Union[Image.Image, np.ndarray]  # noqa: UP007 - a runtime alias: `|` of these classes needs 3.10+
 
 _SETTING_KEYS = ("do_convert_rgb", "do_resize", "size", "resample", "do_image_splitting", "max_image_size",
                  "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_pad")

@@ -21,7 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer as Backend, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _GPT2_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")

@@ -6,10 +6,17 @@ import json
 import random
 import re
 
-from idefics3.demo.scenes import COLOURS, SHAPES, Scene, Shape, random_scene
-from recipes.demo.conversations import (DESCRIBE, conversation, conversations, describe, position_conversations,
-                                        scene_questions)
+from recipes.demo.conversations import (
+    DESCRIBE,
+    conversation,
+    conversations,
+    describe,
+    position_conversations,
+    scene_questions,
+)
 from recipes.demo.dataset import TRAIN_WEIGHTS, write_dataset
+
+from idefics3.demo.scenes import COLOURS, SHAPES, Scene, Shape, random_scene
 
 
 def _object(scene, colour=None, shape=None):
@@ -113,4 +120,5 @@ def test_position_stage_chats_ask_edges_then_comparisons():
             else:
                 assert kinds.count("edge") <= 1 and 1 <= kinds.count("compare") <= relational and len(kinds) >= 2
     a = [ex.turns for ex in position_conversations(4, 10, 3)]
-    assert a == [ex.turns for ex in position_conversations(4, 10, 3)] != [ex.turns for ex in position_conversations(5, 10, 3)]
+    b = [ex.turns for ex in position_conversations(5, 10, 3)]
+    assert a == [ex.turns for ex in position_conversations(4, 10, 3)] != b

@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
-
-from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
 from recipes.demo.conversations import conversation
 from recipes.demo.dataset import write_dataset
 from recipes.demo.marker_head import check, reserved_dims
 from recipes.demo.recipe import init_checkpoint, tokenizer_corpus
+
+from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 from PIL import Image
-
-from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
 from recipes.demo.random_checkpoint import main, make_random_checkpoint
 from recipes.demo.recipe import init_checkpoint
+
+from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from recipes.demo.conversations import DESCRIBE
 from recipes.demo.recipe import REPLAY
 

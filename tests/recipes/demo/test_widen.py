@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
-
-from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
 from recipes.demo.conversations import conversation
 from recipes.demo.dataset import write_dataset
 from recipes.demo.recipe import init_checkpoint, tokenizer_corpus
 from recipes.demo.widen import widen, widened_size
+
+from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
 
 
 def test_widened_checkpoint_gives_the_same_logits(tmp_path):
