@@ -24,20 +24,13 @@ from .batch import BatchFeature
 from .image import ImageSettings, preprocess
 from .load import DEFAULT_TIMEOUT, default_max_pixels, is_image_like, load_image
 from .prompt import ImageTokens, collapse_image_markers, count_placeholders, expand_prompts
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_json
 
 _IMAGE_KEYS = frozenset(ImageSettings.__dataclass_fields__)
 _TOKENIZER_LOAD_KEYS = frozenset({"padding_side", "truncation_side", "model_max_length", "add_bos_token",
                                   "add_eos_token"})
 _TEXT_KEYS = frozenset({"add_special_tokens", "padding", "truncation", "max_length", "pad_to_multiple_of",
                         "padding_side", "return_attention_mask", "return_token_type_ids"})
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
 class Idefics3Processor:
@@ -84,10 +77,10 @@ class Idefics3Processor:
         unknown = sorted(set(overrides) - valid)
         if unknown:
             raise TypeError(f"unknown from_pretrained option(s) {unknown}; valid: {sorted(valid)}")
-        processor_config = _read_json(folder / "processor_config.json")
+        processor_config = read_json(folder / "processor_config.json")
         image_config = processor_config.get("image_processor")
         if not isinstance(image_config, dict):
-            image_config = _read_json(folder / "preprocessor_config.json") or None
+            image_config = read_json(folder / "preprocessor_config.json") or None
         if image_config is None:
             raise FileNotFoundError(f"no image-processor settings in {folder}: expected preprocessor_config.json or "
                                     "processor_config.json with an 'image_processor' entry")

@@ -46,9 +46,10 @@ def _added_token(value: Any, special: bool = True) -> AddedToken:
     return AddedToken(value, special=special)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict ({} when the file does not exist); invalid JSON names the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
@@ -111,10 +112,10 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer.json in {folder}; this implementation needs the fast-tokenizer "
                                     "file (transformers writes it with save_pretrained)")
         config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         special_map = folder / "special_tokens_map.json"
         if "added_tokens_decoder" not in config and special_map.is_file():
-            for key, value in _read_json(special_map).items():  # legacy files override the config
+            for key, value in read_json(special_map).items():  # legacy files override the config
                 if key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
                     merged = list(config.get("extra_special_tokens") or config.get("additional_special_tokens") or [])
                     merged += [v for v in value if v not in merged]
