@@ -14,13 +14,16 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from ..loading import ask, load_model, load_processor, resolve_model
 from .questions import KINDS, Example, examples
+
+if TYPE_CHECKING:  # the network class, for type hints only
+    from ..model.idefics3 import Idefics3
 
 MAX_NEW_TOKENS = 8
 
@@ -29,7 +32,7 @@ def normalise(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
 
 
-def answer(model: Any, processor: Any, images: list[Image.Image], question: str,
+def answer(model: Idefics3, processor: Any, images: list[Image.Image], question: str,
            max_new_tokens: int = MAX_NEW_TOKENS) -> str:
     """The model's greedy answer to `question` about `images` (given before the question)."""
     return ask(model, processor, question, images, max_new_tokens=max_new_tokens).strip()
@@ -74,7 +77,7 @@ class EvalReport:
         return out
 
 
-def evaluate(model: Any, processor: Any, seed: int = 1000, count: int = 200,
+def evaluate(model: Idefics3, processor: Any, seed: int = 1000, count: int = 200,
              on_record: Callable[[Record], None] | None = None) -> EvalReport:
     """Ask `count` held-out questions drawn from `seed`; return every answer with its timing."""
     report = EvalReport()
@@ -85,7 +88,7 @@ def evaluate(model: Any, processor: Any, seed: int = 1000, count: int = 200,
     return report
 
 
-def _ask(model: Any, processor: Any, ex: Example) -> Record:
+def _ask(model: Idefics3, processor: Any, ex: Example) -> Record:
     start = time.perf_counter()
     got = answer(model, processor, ex.images, ex.question)
     return Record(ex.kind, ex.question, ex.answer, got, time.perf_counter() - start)

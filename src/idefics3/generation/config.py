@@ -19,7 +19,10 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the network class, for type hints only
+    from ..model.idefics3 import Idefics3
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class GenerationConfig:
         return config
 
     @classmethod
-    def for_model(cls, model: Any) -> GenerationConfig:
+    def for_model(cls, model: Idefics3) -> GenerationConfig:
         """The model's defaults: its checkpoint's generation_config.json, else the text config's ids."""
         text = model.config.text_config
         folder = getattr(model, "checkpoint_dir", None)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +41,9 @@ from ..kernels.backend import Backend
 from .encoder_cache import EncoderCache
 from .sampling import BatchSampler, SamplingParams, ban_tokens
 from .stopping import StopCondition, finish_reason
+
+if TYPE_CHECKING:  # the network class, for type hints only
+    from ..model.idefics3 import Idefics3
 
 DEFAULT_MAX_SEQ_LEN = 4096
 
@@ -93,7 +96,7 @@ class Engine:
     model; prefill always runs the model's forward. Not thread-safe: drive add/step/abort from one thread.
     """
 
-    def __init__(self, model: Any, max_batch: int = 8, max_seq_len: int | None = None,
+    def __init__(self, model: Idefics3, max_batch: int = 8, max_seq_len: int | None = None,
                  eos_token_ids: list[int] | None = None, max_prefill_tokens: int = 16384,
                  pad_token_id: int | None = None, encoder_cache: EncoderCache | None = None,
                  fast_decode: bool = True, backend: Backend | None = None) -> None:
@@ -338,7 +341,7 @@ def _check_images(request: Request, image_token_id: int, image_seq_len: int) -> 
                          f"({image_seq_len} tokens per frame); build prompts and pixels with the processor")
 
 
-def encode_images(model: Any, requests: list[Request], max_frames: int | None = None,
+def encode_images(model: Idefics3, requests: list[Request], max_frames: int | None = None,
                   cache: EncoderCache | None = None) -> torch.Tensor | None:
     """Image features of the requests, concatenated in request order: [sum N, S_img, D_text] or None.
 

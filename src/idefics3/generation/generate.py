@@ -13,7 +13,7 @@ generator when a seed is given), so a row gets the same tokens alone or in any b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from .engine import Engine, Request
 from .sampling import SamplingParams
 from .stopping import StopStrings
 
+if TYPE_CHECKING:  # the network class, for type hints only
+    from ..model.idefics3 import Idefics3
+
 # transformers arguments that are accepted when they ask for what this generate does anyway
 _NEUTRAL = {"use_cache": True, "num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False,
             "output_scores": False, "output_logits": False, "output_attentions": False,
@@ -31,7 +34,7 @@ _NEUTRAL = {"use_cache": True, "num_beams": 1, "num_return_sequences": 1, "retur
             "logits_processor": None, "stopping_criteria": None}
 
 
-def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+def generate(model: Idefics3, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              pixel_values: torch.Tensor | None = None, pixel_attention_mask: torch.Tensor | None = None,
              image_hidden_states: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
              *, streamer: Any | None = None, callback: Callable[[int, int], None] | None = None,
@@ -98,7 +101,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
     return _assemble(input_ids, new, config.resolved_pad_token_id)
 
 
-def _encoder_cache(model: Any, choice: EncoderCache | None | bool) -> EncoderCache | None:
+def _encoder_cache(model: Idefics3, choice: EncoderCache | None | bool) -> EncoderCache | None:
     """The cache to use: the one passed, none, or (True) the model's own `encoder_cache` if it has one."""
     if isinstance(choice, EncoderCache):
         return choice
@@ -107,7 +110,7 @@ def _encoder_cache(model: Any, choice: EncoderCache | None | bool) -> EncoderCac
     return getattr(model, "encoder_cache", None)
 
 
-def _resolve_config(model: Any, base: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
+def _resolve_config(model: Idefics3, base: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
     drop_neutral("generate", settings, _NEUTRAL)
     if base is None:
         base = getattr(model, "generation_config", None)
@@ -144,7 +147,7 @@ def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list
     return rows
 
 
-def _frames_per_row(model: Any, rows: list[list[int]], pixel_values: torch.Tensor | None,
+def _frames_per_row(model: Idefics3, rows: list[list[int]], pixel_values: torch.Tensor | None,
                     pixel_attention_mask: torch.Tensor | None, image_hidden_states: torch.Tensor | None
                     ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """Split the batch's images per row: the leading frames each row's <image> tokens call for."""
