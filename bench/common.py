@@ -1,22 +1,57 @@
-"""Shared pieces of the benchmarks: writing a random checkpoint of a real shape, alternating runs, medians.
+"""Shared pieces of the benchmarks: writing a random checkpoint of a real shape, alternating runs, medians,
+and what ran where (the CPU and its ISA, each op's implementation).
 
 Benchmarks compare against transformers (or another named peer) side by side in one run, A B A B,
-because these machines are shared and noisy: ratios measured together are what we trust.
+because these machines are shared and noisy: ratios measured together are what we trust. Each bench that
+prints figures also prints `machine_line()` and, for a loaded model, `backend_lines(model.backend)`, so a
+figure always says which kernel produced it.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
+from idefics3 import Idefics3, Idefics3Config
+from idefics3.device import cpu_flags, cpu_model
 from idefics3.presets import preset
+
+# Where the benches write their random checkpoints (reused between runs); every script has --dir to change it.
+BENCH_DIR = Path(tempfile.gettempdir()) / "idefics3-bench"
+# The CPU features that decide which kernel runs (kernels/backend.py), as `idefics3 info` names them.
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_description() -> str:
+    """The CPU model and the ISA extensions that decide the kernels, e.g. "AMD EPYC 9R14 (AVX2 AVX-512 ...)"."""
+    flags = cpu_flags()
+    isa = " ".join(name for flag, name in ISA_FLAGS if flag in flags) or "no AVX2"
+    return f"{cpu_model() or platform.machine() or 'unknown CPU'} ({isa})"
+
+
+def machine_line(threads: int | None = None) -> str:
+    """One line: the CPU, its ISA, the torch version and the threads torch uses."""
+    threads = threads if threads is not None else torch.get_num_threads()
+    return f"cpu: {cpu_description()}, torch {torch.__version__}, {threads} thread(s)"
+
+
+def backend_lines(backend: Any, label: str = "kernels") -> list[str]:
+    """The lines of `backend.describe()` (each op's implementation and why, then the derived weights' memory)
+    under a heading. `backend`: a Backend, those lines already taken (e.g. from a child process), or None."""
+    if backend is None:
+        return [f"{label}: none installed (the plain PyTorch path everywhere)"]
+    if hasattr(backend, "describe"):
+        label, backend = f"{label} (backend {backend.requested!r})", backend.describe()
+    return [f"{label}:"] + [f"  {line}" for line in backend]
 
 
 def write_random_checkpoint(folder: Path, name: str = "SmolVLM-256M-Instruct", dtype: torch.dtype = torch.bfloat16,
@@ -27,7 +62,7 @@ def write_random_checkpoint(folder: Path, name: str = "SmolVLM-256M-Instruct", d
         return folder
     torch.manual_seed(seed)
     config = Idefics3Config.from_dict(preset(name))
-    model = Idefics3ForConditionalGeneration(config)
+    model = Idefics3(config)  # the plain network: nothing to install for writing weights
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -2,11 +2,14 @@
 
 Workload: a SmolVLM-256M-shaped checkpoint (seeded random bf16 weights, see common.py), a text prompt of
 --prompt tokens prefilled once per round, then --steps greedy decode steps timed one by one, for
-batch 1 and batch 8. The three implementations hold the same weights in one process and take turns
-A B C A B C (these machines are shared: only ratios measured together are trusted). Each step includes
-the argmax of the logits. Printed per implementation and batch: median ms per step, tokens/s, weight
-GB/s (decode_bytes_per_token per step / step time) and the fraction of the copy-bandwidth limit
-(copy bandwidth measured on the spot / bytes per token). Usage:
+batch 1 and batch 8. "plain" is the model loaded with backend="torch" (every step through the model's
+forward), "kernel" the same checkpoint loaded with backend="auto", whose steps go through
+`model.backend.decoder_for(model, cache)` (the fused C++ decode step). The three implementations live in one
+process and take turns A B C A B C (these machines are shared: only ratios measured together are trusted).
+Each step includes the argmax of the logits. Printed: the CPU and its ISA, each backend's `describe()` (which
+implementation ran each op, and the derived weights' memory: the packed copies batch 8 decodes on), then per
+implementation and batch: median ms per step, tokens/s, weight GB/s (decode_bytes_per_token per step / step
+time) and the fraction of the copy-bandwidth limit (copy bandwidth measured on the spot / bytes per token). Usage:
 
     python bench/decode_kernel.py [--rounds 5] [--steps 32] [--prompt 64] [--threads 2] [--skip-transformers]
 """
@@ -23,21 +26,31 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import copy_bandwidth, decode_bytes_per_token, write_random_checkpoint  # noqa: E402
-
-from idefics3 import Idefics3ForConditionalGeneration  # noqa: E402
-from idefics3.kernels.cpu_decode import cpu_decoder_for  # noqa: E402
+import idefics3  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_DIR,
+    backend_lines,
+    copy_bandwidth,
+    decode_bytes_per_token,
+    machine_line,
+    write_random_checkpoint,
+)
 
 
 class Ours:
-    """Our model on a KVCache, decoding through the plain forward or through the fused kernel."""
+    """Our model on a KVCache, decoding through its backend's fused decoder where it gives one (backend "auto"),
+    else through the plain forward (backend "torch")."""
 
-    def __init__(self, model: Idefics3ForConditionalGeneration, batch: int, max_seq: int, fused: bool) -> None:
+    def __init__(self, model: idefics3.Idefics3ForConditionalGeneration, batch: int, max_seq: int,
+                 fused: bool) -> None:
         self.model, self.batch = model, batch
         self.cache = model.make_cache(batch, max_seq)
-        self.decoder = cpu_decoder_for(model, self.cache) if fused else None
+        self.decoder = model.backend.decoder_for(model, self.cache)
         if fused and self.decoder is None:
-            raise SystemExit("the fused kernel is not available here (see the log)")
+            raise SystemExit("the fused decode kernel is not available here:\n" +
+                             "\n".join(backend_lines(model.backend)))
+        if not fused and self.decoder is not None:
+            raise SystemExit("the plain model's backend gave a fused decoder")
         self.slots = torch.arange(batch - 1, -1, -1)  # reversed: the gather path, as in a busy engine
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -95,19 +108,20 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--dir", default="/tmp/idefics3-bench/speed-smolvlm-256m")
+    ap.add_argument("--dir", default=str(BENCH_DIR / "speed-smolvlm-256m"))
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = write_random_checkpoint(Path(args.dir), "SmolVLM-256M-Instruct", dtype=torch.bfloat16)
-    model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    per_token = decode_bytes_per_token(model.config)
+    models = {name: idefics3.load_model(folder, dtype="bf16", device="cpu", backend=backend)
+              for name, backend in (("plain", "torch"), ("kernel", "auto"))}  # same checkpoint, two backends
+    per_token = decode_bytes_per_token(models["kernel"].config)
     max_seq = args.prompt + args.steps + 1
     with torch.inference_mode():
         impls = {}
         for b in args.batches:
-            impls[("plain", b)] = Ours(model, b, max_seq, fused=False)
-            impls[("kernel", b)] = Ours(model, b, max_seq, fused=True)
+            impls[("plain", b)] = Ours(models["plain"], b, max_seq, fused=False)
+            impls[("kernel", b)] = Ours(models["kernel"], b, max_seq, fused=True)
             if not args.skip_transformers:
                 impls[("transformers", b)] = None
         hf = None if args.skip_transformers else Transformers(folder)
@@ -124,7 +138,10 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     bw = statistics.median(bandwidth)
     limit_ms = per_token / bw * 1e3
-    print(f"\n{args.threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s (read+write), {per_token / 1e6:.0f} MB of "
+    print(f"\n{machine_line(args.threads)}")
+    for name, model in models.items():
+        print("\n".join(backend_lines(model.backend, f"kernels of the {name!r} model")))
+    print(f"{args.threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s (read+write), {per_token / 1e6:.0f} MB of "
           f"weights per step -> bandwidth limit {limit_ms:.1f} ms/step")
     print(f"{'impl':<14}{'batch':>6}{'ms/step':>10}{'(p10-p90)':>16}{'tok/s':>9}{'GB/s':>7}{'of limit':>10}")
     ms = {}

@@ -2,42 +2,36 @@
 
 This is the timing that tests/demo/test_accuracy.py used to assert (200 held-out questions in under two minutes
 on CPU); the test now checks accuracy only, since wall-clock time depends on the machine and its load. The model
-and processor are loaded as the `idefics3 eval` command loads them (cli.model_folder / load_processor /
-load_model: the command's default device and dtype, its --threads), then the held-out questions (seed 1000, 200
-by default) are asked --rounds times after a short warm-up. Prints the CPU model and thread count, the load time,
-each round's total, then medians: per-question latency overall and per question type, and the whole evaluation
-against the old two-minute budget. Accuracy is printed for reference only (the test asserts it).
+and processor are loaded as the `idefics3 eval` command loads them (`idefics3.resolve_model` / `load_processor`
+/ `load_model`: the default dtype and the "auto" kernel backend, one torch thread unless --threads says
+otherwise), then the held-out questions (seed 1000, 200 by default) are asked --rounds times after a short
+warm-up, each one answered by `idefics3.ask` (demo/evaluate.py). Prints the CPU model, its ISA and the thread
+count, which implementation ran each op (`model.backend.describe()`), the load time, each round's total, then
+medians: per-question latency overall and per question type, and the whole evaluation against the old two-minute
+budget. Accuracy is printed for reference only (the test asserts it).
 
     python bench/demo_eval.py [--rounds 3] [--count 200] [--seed 1000] [--threads 1] [--model M] [--device D]
+                              [--backend auto]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from common import summary
 
-from idefics3.cli import build_parser, load_model, load_processor, model_folder
-from idefics3.demo.commands import EVAL_COUNT, EVAL_SEED
-from idefics3.demo.evaluate import evaluate
+sys.path.insert(0, str(Path(__file__).parent))
+import idefics3  # noqa: E402
+from common import backend_lines, machine_line, summary  # noqa: E402
+from idefics3.demo.commands import EVAL_COUNT, EVAL_SEED  # noqa: E402
+from idefics3.demo.evaluate import evaluate  # noqa: E402
 
 BUDGET_S = 120.0  # the old test's limit for 200 questions, load included
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def main() -> None:
@@ -47,22 +41,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--threads", type=int, default=1, help="torch threads, as `idefics3 eval --threads` (default 1)")
     p.add_argument("--model", help="checkpoint (default: the built-in demo model)")
-    p.add_argument("--device", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if available, else cpu")
+    p.add_argument("--backend", choices=["auto", "torch"], default="auto",
+                   help="kernel backend (default auto, as `idefics3 eval`; torch: the plain path)")
     args = p.parse_args()
+    if args.threads <= 0 or args.count <= 0 or args.rounds <= 0:
+        p.error("--threads, --count and --rounds must be positive")
+    torch.set_num_threads(args.threads)
 
-    argv = ["eval", "--seed", str(args.seed), "--count", str(args.count), "--threads", str(args.threads)]
-    argv += ["--model", args.model] if args.model else []
-    argv += ["--device", args.device] if args.device else []
-    eval_args = build_parser().parse_args(argv)  # the command's own defaults
-    torch.set_num_threads(eval_args.threads)
-
-    start = time.perf_counter()
-    folder = model_folder(eval_args)
-    processor = load_processor(folder, eval_args)
-    model = load_model(folder, eval_args)
+    start = time.perf_counter()  # as `idefics3 eval` loads (demo/evaluate.py, run_eval)
+    folder = idefics3.resolve_model(args.model)
+    processor = idefics3.load_processor(folder)
+    model = idefics3.load_model(folder, device=args.device, backend=args.backend)
     load_s = time.perf_counter() - start
-    print(f"cpu: {cpu_model()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(f"{machine_line()}; {os.cpu_count()} logical cores")
+    print("\n".join(backend_lines(model.backend)))
     print(f"model: {folder} ({model.dtype}, {model.device}); load {load_s:.2f} s")
     print(f"questions: {args.count} from seed {args.seed}, {args.rounds} round(s)")
 

@@ -2,13 +2,17 @@
 
 Both sides run the same LoRA step (r=16, alpha=32, dropout 0.05 on q/k/v/o/gate/up/down of every tower, AdamW,
 clipping at 1.0) on the same synthetic batch: one 512x512 image per sample (one frame, 64 image tokens), text
-around it, and the loss on a short assistant answer. idefics3 uses its fine-tuning objective (output head only
-on labelled positions); transformers + peft computes logits everywhere, as its Trainer does. Throughput: both
-models in one process, stepping alternately A B A B, so that a noisy machine slows both alike; we report the
-median tokens/s and the median of the per-pair ratios. Peak memory: each implementation in fresh processes,
-alternating. GPU: bf16 autocast on bf16 base weights, peak `torch.cuda.max_memory_allocated` above the loaded
-model; CPU: float32, peak resident memory above the RSS after loading. Usage:
-    python bench/finetune.py [--repeats 3] [--steps 6] [--batch-size 2] [--text-tokens 256] [--dir /tmp/...]
+around it, and the loss on a short assistant answer. idefics3 loads through `idefics3.load_model` with
+backend="torch" (training runs the plain path, as `idefics3 finetune` does: the CPU kernels are inference-only)
+and uses its fine-tuning objective (output head only on labelled positions); transformers + peft computes
+logits everywhere, as its Trainer does. Throughput: both models in one process, stepping alternately A B A B,
+so that a noisy machine slows both alike; we report the median tokens/s and the median of the per-pair ratios.
+Peak memory: each implementation in fresh processes, alternating. GPU: bf16 autocast on bf16 base weights, peak
+`torch.cuda.max_memory_allocated` above the loaded model; CPU: float32, peak resident memory above the RSS after
+loading. Also printed: the device (on CPU, its model and ISA) and which implementation each op of our model ran
+(`model.backend.describe()`). Usage:
+    python bench/finetune.py [--repeats 3] [--steps 6] [--batch-size 2] [--text-tokens 256] [--answer-tokens 32]
+                             [--dir /tmp/idefics3-bench/smolvlm-256m]
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import run_child, summary, write_random_checkpoint  # noqa: E402
+from common import BENCH_DIR, backend_lines, machine_line, run_child, summary, write_random_checkpoint  # noqa: E402
 
 CHILD = r"""
 import json, statistics, sys, time, torch
@@ -56,10 +60,11 @@ def make_batch(config, image_seq):
 def build(which):
     torch.manual_seed(0)
     if which == "idefics3":
-        from idefics3 import Idefics3ForConditionalGeneration
+        from idefics3 import load_model
         from idefics3.finetune.lora import LoraSettings, inject_lora, mark_only_lora_trainable
         from idefics3.finetune.objective import TokenLoss
-        model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
+        model = load_model(folder, dtype=dtype, device=device, backend="torch")  # training: the plain path
+        described = model.backend.describe()
         inject_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, targets=TARGETS))
         mark_only_lora_trainable(model)
         objective = TokenLoss(model)
@@ -74,6 +79,7 @@ def build(which):
         loss_of = lambda b: model(**b).loss
         v = model.config.vision_config
         image_seq = (v.image_size // v.patch_size) ** 2 // model.config.scale_factor ** 2
+        described = None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
@@ -88,21 +94,21 @@ def build(which):
         if cuda:
             torch.cuda.synchronize()
         return float(loss)
-    return step, int(batch["attention_mask"].sum()), batch["input_ids"].shape[1]
+    return step, int(batch["attention_mask"].sum()), batch["input_ids"].shape[1], described
 
 if mode == "speed":  # both in one process, alternating step by step: load drift hits both alike
     runs = {w: build(w) for w in ("idefics3", "transformers")}
-    for step, _, _ in runs.values():
+    for step, *_ in runs.values():
         step()
     times = {w: [] for w in runs}
     for _ in range(steps):
-        for w, (step, _, _) in runs.items():
+        for w, (step, *_) in runs.items():
             t = time.perf_counter(); step(); times[w].append(time.perf_counter() - t)
-    tokens, seq = runs["idefics3"][1], runs["idefics3"][2]
+    _, tokens, seq, described = runs["idefics3"]
     print(json.dumps({"tokens_per_s": {w: [tokens / t for t in ts] for w, ts in times.items()}, "seq_len": seq,
-                      "device": str(device)}))
+                      "device": torch.cuda.get_device_name() if cuda else "cpu", "backend": described}))
 else:  # peak memory of one implementation's training step, in its own process
-    step, _, _ = build(mode)
+    step, *_ = build(mode)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
@@ -121,7 +127,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--text-tokens", type=int, default=256)
     ap.add_argument("--answer-tokens", type=int, default=32)
-    ap.add_argument("--dir", default="/tmp/idefics3-bench/smolvlm-256m")
+    ap.add_argument("--dir", default=str(BENCH_DIR / "smolvlm-256m"))
     args = ap.parse_args()
     folder = write_random_checkpoint(Path(args.dir))
     shape = [str(args.batch_size), str(args.text_tokens), str(args.answer_tokens)]
@@ -132,6 +138,9 @@ def main() -> None:
             memory[which].append(run_child(CHILD, which, str(folder), "1", *shape)["peak_mb"])
     print(f"SmolVLM-256M-shaped LoRA training step on {speed['device']}: batch {args.batch_size} x {speed['seq_len']} "
           f"tokens (one 512x512 frame = 64 image tokens per row, loss on {args.answer_tokens} tokens per row)")
+    if speed["device"] == "cpu":
+        print(machine_line())
+    print("\n".join(backend_lines(speed["backend"], "idefics3 kernels (load_model, backend 'torch')")))
     names = {"idefics3": "idefics3", "transformers": "transformers+peft"}
     for which in memory:
         print(summary(f"{names[which]} tokens/s", speed["tokens_per_s"][which], "tok/s"))

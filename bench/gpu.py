@@ -1,14 +1,17 @@
 """GPU comparison: an Idefics3-8B-shaped model in bf16 on one CUDA device, idefics3 against transformers.
 
-The script builds the 8B configuration with random bf16 weights directly on the device (ours from the
-meta device; transformers' model gets the very same tensors through load_state_dict), one photo-like
-1024x768 image at the default resolution (364-px tiles, longest edge 1456: 4x3 tiles + global = 13
-frames, 2197 image tokens), a short question and 64 new tokens greedy (forced), alternating A B A B.
-Printed: time to first token (preprocessing included), decode tokens/s at batch 1 against the HBM
-bandwidth limit (text weight bytes per token / device copy bandwidth measured on the spot), and peak
-memory. It needs about 35 GB of device memory and finishes in a few minutes on one H100. The processor
-files are the SmolVLM tokenizer vendored in tests/data (with the 8B tile settings); the config's image token
-is pointed at that tokenizer's <image> id. Usage: python bench/gpu.py [--rounds 3] [--new-tokens 64]
+The script builds the 8B configuration with random bf16 weights directly on the device (ours, then
+`install_backend(ours, "auto")` as `from_pretrained` would: on CUDA every op takes the plain PyTorch path,
+and the script prints `describe()` saying so; transformers' model gets the very same tensors through
+load_state_dict), one photo-like 1024x768 image at the default resolution (364-px tiles, longest edge 1456:
+4x3 tiles + global = 13 frames, 2197 image tokens), a short question and 64 new tokens greedy (forced),
+alternating A B A B. Printed: the device, which implementation ran each op, time to first token
+(preprocessing included), decode tokens/s at batch 1 against the HBM bandwidth limit (text weight bytes per
+token / device copy bandwidth measured on the spot), and peak memory. It needs about 35 GB of device memory
+and finishes in a few minutes on one H100. The processor files are the SmolVLM tokenizer vendored in
+tests/data (with the 8B tile settings); the config's image token is pointed at that tokenizer's <image> id.
+TTFT and decode are timed token by token, so this calls `generate` with a per-token callback rather than
+`idefics3.ask`. Usage: python bench/gpu.py [--rounds 3] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import decode_bytes_per_token  # noqa: E402
+from common import backend_lines, decode_bytes_per_token  # noqa: E402
 
 
 def photo():
@@ -60,12 +63,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     device = "cuda"
-    from checkpoints import write_processor_files
     from transformers import AutoProcessor
     from transformers import Idefics3Config as HFConfig
     from transformers import Idefics3ForConditionalGeneration as HFModel
 
-    from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from checkpoints import write_processor_files
+    from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, install_backend
     from idefics3.presets import preset
 
     raw = preset("Idefics3-8B-Llama3")
@@ -79,8 +82,9 @@ def main() -> None:
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    ours.checkpoint_dir = folder
+    ours.checkpoint_dir = folder  # generate reads generation_config.json (eos, pad) there
     ours.eval()
+    ours.backend = install_backend(ours, "auto")  # what from_pretrained / load_model install: nothing on CUDA
     weights_gb = sum(p.numel() * 2 for p in ours.parameters()) / 1e9
     with torch.device(device):
         theirs = HFModel(HFConfig(**raw)).to(torch.bfloat16)
@@ -129,6 +133,7 @@ def main() -> None:
     limit = bandwidth / text_bytes
     print(f"device: {torch.cuda.get_device_name()}, weights {weights_gb:.1f} GB bf16, copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s, decode limit {limit:.0f} tok/s ({text_bytes / 1e9:.1f} GB per token)")
+    print("\n".join(backend_lines(ours.backend, "idefics3 kernels")))
     for which, rows in results.items():
         ttft = statistics.median(r[0] for r in rows)
         tps = statistics.median(r[1] for r in rows)

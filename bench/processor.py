@@ -4,7 +4,7 @@ Two workloads, run alternately (ours, then each reference, repeated) so that mac
   photo  one 4000x3000 photo-like image with a one-image prompt
   batch  8 prompts with one image each (sizes from 300x400 to 1920x1080), padded
 Outputs are checked to be identical to the PIL reference before timing. Prints per-workload medians and the
-ratio reference/ours (> 1 means we are faster).
+ratio reference/ours (> 1 means we are faster), after the CPU and its ISA.
 
     python bench/processor.py [--folder PATH] [--reps 7] [--size N] [--threads N]
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from idefics3 import Idefics3Processor
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cpu_description  # noqa: E402
+from idefics3 import Idefics3Processor  # noqa: E402
+
 DEFAULT_FOLDER = ROOT / "tests" / "data" / "smolvlm-tokenizer"  # vendored in the repository
 
 
@@ -90,8 +93,9 @@ def main() -> None:
     references = reference_processors(args.folder, overrides)
     print(f"folder {args.folder}  size {ours.size}  tile {ours.max_image_size}  reps {args.reps}  "
           f"our threads {args.threads or 'default'}")
+    print(f"cpu: {cpu_description()}, torch {torch.__version__}")
     for name, (texts, images) in workloads().items():
-        def run(processor):
+        def run(processor, texts=texts, images=images):
             return processor(text=texts, images=images, padding=True, return_tensors="pt")
 
         check_identical(run(ours), run(references["transformers-pil"]))

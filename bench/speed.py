@@ -4,13 +4,16 @@ Workload: a SmolVLM-256M-shaped checkpoint (real configuration, seeded random bf
 SmolVLM processor files), one photo-like 1024x768 image at the default resolution (4x3 tiles + the
 global image = 13 frames of 512 px), a short question, 64 new tokens greedy (forced: min_new_tokens).
 
-Each configuration runs in its own fresh process (so its peak RSS is its own), and the processes
-alternate A B C A B C. Printed: time to first token (preprocessing included) and decode tokens/s
+idefics3 is loaded as users load it (`idefics3.load_model`: bf16 where the CPU has bf16 instructions, the
+"auto" kernel backend). Each configuration runs in its own fresh process (so its peak RSS is its own), and the
+processes alternate A B C A B C. Printed: the CPU and its ISA, which implementation ran each op
+(`model.backend.describe()`); time to first token (preprocessing included) and decode tokens/s
 for idefics3 and for transformers in fp32 and bf16 (sdpa); decode as a fraction of the memory-bandwidth
 limit (weight bytes read per token / copy bandwidth measured on the spot); the FLOP rate of the vision
 encoder + prefill against the bf16 matmul rate measured on the spot; batched decode (8 sequences
 against 1: the workload's prompt 8 times, whose keys the rows then share, and 8 different questions about
-the image, which share nothing); the encoder-cache hit TTFT; peak resident memory. Usage:
+the image, which share nothing); the encoder-cache hit TTFT; peak resident memory and the memory of the
+backend's derived weights (`backend.nbytes()`: the packed copies batched decode runs on). Usage:
 
     python bench/speed.py [--rounds 3] [--new-tokens 64] [--threads 2] [--skip-transformers]
 """
@@ -28,7 +31,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import copy_bandwidth, decode_bytes_per_token, run_child, write_random_checkpoint  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_DIR,
+    backend_lines,
+    copy_bandwidth,
+    decode_bytes_per_token,
+    machine_line,
+    run_child,
+    write_random_checkpoint,
+)
 
 PRESET = "SmolVLM-256M-Instruct"
 QUESTION = "What is shown in this picture? Answer in detail."
@@ -69,6 +80,7 @@ import json, sys, time, statistics, torch
 import numpy as np
 from PIL import Image
 which, folder, n_new, reps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+QUESTION, QUESTIONS = json.loads(sys.argv[6])
 torch.set_num_threads(threads)
 
 def photo():
@@ -82,8 +94,12 @@ def photo():
     img += rng.normal(0, 6, img.shape)
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
-def messages(question=%(question)r):
+def messages(question=QUESTION):
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+def peak_mb():
+    return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
+
 image = photo()
 out = {"which": which}
 if which.startswith("transformers"):
@@ -101,22 +117,23 @@ if which.startswith("transformers"):
         inputs = processor(text=[prompt] * batch, images=[[image]] * batch, return_tensors="pt", padding=True)
         t_pre = time.perf_counter()
         clock = Clock()
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock if batch == 1 else None)
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       streamer=clock if batch == 1 else None)
         return t0, t_pre, clock.times[1:], inputs
 else:
-    from idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
-    processor = Idefics3Processor.from_pretrained(folder)
-    model = Idefics3ForConditionalGeneration.from_pretrained(folder)
-    from idefics3.generation.encoder_cache import EncoderCache
-    cache = EncoderCache()
+    # as users load it: idefics3.load_model (the checkpoint's bf16 where the CPU has bf16 instructions, the
+    # "auto" kernel backend); TTFT and decode are timed token by token, so this calls generate, not ask
+    import idefics3
+    processor = idefics3.load_processor(folder)
+    model = idefics3.load_model(folder, device="cpu")
     def run(n, batch=1, cached=False, questions=None):
         t0 = time.perf_counter()
         prompts = [processor.apply_chat_template(messages(q), add_generation_prompt=True)
-                   for q in questions or [%(question)r] * batch]
+                   for q in questions or [QUESTION] * batch]
         inputs = processor(text=prompts, images=[[image]] * len(prompts), return_tensors="pt", padding=True)
         t_pre = time.perf_counter()
         times = []
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, encoder_cache=cache if cached else False,
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, encoder_cache=cached,
                        callback=lambda row, tok: times.append(time.perf_counter()) if row == 0 else None)
         return t0, t_pre, times, inputs
 with torch.inference_mode():
@@ -128,19 +145,24 @@ with torch.inference_mode():
     out.update(ttft=statistics.median(ttft), preprocess=statistics.median(pre), decode=statistics.median(decode),
                prompt_tokens=int(inputs["input_ids"].shape[1]), frames=int(inputs["pixel_values"].shape[1]),
                dtype=str(model.dtype).replace("torch.", ""))
-    out["peak_mb"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
+    out["peak_mb"] = peak_mb()
     if which == "idefics3":  # extras, after the peak of the shared workload was taken
+        out["derived_mb"] = model.backend.nbytes() / 2**20  # before any batch: no packed copies yet
         run(2, batch=8)  # warm-up: the first batch makes the packed weight copies (once per model, ~0.3 s)
         t0, t_pre, times, _ = run(n_new, batch=8)
         out["decode_batch8"] = 8 * (n_new - 1) / (times[-1] - times[0])
-        t0, t_pre, times, _ = run(n_new, questions=%(questions)r)
+        t0, t_pre, times, _ = run(n_new, questions=QUESTIONS)
         out["decode_batch8_distinct"] = 8 * (n_new - 1) / (times[-1] - times[0])
-        out["peak_mb_batch8"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
-        run(2, cached=True)  # fills the encoder cache
+        out["peak_mb_batch8"] = peak_mb()
+        out["derived_mb_batch8"] = model.backend.nbytes() / 2**20  # with the packed copies batches decode on
+        run(2, cached=True)  # fills the model's encoder cache
         t0, t_pre, times, _ = run(2, cached=True)  # the same image again: the encoder cache answers
         out["ttft_cached"] = times[0] - t0
+        out["encoder_cache_hits"] = model.encoder_cache.hits
+        out["backend"] = model.backend.describe()  # each op's implementation, the derived weights at the end
 print(json.dumps(out))
-""" % {"question": QUESTION, "questions": QUESTIONS}
+"""
+QUESTIONS_ARG = json.dumps([QUESTION, QUESTIONS])
 
 
 def encoder_prefill_flops(prompt_tokens: int, frames: int) -> float:
@@ -151,7 +173,8 @@ def encoder_prefill_flops(prompt_tokens: int, frames: int) -> float:
     c = Idefics3Config.from_dict(preset(PRESET))
     v, t = c.vision_config, c.text_config
     s, d, i = v.patches_per_side ** 2, v.hidden_size, v.intermediate_size
-    per_frame = 2 * s * 3 * v.patch_size ** 2 * d + v.num_hidden_layers * (2 * s * (4 * d * d + 2 * d * i) + 4 * s * s * d)
+    per_frame = (2 * s * 3 * v.patch_size ** 2 * d
+                 + v.num_hidden_layers * (2 * s * (4 * d * d + 2 * d * i) + 4 * s * s * d))
     connector = 2 * c.image_seq_len * c.connector_input_size * t.hidden_size
     hd, kv = t.head_dim, t.num_key_value_heads
     per_tok = 2 * t.num_hidden_layers * (t.hidden_size * hd * (2 * t.num_attention_heads + 2 * kv)
@@ -167,7 +190,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="measured runs inside each process")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dir", default="/tmp/idefics3-bench/speed-smolvlm-256m")
+    ap.add_argument("--dir", default=str(BENCH_DIR / "speed-smolvlm-256m"))
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,12 +202,15 @@ def main() -> None:
         bandwidth.append(copy_bandwidth())
         matmul.append(bf16_matmul_rate())
         for c in configs:
-            rows[c].append(run_child(CHILD, c, str(folder), str(args.new_tokens), str(args.reps), str(args.threads)))
+            rows[c].append(run_child(CHILD, c, str(folder), str(args.new_tokens), str(args.reps), str(args.threads),
+                                     QUESTIONS_ARG))
             print(f"round {r + 1} {c}: " + json.dumps(rows[c][-1]), flush=True)
     med = lambda c, k: statistics.median(x[k] for x in rows[c])  # noqa: E731
     spread = lambda c, k: (max(x[k] for x in rows[c]) - min(x[k] for x in rows[c])) / 2  # noqa: E731
     bw, mm = statistics.median(bandwidth), statistics.median(matmul)
-    print(f"\nmachine: {args.threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {mm / 1e9:.0f} GFLOP/s")
+    print(f"\n{machine_line(args.threads)}")
+    print(f"machine: copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {mm / 1e9:.0f} GFLOP/s")
+    print("\n".join(backend_lines(rows["idefics3"][0]["backend"], "idefics3 kernels (load_model, backend 'auto')")))
     print(f"{'config':<20}{'dtype':>9}{'TTFT s':>10}{'(prep s)':>10}{'decode tok/s':>14}{'peak MiB':>10}")
     for c in configs:
         print(f"{c:<20}{rows[c][0]['dtype']:>9}{med(c, 'ttft'):>10.3f}{med(c, 'preprocess'):>10.3f}"
@@ -221,8 +247,10 @@ def main() -> None:
           f"ceiling {ceiling8:.1f}x: "
           f"{per_token / 1e6:.0f} MB of weights + {kv_row / 1e6:.1f} MB of KV cache per row at {context} tokens); "
           f"peak memory after them {med(ours, 'peak_mb_batch8'):.0f} MiB (with the packed weight copies that "
-          f"batches decode on)")
-    print(f"encoder cache hit: TTFT {med(ours, 'ttft_cached'):.3f} s (miss {med(ours, 'ttft'):.3f} s)")
+          f"batches decode on: derived weights {med(ours, 'derived_mb'):.1f} MiB before the first batch, "
+          f"{med(ours, 'derived_mb_batch8'):.1f} MiB after)")
+    print(f"encoder cache hit: TTFT {med(ours, 'ttft_cached'):.3f} s (miss {med(ours, 'ttft'):.3f} s; "
+          f"{rows[ours][0]['encoder_cache_hits']} hit(s) in round 1, 1 expected)")
     if not args.skip_transformers:
         best_decode = max(med(c, "decode") for c in configs[1:])
         best_ttft = min(med(c, "ttft") for c in configs[1:])
