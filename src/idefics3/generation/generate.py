@@ -79,8 +79,7 @@ def generate(model: Idefics3, input_ids: torch.Tensor | None = None, attention_m
     frames = _frames_per_row(model, rows, pixel_values, pixel_attention_mask, image_hidden_states)
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     generators = _generators(generator, b)
-    engine = Engine(model, backend=getattr(model, "backend", None), max_batch=b,
-                    max_seq_len=max(len(r) for r in rows) + max_new,
+    engine = Engine(model, max_batch=b, max_seq_len=max(len(r) for r in rows) + max_new,
                     eos_token_ids=config.eos_token_id, max_prefill_tokens=1 << 62,
                     pad_token_id=config.resolved_pad_token_id, encoder_cache=_encoder_cache(model, encoder_cache))
     for i, prompt in enumerate(rows):
