@@ -10,7 +10,6 @@ figure always says which kernel produced it.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,22 +21,12 @@ from typing import Any
 import torch
 
 from idefics3 import Idefics3, Idefics3Config
-from idefics3.device import cpu_flags, cpu_model
+from idefics3.device import cpu_description
 from idefics3.presets import preset
 
 # Where the benches write their random checkpoints (reused between runs); every script has --dir to change it.
 BENCH_DIR = Path(tempfile.gettempdir()) / "idefics3-bench"
 # The CPU features that decide which kernel runs (kernels/backend.py), as `idefics3 info` names them.
-ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
-
-
-def cpu_description() -> str:
-    """The CPU model and the ISA extensions that decide the kernels, e.g. "AMD EPYC 9R14 (AVX2 AVX-512 ...)"."""
-    flags = cpu_flags()
-    isa = " ".join(name for flag, name in ISA_FLAGS if flag in flags) or "no AVX2"
-    return f"{cpu_model() or platform.machine() or 'unknown CPU'} ({isa})"
-
-
 def machine_line(threads: int | None = None) -> str:
     """One line: the CPU, its ISA, the torch version and the threads torch uses."""
     threads = threads if threads is not None else torch.get_num_threads()

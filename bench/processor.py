@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import cpu_description  # noqa: E402
 from idefics3 import Idefics3Processor  # noqa: E402
+from idefics3.device import cpu_description  # noqa: E402
 
 DEFAULT_FOLDER = ROOT / "tests" / "data" / "smolvlm-tokenizer"  # vendored in the repository
 

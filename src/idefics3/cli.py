@@ -266,22 +266,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         from .loading import load_model
 
         model = load_model(folder, dtype=args.dtype, device=args.device)
+        from .device import cpu_description
+
         print(f"kernels:     {cpu_description()}, torch {_torch_version()}, dtype {str(model.dtype)[6:]}")
         for line in model.backend.describe():
             print(f"  {line}")
     return 0
-
-
-def cpu_description() -> str:
-    """The CPU model and the ISA extensions that decide the kernels (AVX2, AVX-512, AVX512-BF16, AMX)."""
-    import platform
-
-    from .device import cpu_flags, cpu_model
-
-    flags = cpu_flags()
-    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-                                   ("amx_bf16", "AMX-BF16")) if flag in flags]
-    return f"{cpu_model() or platform.machine()} ({' '.join(isa) or 'no AVX2'})"
 
 
 def _torch_version() -> str:

@@ -24,13 +24,8 @@ def drop_neutral(where: str, kwargs: dict[str, Any], neutral: dict[str, Any]) ->
             raise ValueError(f"{where} does not support {name}={value!r}")
 
 
-def reject_unknown(where: str, kwargs: dict[str, Any]) -> None:
-    """Raise a TypeError naming every keyword argument left in `kwargs`."""
+def take_neutral(where: str, kwargs: dict[str, Any], neutral: dict[str, Any]) -> None:
+    """`drop_neutral`, then a TypeError naming every keyword argument left: all must be neutral ones."""
+    drop_neutral(where, kwargs, neutral)
     if kwargs:
         raise TypeError(f"{where} got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
-
-
-def take_neutral(where: str, kwargs: dict[str, Any], neutral: dict[str, Any]) -> None:
-    """`drop_neutral`, then `reject_unknown`: the arguments must all be neutral ones."""
-    drop_neutral(where, kwargs, neutral)
-    reject_unknown(where, kwargs)

@@ -40,6 +40,16 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_description() -> str:
+    """The CPU model and the ISA extensions that decide the kernels, e.g. "AMD EPYC 9R14 (AVX2 AVX-512 ...)"."""
+    flags = cpu_flags()
+    isa = " ".join(name for flag, name in ISA_FLAGS if flag in flags) or "no AVX2"
+    return f"{cpu_model() or platform.machine() or 'unknown CPU'} ({isa})"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 arithmetic (x86 avx512_bf16 / amx_bf16, Arm bf16)."""

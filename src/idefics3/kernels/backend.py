@@ -117,7 +117,7 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
         result.replacements.changed += replace_modules(model, vision_replacement(kernels)).changed
         result.choose("vision layers", "oneDNN linears with bias, GELU and residual in the epilogues",
                       "inference on CPU; training and LoRA layers take the plain path")
-        result.choose("vision attention", "torch" if attention_reason else "C++ flash attention (AVX512-BF16)",
+        result.choose("vision attention", TORCH if attention_reason else "C++ flash attention (AVX512-BF16)",
                       attention_reason or "bf16 on a CPU with AVX512-BF16")
     text_reason = cpu_attention.unsupported_reason(dtype, device, t.head_dim)
     if text_reason is None:
