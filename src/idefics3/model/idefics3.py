@@ -166,10 +166,11 @@ class Idefics3(nn.Module):
         embeds, image_hidden_states = self.embed(input_ids, pixel_values, pixel_attention_mask,
                                                  image_hidden_states, images_required=kv_cache is None)
         h = self.model.text_model(embeds, position_ids, attention_mask, kv_cache, cache_slots, kv_len)  # [B, T, D]
-        loss = None if labels is None else next_token_loss(h, labels, self.lm_head)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]  # [B, T', D]
-        logits = self.lm_head(h)  # [B, T', V]
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, T', V]
+        loss = None
+        if labels is not None:  # scored from the logits when they cover every position, not a second head pass
+            loss = next_token_loss(h, labels, self.lm_head) if logits_to_keep else \
+                next_token_loss(logits, labels, nn.Identity())
         return Idefics3Output(logits=logits, loss=loss, image_hidden_states=image_hidden_states)
 
     # ---- files ------------------------------------------------------------------------------------
@@ -187,7 +188,8 @@ class Idefics3(nn.Module):
 def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
                     reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy (fp32) of every labelled next token: hidden [B, T, D], labels [B, T] (IGNORE_INDEX where
-    unscored). The head runs only at the labelled positions ([K, D] -> [K, V]), not over all B*T.
+    unscored). The head runs only at the labelled positions ([K, D] -> [K, V]), not over all B*T (pass logits
+    with `nn.Identity()` as the head where they exist already).
     reduction: "mean" over the labelled tokens (forward's loss, as transformers) or "sum" (training divides by
     the labelled tokens of a whole optimiser step)."""
     targets = labels[:, 1:].to(hidden.device)  # [B, T-1]: position t predicts token t+1
