@@ -22,10 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .dtypes import SHORT_NAMES
+from .dtypes import DEVICES, SHORT_NAMES
 
 PROG = "idefics3"
-DEVICES = ("cpu", "cuda", "mps")
 DEFAULT_MAX_NEW_TOKENS = 512
 CHAT_HELP = "commands: /image PATH (attach an image to your next message), /reset (forget the conversation), /quit"
 

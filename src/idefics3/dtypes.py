@@ -1,4 +1,4 @@
-"""Names of the weight dtypes: one table for every entry point (CLI flags, from_pretrained, fine-tuning).
+"""Names of the weight dtypes and devices: one table for every entry point (CLI flags, loading, fine-tuning).
 
 Kept free of a torch import, so the command line can list the choices without loading torch (a fast `--help`).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 SHORT_NAMES = ("bf16", "fp16", "fp32")  # what the CLI flags offer
+DEVICES = ("cpu", "cuda", "mps")  # the device kinds a model loads on
 # every spelling we accept -> the torch attribute name
 NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
          "fp32": "float32", "float32": "float32", "float": "float32"}

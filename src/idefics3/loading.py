@@ -23,7 +23,7 @@ import torch
 from . import DEMO_MODEL
 from .compat import ANY, take_neutral
 from .device import default_dtype
-from .dtypes import to_torch_dtype
+from .dtypes import DEVICES, to_torch_dtype
 from .generation.encoder_cache import EncoderCache
 from .generation.generate import generate
 from .generation.streamer import IncrementalDecoder
@@ -33,7 +33,6 @@ from .model.idefics3 import Idefics3
 from .processing.processor import Idefics3Processor
 
 MODEL_ENV = "IDEFICS3_MODEL"
-DEVICES = ("cpu", "cuda", "mps")
 
 # transformers' from_pretrained arguments that change nothing here (compat.py)
 _NEUTRAL_LOAD = {"trust_remote_code": ANY, "low_cpu_mem_usage": ANY, "use_safetensors": True,
