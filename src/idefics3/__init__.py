@@ -41,6 +41,7 @@ _EXPORTS = {
     "GenerationConfig": "idefics3.generation.config",
     "TextIteratorStreamer": "idefics3.generation.streamer",
     "Engine": "idefics3.generation.engine",
+    "Request": "idefics3.generation.sequence",
     "SamplingParams": "idefics3.generation.sampling",
 }
 # Drop-in names of the model card's snippet.

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from idefics3 import Engine, SamplingParams
+from idefics3.generation import engine as engine_module
 from idefics3.generation.engine import Request
 
 NEW = 8
@@ -48,6 +49,15 @@ def make(prompt, pv, pm, **params):
 
 def alone(model, req):
     return run(Engine(model, max_batch=1, max_seq_len=256), [req])[0][0]
+
+
+def count_prefill_rows(monkeypatch) -> list[int]:
+    """The number of rows of every prefill forward the engine runs from now on."""
+    counts: list[int] = []
+    original = engine_module.run_rows
+    monkeypatch.setattr(engine_module, "run_rows", lambda model, cache, rows, pad: counts.append(len(rows))
+                        or original(model, cache, rows, pad))
+    return counts
 
 
 def test_staggered_admission_and_slot_reuse(model, requests):
@@ -130,7 +140,7 @@ def test_precomputed_image_features(model, requests):
     assert run(Engine(model, max_batch=1, max_seq_len=256), [req])[0][0] == alone(model, make(*requests[1]))
 
 
-def test_same_prompt_is_prefilled_once_and_read_from_one_slot(model, requests):
+def test_same_prompt_is_prefilled_once_and_read_from_one_slot(model, requests, monkeypatch):
     """Three sequences of one prompt and image (different settings) admitted together: one prefill row, each
     equals its solo run. The first finishes early and a new prompt takes its slot while the other two still
     decode; they then read the prompt from their own copies."""
@@ -141,9 +151,7 @@ def test_same_prompt_is_prefilled_once_and_read_from_one_slot(model, requests):
             make(*requests[3])]
     solo = [alone(model, r) for r in reqs]
     engine = Engine(model, max_batch=3, max_seq_len=256)
-    prefilled, shared = [], []
-    prefill_rows = engine._prefill_rows
-    engine._prefill_rows = lambda seqs: prefilled.append(len(seqs)) or prefill_rows(seqs)
+    prefilled, shared = count_prefill_rows(monkeypatch), []
     if engine.fast_decoder is not None:
         decoder = engine.fast_decoder
         engine.fast_decoder = lambda *a: shared.append(None if a[4] is None else a[4].tolist()) or decoder(*a)
@@ -158,37 +166,33 @@ def test_same_prompt_is_prefilled_once_and_read_from_one_slot(model, requests):
     assert torch.equal(slot1, engine.cache.k[0][2, :, :n])  # the copies of the prompt
 
 
-def test_prompts_given_as_tensors_are_shared_too(model, requests):
+def test_prompts_given_as_tensors_are_shared_too(model, requests, monkeypatch):
     prompt, pv, pm = requests[1]
     engine = Engine(model, max_batch=2, max_seq_len=256)
-    prefilled = []
-    prefill_rows = engine._prefill_rows
-    engine._prefill_rows = lambda seqs: prefilled.append(len(seqs)) or prefill_rows(seqs)
+    prefilled = count_prefill_rows(monkeypatch)
     got, _ = run(engine, [make(torch.tensor(prompt), pv, pm), make(torch.tensor(prompt), pv, pm)])
     assert prefilled == [1]
     assert got == [alone(model, make(prompt, pv, pm))] * 2
 
 
-def test_different_images_are_not_shared(model, requests):
+def test_different_images_are_not_shared(model, requests, monkeypatch):
     prompt, pv, pm = requests[1]
     other = pv.clone()
     other[0, 0, 0, 0] += 1.0
     engine = Engine(model, max_batch=2, max_seq_len=256)
-    prefilled = []
-    prefill_rows = engine._prefill_rows
-    engine._prefill_rows = lambda seqs: prefilled.append(len(seqs)) or prefill_rows(seqs)
+    prefilled = count_prefill_rows(monkeypatch)
     got, _ = run(engine, [make(prompt, pv, pm), make(prompt, other, pm)])
     assert prefilled == [2]
     assert got == [alone(model, make(prompt, pv, pm)), alone(model, make(prompt, other, pm))]
 
 
 def test_frames_encoded_in_chunks_equal_one_call(model, requests):
-    from idefics3.generation.engine import encode_images
+    from idefics3.generation.prefill import encode_frames
 
-    reqs = [make(*r) for r in requests[1:]]  # 1, 2 and 1 images: frames from three requests
+    _, pv, pm = requests[2]  # 2 images: 5 + 3 frames
     with torch.inference_mode():
-        whole = encode_images(model, reqs, max_frames=64)
+        whole = encode_frames(model, pv, pm, max_frames=64)
         for chunk in (1, 3):
-            got = encode_images(model, reqs, max_frames=chunk)
+            got = encode_frames(model, pv, pm, max_frames=chunk)
             assert got.shape == whole.shape
             torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())

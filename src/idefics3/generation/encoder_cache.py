@@ -1,52 +1,52 @@
-"""A cache of image features keyed by the content of the pixels, so a second question about the same
-image skips the vision encoder.
+"""Image features cached by the content of each frame, so a second question about the same image skips the
+vision encoder.
 
-The key is a BLAKE2 digest of the frames (and their pixel mask) as the processor made them, so the same
-picture at the same resolution settings hits, and any other picture or setting misses. The key also
-carries the vision weights' identity and in-place version counters: after a training step (or a LoRA
-merge) changes the encoder or connector, old entries can no longer be hit. Entries are evicted least
-recently used first, within a byte budget.
+A frame's key is a BLAKE2 digest of its pixels (and its pixel mask) exactly as the processor made them, so the
+same picture at the same resolution settings hits, and any other picture or setting misses. The same digests
+key the prefix cache's image positions (sequence.py). The cache key also carries the vision weights' identity
+and in-place version counters: after a training step (or a LoRA merge) changes the encoder or connector, old
+entries can no longer be hit. Entries are evicted least recently used first, within a byte budget.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any
 
 import torch
 
 
-def _digest(t: torch.Tensor | None, h: Any) -> None:
-    if t is None:
-        h.update(b"none")
-        return
-    t = t.detach().contiguous().cpu()
-    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    h.update(t.view(torch.uint8).numpy().data if t.dtype != torch.bool else t.numpy().tobytes())
+def frame_digests(frames: torch.Tensor | None, masks: torch.Tensor | None = None) -> list[str]:
+    """One hex digest per frame of pixels [N, 3, H, W] (+ mask [N, H, W]) or of features [N, S, D]."""
+    if frames is None:
+        return []
+    frames = frames.detach().contiguous().cpu()
+    masks = None if masks is None else masks.detach().to(torch.bool).contiguous().cpu()
+    out = []
+    for i in range(frames.shape[0]):
+        h = hashlib.blake2b(digest_size=20)
+        frame = frames[i]
+        h.update(f"{tuple(frame.shape)}{frame.dtype}".encode())
+        h.update(frame.reshape(-1).view(torch.uint8).numpy().data)
+        h.update(b"none" if masks is None else masks[i].numpy().tobytes())
+        out.append(h.hexdigest())
+    return out
 
 
 class EncoderCache:
-    """LRU map from (weights version, frames digest) to image features [N, S_img, D_text]."""
+    """LRU map from (weights version, frame digest) to one frame's image features [S_img, D_text]."""
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._bytes = 0
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0    # frames
+        self.misses = 0  # frames
 
     @staticmethod
     def weights_version(model: torch.nn.Module) -> tuple:
         params = [*model.model.vision_model.parameters(), *model.model.connector.parameters()]
         return (id(model), sum(p._version for p in params), params[0].data_ptr(), params[-1].data_ptr())
-
-    def key(self, model: torch.nn.Module, pixel_values: torch.Tensor,
-            pixel_attention_mask: torch.Tensor | None) -> tuple:
-        h = hashlib.blake2b(digest_size=20)
-        _digest(pixel_values, h)
-        _digest(pixel_attention_mask, h)
-        return (self.weights_version(model), h.hexdigest())
 
     def get(self, key: tuple) -> torch.Tensor | None:
         value = self._entries.get(key)
@@ -76,3 +76,7 @@ class EncoderCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes

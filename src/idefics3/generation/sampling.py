@@ -5,7 +5,11 @@ rows asked for different temperatures or top-p values is processed in one pass. 
 the same arithmetic as the transformers LogitsProcessor of the same name (same ops, same order of
 operations, same tie handling), applied in transformers' order:
 
-    repetition penalty -> (min_new_tokens eos ban, done by the engine) -> temperature -> top_k -> top_p -> min_p
+    repetition penalty -> presence/frequency penalty -> (min_new_tokens eos ban, grammar mask: the engine)
+    -> temperature -> top_k -> top_p -> min_p
+
+The presence and frequency penalties are OpenAI's (subtract `presence * [count > 0] + frequency * count` from
+a token's logit, counting the tokens generated so far); transformers has no equivalent.
 
 A row whose setting is neutral (temperature 1, top_k 0, top_p 1, min_p 0, penalty 1) is left exactly
 unchanged. Drawing uses the exponential-race form of categorical sampling, argmax(p / q) with
@@ -27,6 +31,8 @@ class SamplingParams:
 
     temperature 0 means greedy (argmax). top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are off.
     stop_token_ids None means the engine's default eos ids; min_new_tokens bans them until reached.
+    presence_penalty, frequency_penalty: OpenAI's, in [-2, 2], 0 = off. logprobs: None, or how many of the most
+    likely tokens to report with each token's own log-probability (0: only its own).
     """
 
     temperature: float = 0.0
@@ -38,6 +44,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -52,6 +61,11 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 0 or self.min_new_tokens < 0:
             raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.stop_token_ids is not None:
             self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
@@ -66,6 +80,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     p = penalty[:, None]
     penalized = torch.where(logits < 0, logits * p, logits / p)
     return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                             frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: counts [R, V] of each token generated so far; presence, frequency [R]."""
+    counts = counts.to(logits.dtype)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -148,6 +169,9 @@ class BatchSampler:
         self.any_greedy = any(p.greedy for p in params)
         self.use_penalty = any(p.repetition_penalty != 1.0 for p in params)
         self.penalty = col([p.repetition_penalty for p in params], torch.float32)
+        self.use_counts = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+        self.presence = col([p.presence_penalty for p in params], torch.float32)
+        self.frequency = col([p.frequency_penalty for p in params], torch.float32)
         self.is_greedy = col([p.greedy for p in params], torch.bool)
         sampled = [p for p in params if not p.greedy]
         self.use_temperature = any(p.temperature != 1.0 for p in sampled)
@@ -174,9 +198,13 @@ class BatchSampler:
             logits = apply_min_p(logits, self.min_p)
         return logits
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:
+        """seen [R, V] bool: tokens of the prompt or generated (repetition penalty); counts [R, V]: generated."""
         if self.use_penalty and seen is not None:
             logits = apply_repetition_penalty(logits, seen, self.penalty)
+        if self.use_counts and counts is not None:
+            logits = apply_presence_frequency(logits, counts, self.presence, self.frequency)
         if self.all_greedy:
             return logits.argmax(dim=-1)
         greedy = logits.argmax(dim=-1) if self.any_greedy else None
