@@ -1,4 +1,5 @@
-"""The `idefics3` command line: `generate`, `chat`, `info`, and `demo` / `eval` (src/idefics3/demo/commands.py).
+"""The `idefics3` command line: `generate`, `chat`, `info`, `demo` / `eval` (demo/commands.py), `finetune` /
+`merge` (finetune/cli.py) and `serve` (serving/commands.py).
 
     idefics3 generate --model HuggingFaceTB/SmolVLM-256M-Instruct --image cat.jpg "What is in this image?"
     idefics3 chat --model ./my-checkpoint
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parser(sub)
     add_merge_parser(sub)
+    from .serving.commands import add_serve_parser  # the OpenAI-compatible server
+
+    add_serve_parser(sub, [common])
     return parser
 
 

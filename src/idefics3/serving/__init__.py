@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`idefics3 serve`): protocol, media, grammar, engine thread, app."""
