@@ -7,6 +7,9 @@ each SSE chunk is timed as it arrives) sends OpenAI chat requests, streaming wit
 `stream_options.include_usage`, temperature 0 and a fixed `max_tokens`. Each request carries its own
 photo-like image (seeded, never repeated, so no encoder or prefix cache can answer for it) as a base64
 data: URI. The servers take turns: for each concurrency level, ours then transformers'; `--rounds` repeats it all.
+The machine is shared: before each measurement the bench waits (up to `--quiet-wait` s) until both servers are
+idle and other processes leave the CPUs, and each figure comes with `noise`, the cores other processes took
+while it was measured (from /proc/stat less the servers' and the client's own CPU time).
 
 - Throughput levels (`--concurrency 1,4,16`): `--requests` requests per level for ours and `--transformers-requests`
   for transformers (each at least the concurrency), sent by that many closed-loop clients. Printed per server and
@@ -32,7 +35,7 @@ second-turn TTFT <= 15% of the first; longest stall <= one prefill chunk. Usage:
 
     python bench/serve.py [--concurrency 1,4,16] [--requests 8] [--transformers-requests 4] [--max-tokens 32]
         [--image-size 512x384] [--tiles low|full] [--streams 4] [--rounds 1] [--threads N]
-        [--max-batch N] [--max-prefill-chunk TOKENS] [--skip-transformers | --skip-ours]
+        [--max-batch N] [--max-prefill-chunk TOKENS] [--skip-transformers | --skip-ours] [--quiet-wait 30]
 """
 
 from __future__ import annotations
@@ -448,21 +451,49 @@ async def run_turns(server: Server, reqs: Requests, args: argparse.Namespace) ->
             "error": one.error or two.error}
 
 
+def machine_cpu_seconds() -> float:
+    """CPU time all cores spent busy so far (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return math.nan
+
+
 class Turns:
-    """Alternation bookkeeping: the CPU the idle server burns while the other one is measured."""
+    """Alternation bookkeeping: the CPU the idle server burns while the other one is measured, and the CPU that
+    processes other than the servers and this client took (`noise`, in cores: the machine is shared)."""
 
     def __init__(self, servers: list[Server]):
         self.servers = servers
+        self.noise = math.nan
 
     async def run(self, active: Server, coro):
-        others = [(s, s.cpu_seconds()) for s in self.servers if s is not active]
-        t0 = time.perf_counter()
+        cpus = [(s, s.cpu_seconds()) for s in self.servers]
+        machine, me, t0 = machine_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
         try:
             return await coro
         finally:
-            for s, cpu in others:
-                s.idle_cpu += s.cpu_seconds() - cpu
-                s.idle_wall += time.perf_counter() - t0
+            wall = time.perf_counter() - t0
+            used = 0.0
+            for s, cpu in cpus:
+                used += s.cpu_seconds() - cpu
+                if s is not active:
+                    s.idle_cpu += s.cpu_seconds() - cpu
+                    s.idle_wall += wall
+            self.noise = max(0.0, machine_cpu_seconds() - machine - used - (sum(os.times()[:2]) - me)) / wall
+
+    async def quiet(self, wait: float, busy: float = 0.3) -> None:
+        """Before a measurement: wait until every server is idle (up to 120 s: a closed request may still run)
+        and other processes take under `busy` of a core over half a second (up to `wait` seconds)."""
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < max(wait, 120.0):
+            cpus, machine, me = [s.cpu_seconds() for s in self.servers], machine_cpu_seconds(), sum(os.times()[:2])
+            await asyncio.sleep(0.5)
+            used = [s.cpu_seconds() - c for s, c in zip(self.servers, cpus)]
+            others = (machine_cpu_seconds() - machine - sum(used) - (sum(os.times()[:2]) - me)) / 0.5
+            if not max(used, default=0.0) / 0.5 >= 0.2 and (not others >= busy or time.perf_counter() - t0 > wait):
+                return
 
 
 # ---- main -----------------------------------------------------------------------------------------------
@@ -477,7 +508,7 @@ def level_line(r: dict) -> str:
     prompt = f"{statistics.median(r['prompt']):7.0f}" if r["prompt"] else "    n/a"
     return (f"{r['server']:<13}{r['concurrency']:>5}{r['requests']:>6}{prompt}{r['tokens'] / r['requests']:>8.1f}"
             f"{r['tok_s']:>9.1f}{ms(pct(r['ttft'], 50))}{ms(pct(r['ttft'], 99))}{ms(pct(r['itl'], 50))}"
-            f"{ms(pct(r['itl'], 99))}")
+            f"{ms(pct(r['itl'], 99))}{r['noise']:>7.2f}")
 
 
 def secs(v: float | None) -> str:
@@ -505,28 +536,33 @@ async def bench(args: argparse.Namespace, servers: list[Server]) -> None:
             for s in servers:
                 n = max(c, args.requests if s.name == OURS else args.transformers_requests)
                 bodies = [reqs.image_question(i, args.image_size, low, args.max_tokens) for i in range(n)]
-                await s.settle()
+                await turns.quiet(args.quiet_wait)
                 r = await turns.run(s, run_level(s, bodies, c))
+                r["noise"] = turns.noise
                 levels.setdefault((s.name, c), []).append(r)
                 err = f"  ERRORS {len(r['errors'])}: {r['errors'][0]}" if r["errors"] else ""
                 print(f"round {rnd + 1} {s.name} c={c}: {r['requests']} requests, {r['tokens']} tokens in "
-                      f"{r['wall']:.1f} s = {r['tok_s']:.1f} tok/s{err}", flush=True)
+                      f"{r['wall']:.1f} s = {r['tok_s']:.1f} tok/s; other processes used {r['noise']:.2f} "
+                      f"core(s){err}", flush=True)
         for s in servers:
-            await s.settle()
+            await turns.quiet(args.quiet_wait)
             r = await turns.run(s, run_stall(s, reqs, args))
+            r["noise"] = turns.noise
             r["drain"] = await turns.run(s, s.settle())  # the closed streams should stop at once
             stalls[s.name].append(r)
             print(f"round {rnd + 1} {s.name} stall: {r['running']}/{r['streams']} streams running, longest gap "
                   f"{r['stall']:.3f} s (before: p50 {r['before_p50']:.3f} s), image TTFT {secs(r['image_ttft'])}, "
-                  f"window {r['window']:.1f} s{' (timed out)' if r['timed_out'] else ''}, idle {r['drain']:.1f} s after"
+                  f"window {r['window']:.1f} s{' (timed out)' if r['timed_out'] else ''}, idle {r['drain']:.1f} s "
+                  f"after; other processes used {r['noise']:.2f} core(s)"
                   f"{'  ERROR ' + r['error'] if r['error'] else ''}", flush=True)
         ours = next((s for s in servers if s.name == OURS), None)
         if ours is not None:
-            await ours.settle()
+            await turns.quiet(args.quiet_wait)
             r = await turns.run(ours, run_turns(ours, reqs, args))
             multi.append(r)
             print(f"round {rnd + 1} {OURS} multi-turn: TTFT {secs(r['ttft1'])} then {secs(r['ttft2'])} "
-                  f"(prompt {r['prompt1']} then {r['prompt2']} tokens){'  ERROR ' + r['error'] if r['error'] else ''}",
+                  f"(prompt {r['prompt1']} then {r['prompt2']} tokens); other processes used {turns.noise:.2f} "
+                  f"core(s){'  ERROR ' + r['error'] if r['error'] else ''}",
                   flush=True)
     report(args, servers, levels, stalls, multi)
 
@@ -536,9 +572,10 @@ def report(args, servers: list[Server], levels: dict, stalls: dict, multi: list[
     print(f"\n{machine_line(args.threads)}")
     print(f"workload: {args.image_size[0]}x{args.image_size[1]} {args.image_format} images, tiles {args.tiles}, "
           f"max_tokens {args.max_tokens}, temperature 0, streaming; {args.rounds} round(s); "
-          f"TTFT/ITL pooled over rounds, tok/s the median of the rounds")
+          f"TTFT/ITL pooled over rounds, tok/s the median of the rounds; noise: the cores that other processes "
+          f"took meanwhile (the most of the rounds; above ~0.2 the figures are disturbed)")
     print(f"\n{'server':<13}{'conc':>5}{'reqs':>6}{'prompt':>7}{'tok/req':>8}{'tok/s':>9}{'TTFT p50':>11}"
-          f"{'TTFT p99':>11}{'ITL p50':>11}{'ITL p99':>11}")
+          f"{'TTFT p99':>11}{'ITL p50':>11}{'ITL p99':>11}{'noise':>7}")
     merged: dict[tuple[str, int], dict] = {}
     for c in args.concurrency:
         for name in names:
@@ -547,7 +584,7 @@ def report(args, servers: list[Server], levels: dict, stalls: dict, multi: list[
                 "server": name, "concurrency": c, "requests": sum(r["requests"] for r in runs),
                 "tokens": sum(r["tokens"] for r in runs), "tok_s": statistics.median(r["tok_s"] for r in runs),
                 "ttft": [x for r in runs for x in r["ttft"]], "itl": [x for r in runs for x in r["itl"]],
-                "prompt": [x for r in runs for x in r["prompt"]]}
+                "prompt": [x for r in runs for x in r["prompt"]], "noise": max(r["noise"] for r in runs)}
             print(level_line(m))
             if any(r["usage_missing"] for r in runs):
                 print(f"  ({sum(r['usage_missing'] for r in runs)} request(s) without a usage chunk: content chunks "
@@ -665,6 +702,8 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-ours", action="store_true", help="only transformers serve (e.g. to test the harness)")
     ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--quiet-wait", type=float, default=30.0, metavar="S",
+                    help="before each measurement, wait up to S seconds for other processes to leave the CPUs")
     ap.add_argument("--dir", default=str(BENCH_DIR / "speed-smolvlm-256m"),
                     help="checkpoint folder (written if absent)")
     ap.add_argument("--log-dir", help="where the server logs go (default: a new temporary folder)")
