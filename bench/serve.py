@@ -284,23 +284,25 @@ class Server:
             pass
         return math.nan
 
-    def stop(self) -> None:
-        """SIGTERM the process group, then SIGKILL it if it is still there after a few seconds."""
+    def stop(self) -> str:
+        """SIGTERM the process group, then SIGKILL it if it is still there after a few seconds; says which."""
         if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = self.proc.pid  # start_new_session: the process leads its own group
+            return "not running"
+        pgid, t0 = self.proc.pid, time.perf_counter()  # start_new_session: the process leads its own group
+        how = "exited on SIGTERM"
         try:
             os.killpg(pgid, signal.SIGTERM)
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            pass
+            how = "did not exit on SIGTERM within 5 s: SIGKILL"
         except ProcessLookupError:
-            return
+            return "gone"
         try:
             os.killpg(pgid, signal.SIGKILL)  # also whatever it left in the group
         except ProcessLookupError:
             pass
         self.proc.wait()
+        return f"{how} ({time.perf_counter() - t0:.1f} s)"
 
     def body(self, body: dict) -> dict:
         body = {**body, "model": self.model}
@@ -570,6 +572,15 @@ async def bench(args: argparse.Namespace, servers: list[Server]) -> None:
 def report(args, servers: list[Server], levels: dict, stalls: dict, multi: list[dict]) -> None:
     names = [s.name for s in servers]
     print(f"\n{machine_line(args.threads)}")
+    for s in servers:
+        print(f"{s.name}: {' '.join(s.cmd[:2])} ... {' '.join(s.cmd[s.cmd.index('--host'):])}")
+        if s.name == OURS:  # its settings and which kernel runs each op, as it logs them at startup
+            lines = s.log.read_text(errors="replace").splitlines()
+            start = next((i for i, line in enumerate(lines) if line.startswith("idefics3: serving")), None)
+            for line in lines[start:start + 12] if start is not None else []:
+                if line.startswith("idefics3: ") and "serving" not in line:
+                    break
+                print(f"  {line.strip()}")
     print(f"workload: {args.image_size[0]}x{args.image_size[1]} {args.image_format} images, tiles {args.tiles}, "
           f"max_tokens {args.max_tokens}, temperature 0, streaming; {args.rounds} round(s); "
           f"TTFT/ITL pooled over rounds, tok/s the median of the rounds; noise: the cores that other processes "
@@ -601,7 +612,13 @@ def report(args, servers: list[Server], levels: dict, stalls: dict, multi: list[
                   f"{pct(b['itl'], 50) / pct(a['itl'], 50):.2f}x shorter")
     for s in servers:
         scale = merged[(s.name, top)]["tok_s"] / merged[(s.name, low_c)]["tok_s"]
-        print(f"{s.name}: c={top} / c={low_c} throughput {scale:.2f}x; peak RSS {s.peak_rss_mib():.0f} MiB")
+        runs = levels[(s.name, low_c)]
+        per_request = sum(r["wall"] for r in runs) / sum(r["requests"] for r in runs)
+        share = pct(merged[(s.name, low_c)]["ttft"], 50) / per_request
+        ceiling = 1 / (share + (1 - share) / (top / low_c))
+        print(f"{s.name}: c={top} / c={low_c} throughput {scale:.2f}x (the first token takes {share:.0%} of a "
+              f"request's time at c={low_c}; if that compute-bound part gains nothing from batching: "
+              f"{ceiling:.2f}x at most); peak RSS {s.peak_rss_mib():.0f} MiB")
     for s in servers:
         if len(servers) > 1 and s.idle_wall:
             print(f"{s.name} idle while the other ran: {s.idle_cpu:.1f} CPU-s in {s.idle_wall:.0f} s "
@@ -736,7 +753,7 @@ def main() -> None:
         asyncio.run(bench(args, servers))
     finally:
         for s in servers:
-            s.stop()
+            print(f"stopped {s.name}: {s.stop()}", flush=True)
 
 
 if __name__ == "__main__":
