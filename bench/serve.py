@@ -18,9 +18,12 @@ while it was measured (from /proc/stat less the servers' and the client's own CP
   p99 of a few samples is close to their maximum). With `--tiles low` (the default) the image is one 512 px
   frame for both servers: the request sends `image_url.detail: "low"` (ours) and
   `chat_template_kwargs: {"processor_kwargs": {"do_image_splitting": false}}` (transformers ignores `detail`),
-  so both get the same prompt; the table's "prompt" column (usage.prompt_tokens) shows whether they did.
+  so both get the same prompt; ours refuses fields it does not know (HTTP 400), so after the warm-up says so it
+  gets the same body without that one. The table's "prompt" column (usage.prompt_tokens) shows both prompts.
   `--tiles full` sends the images tiled (a 4:3 image is 13 frames at any size: the processor scales the longest
-  edge to 2048 first), which takes minutes per level on transformers' side.
+  edge to 2048 first), which takes minutes per level on transformers' side. At 32 new tokens the image's
+  encoding and prefill are about half of a request's time; the report prints the throughput ratio that leaves
+  at most if that compute-bound part gains nothing from batching.
 - Stall: `--streams` text-only streams decode (`--stall-max-tokens`), then one request with a `--stall-image-size`
   image at full detail (1024x768: 4x3 tiles + the global image = 13 frames) arrives. Printed: the longest gap
   between chunks of the streams that were already running, from its arrival until its first content chunk (the
@@ -29,6 +32,12 @@ while it was measured (from /proc/stat less the servers' and the client's own CP
   largest chunk is bounded by the smallest histogram bucket that holds them all).
 - Multi-turn (ours only): a conversation about one 13-frame image; TTFT of the first turn against the second
   (the second request resends the first turn, the answer and a new question: the prefix cache's case).
+
+transformers serve 5.24 (`transformers serve FOLDER --continuous-batching`: the folder is loaded before /health
+answers and requests name it as their model) batches only text-only models: for this VLM it logs
+`CB: False` for every request and runs them one at a time on one inference thread, and it decodes each
+request's image on its event loop, which holds up the other streams meanwhile. The bench counts the `CB:` lines
+of its log. It sends no `data: [DONE]` (the stream just ends) and always sends usage in its last chunk.
 
 Targets (PASS/FAIL): ours at the highest concurrency >= 4x ours at 1, and >= 3x transformers at the highest;
 second-turn TTFT <= 15% of the first; longest stall <= one prefill chunk. Usage:
