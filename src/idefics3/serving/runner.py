@@ -105,6 +105,10 @@ class EngineRunner:
     def _loop(self) -> None:
         engine = self.engine
         while not self._stop:
+            if not engine.has_work():  # before blocking: the last step may have just finished the last sequence
+                with self._lock:
+                    if not self._pending:
+                        self._idle.set()
             try:
                 self._handle(self._commands.get(timeout=None if not engine.has_work() else 0.0))
             except queue.Empty:
