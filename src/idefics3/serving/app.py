@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -73,6 +73,10 @@ class ServerState:
             raise ApiError(503, f"the model failed to load: {self.load_error}", None, "load_failed")
 
 
+def body_too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {max_bytes} bytes (--max-body-mb)", None, "body_too_large")
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a body over the limit, by Content-Length or while it streams in."""
 
@@ -84,8 +88,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        too_big = ApiError(413, f"the request body is larger than {self.max_bytes} bytes (--max-body-mb)", None,
-                           "body_too_large")
+        too_big = body_too_large(self.max_bytes)
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_big.response()(scope, receive, send)
         seen = 0
@@ -105,8 +108,12 @@ class BodyLimit:
             await too_big.response()(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised while the body streams in. An HTTPException, so that FastAPI's body reader passes it on (it turns
+    any other exception into a 400 "There was an error parsing the body") to the handler below."""
+
+    def __init__(self) -> None:
+        super().__init__(413)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -134,6 +141,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         return validation_error(err).response()
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(_: Request, err: _TooLarge) -> JSONResponse:
+        return body_too_large(state.max_body_bytes).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
