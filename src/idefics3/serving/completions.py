@@ -70,7 +70,7 @@ async def prepare(state: Any, build: Any, *args: Any) -> Prompt:
     try:
         return await asyncio.to_thread(build, *args)
     except PromptError as err:
-        raise ApiError(400, str(err), err.param) from err
+        raise ApiError(400, str(err), err.param, err.code) from err
     except MediaError as err:
         raise ApiError(400, str(err), "messages", "invalid_image") from err
 

@@ -38,7 +38,15 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def validation_error(err: RequestValidationError) -> ApiError:
     """pydantic's first complaint as one 400 that names the field (an unsupported field by name)."""
-    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    errors = err.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    # A union (content: str | list[part]) complains once per branch, the str branch's "should be a valid string"
+    # first. Of the complaints about the first field, the one about what the client sent is a complaint other
+    # than a type mismatch (a list's bad part, a too-short list), else the deepest (stop[1], not stop).
+    field = _field(first)
+    if field:
+        same = [e for e in errors if _field(e) == field or _field(e)[:len(field) + 1] in (field + ".", field + "[")]
+        first = max(same, key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(_field(e))))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = _dotted(loc)
     kind = first.get("type", "")
@@ -47,10 +55,14 @@ def validation_error(err: RequestValidationError) -> ApiError:
         if name in UNSUPPORTED:
             return ApiError(400, f"'{param}' is not supported by this server", param, "unsupported_parameter")
         return ApiError(400, f"unknown field '{param}'", param, "unknown_parameter")
-    if kind in ("json_invalid", "model_attributes_type") or not loc:
+    if kind == "json_invalid" or not loc:
         return ApiError(400, f"the request body is not a valid JSON object: {first.get('msg', '')}", None,
                         "invalid_json")
     return ApiError(400, f"'{param}': {first.get('msg', 'invalid value')}", param, "invalid_value")
+
+
+def _field(error: dict) -> str:
+    return _dotted([str(p) for p in error.get("loc", ()) if p != "body"]) or ""
 
 
 def _dotted(loc: list[str]) -> str | None:

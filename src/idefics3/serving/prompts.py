@@ -30,9 +30,10 @@ from .protocol import Message
 class PromptError(ValueError):
     """A request whose prompt cannot be built; `param` names the request field."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,10 @@ class PromptBuilder:
     # ---- chat ---------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> Prompt:
         conversation, images = self._template_messages(messages)
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        try:
+            text = self.processor.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        except ValueError as err:  # the template refused the conversation (raise_exception, a missing part)
+            raise PromptError(f"messages: {err}", "messages") from err
         loaded = [load_image_url(url, self.policy, index=i) for i, (url, _) in enumerate(images)]
         return self._build(text, loaded, [detail for _, detail in images])
 
@@ -92,6 +96,7 @@ class PromptBuilder:
         if self.processor.image_token in prompt:
             raise PromptError(f"text prompts cannot hold {self.processor.image_token}; send images to "
                               "/v1/chat/completions", "prompt")
+        _check_unicode(prompt, "prompt")
         ids = self.processor.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         return self._checked(Prompt(ids), "prompt")
 
@@ -122,6 +127,7 @@ class PromptBuilder:
         expanded = expand_prompts([text], [grids], self.processor.image_seq_len, self.processor.tokens)[0]
         bos = self.processor.tokenizer.bos_token
         add_special = not (bos is not None and expanded.startswith(bos))
+        _check_unicode(expanded, "messages")
         ids = self.processor.tokenizer(expanded, add_special_tokens=add_special)["input_ids"]
         prompt = Prompt(ids, n_images=len(images))
         if n_frames:
@@ -135,8 +141,18 @@ class PromptBuilder:
             raise PromptError("the prompt is empty", param)
         if len(prompt.ids) > self.limits.max_prompt_tokens:
             raise PromptError(f"the prompt has {len(prompt.ids)} tokens; this server accepts at most "
-                              f"{self.limits.max_prompt_tokens}", param)
+                              f"{self.limits.max_prompt_tokens}", param, "context_length_exceeded")
         return prompt
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """JSON's \\ud800 escapes give Python strings that are not Unicode (a lone surrogate); the tokenizer cannot take
+    them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PromptError(f"{param} holds {text[err.start:err.end]!r}, a lone UTF-16 surrogate, which is not valid "
+                          "Unicode text", param) from err
 
 
 def _stack(frames: list[np.ndarray], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
