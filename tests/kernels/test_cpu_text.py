@@ -57,7 +57,8 @@ def test_bf16_prefill_logits_match_the_plain_path(attention_kernel, prefix, monk
     assert len(calls) == 2 * (2 if prefix else 1)
 
 
-def test_the_backend_installs_it_and_greedy_tokens_agree(attention_kernel):
+def test_the_backend_installs_it_and_greedy_tokens_agree(attention_kernel, monkeypatch):
+    monkeypatch.setenv("IDEFICS3_CALIBRATE", "0")  # the kernel even where SDPA is timed faster
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in (40, 25, 33)]
 

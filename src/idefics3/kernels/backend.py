@@ -11,8 +11,9 @@ calls it. On CPU it replaces the vision encoder's layers and the decoder's atten
 (model/replace.py: same parameters and names, forward through oneDNN epilogues and our C++ attention), and it
 hands the engine a fused decode step (cpu_decode.py) per KV cache. Everything derived from the weights
 (stacked q/k/v, packed decode matrices) lives in the backend's `DerivedWeights`, so `nbytes()` reports it.
-Each op's choice is made here by capability (device, dtype, CPU features, a successful build) and recorded
-with its reason; `idefics3 info` prints them. Nothing else in the package changes a model behind its back.
+Each op's choice is made here by capability (device, dtype, CPU features, a successful build) and, for the
+two attention ops, by timing our kernel against SDPA on the model's shapes (calibrate.py), and recorded with
+its reason; `idefics3 info` prints them. Nothing else in the package changes a model behind its back.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..model.kv_cache import KVCache
 from ..model.replace import Replacements, replace_modules
-from . import cpu_attention, cpu_decode
+from . import calibrate, cpu_attention, cpu_decode
 from .build import ENV_SWITCH, kernels_enabled
 from .cpu_text import MIN_QUERIES, text_replacement
 from .cpu_vision import VisionKernels, vision_replacement
@@ -113,18 +114,27 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
         result.choose("vision layers", TORCH, f"oneDNN fused linears need fp32 or bf16 with oneDNN ({vision_dtype})")
         result.choose("vision attention", TORCH, "the vision layers are not fused")
     else:
-        kernels = VisionKernels(result.derived, attention_kernel=attention_reason is None)
+        use_kernel = attention_reason is None
+        if use_kernel:
+            heads = v.num_attention_heads
+            verdict = calibrate.vision_attention(heads, (v.image_size // v.patch_size) ** 2, v.hidden_size // heads,
+                                                 vision_dtype)
+            use_kernel, attention_reason = verdict.ours, verdict.reason
+        kernels = VisionKernels(result.derived, attention_kernel=use_kernel)
         result.replacements.changed += replace_modules(model, vision_replacement(kernels)).changed
         result.choose("vision layers", "oneDNN linears with bias, GELU and residual in the epilogues",
                       "inference on CPU; training and LoRA layers take the plain path")
-        result.choose("vision attention", TORCH if attention_reason else "C++ flash attention (AVX512-BF16)",
-                      attention_reason or "bf16 on a CPU with AVX512-BF16")
+        result.choose("vision attention", "C++ flash attention (AVX512-BF16)" if use_kernel else TORCH,
+                      f"bf16 on a CPU with AVX512-BF16; {attention_reason}" if use_kernel else attention_reason)
     text_reason = cpu_attention.unsupported_reason(dtype, device, t.head_dim)
+    if text_reason is None:
+        verdict = calibrate.prefill_attention(t.num_attention_heads, t.num_key_value_heads, t.head_dim, dtype)
+        text_reason = None if verdict.ours else verdict.reason
     if text_reason is None:
         memo = cpu_attention.LimitsMemo()
         result.replacements.changed += replace_modules(model, text_replacement(memo)).changed
         result.choose("prefill attention", "C++ flash attention (AVX512-BF16)",
-                      f"prompts of {MIN_QUERIES}+ tokens, bf16 on a CPU with AVX512-BF16")
+                      f"prompts of {MIN_QUERIES}+ tokens, bf16 on a CPU with AVX512-BF16; {verdict.reason}")
     else:
         result.choose("prefill attention", TORCH, text_reason)
     decode_reason = cpu_decode.unsupported_reason(cpu_decode.DecoderParts.of(model))
