@@ -307,7 +307,7 @@ def test_max_tokens_beyond_the_room_left_is_400_context_length_exceeded(live, fi
     room = live.state.max_model_len - body["count"]
     error = assert_error(*call(live, "POST", "/v1/chat/completions", chat_body(live, **{"max_tokens": None,
                                                                                          field: room + 1})),
-                         400, "max_tokens", str(room + 1), f"at most {room}", code="context_length_exceeded")
+                         400, field, str(room + 1), f"at most {room}", code="context_length_exceeded")
     assert str(live.state.max_model_len) in error["message"]
     status, _, body = call(live, "POST", "/v1/chat/completions", chat_body(live, **{"max_tokens": None, field: room},
                                                                              stop=["e"], temperature=0))

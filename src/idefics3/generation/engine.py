@@ -244,8 +244,6 @@ class Engine:
             if s.leader is not None:
                 self.cache.copy(s.leader.slot, s.slot, s.prompt_len)
                 s.prefilled = s.prompt_len
-        gone = set(done)
-        self.prefilling = [s for s in self.prefilling if s not in gone]
         if any(s.request.params.repetition_penalty != 1.0 for s in done):
             self._mark_prompts(done)
         if self.counts is not None or any(_uses_counts(s) for s in done):
@@ -253,7 +251,9 @@ class Engine:
         slot_ids = torch.tensor([s.slot for s in done], dtype=torch.long, device=self.device)
         sampler = BatchSampler([s.request.params for s in done], [s.generator for s in done], self.device)
         first = logits[done_rows]  # [D, V]
-        tokens = self._sample(first, done, sampler, slot_ids)
+        tokens = self._sample(first, done, sampler, slot_ids)  # if this raises, they are still `prefilling`
+        gone = set(done)
+        self.prefilling = [s for s in self.prefilling if s not in gone]
         self.running.extend(done)
         self._batch = None
         return self._record(done, tokens, first, first_token=True)

@@ -171,14 +171,13 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList)
     async def models() -> ModelList:
+        state.ready()
         return ModelList(data=[ModelCard(id=state.model_name, created=state.created,
                                          max_model_len=state.max_model_len or None)])
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
-        ok = state.status == "ok"
-        status = state.status if state.status in ("ok", "loading", "draining") else "loading"
-        return JSONResponse({"status": status}, status_code=200 if ok else 503)
+        return JSONResponse({"status": state.status}, status_code=200 if state.status == "ok" else 503)
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
@@ -210,4 +209,15 @@ def build_app(state: ServerState) -> FastAPI:
             raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary (size {size})", "tokens")
         return DetokenizeResponse(prompt=state.processor.tokenizer.decode(body.tokens))
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema without the 422 it documents for every body: validation errors here are 400s."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -76,15 +76,16 @@ async def prepare(state: Any, build: Any, *args: Any) -> Prompt:
 
 
 def sampling(state: Any, body: ChatCompletionRequest | CompletionRequest, prompt_len: int,
-             max_tokens: int | None, logprobs: int | None) -> list[SamplingParams]:
+             max_tokens: int | None, logprobs: int | None, max_tokens_field: str = "max_tokens"
+             ) -> list[SamplingParams]:
     """One SamplingParams per choice; checks what pydantic cannot (the context length)."""
     room = state.max_model_len - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_len} tokens, which fills this server's context of "
                             f"{state.max_model_len} tokens", "messages", "context_length_exceeded")
     if max_tokens is not None and max_tokens > room:
-        raise ApiError(400, f"max_tokens is {max_tokens}, but the prompt has {prompt_len} tokens and the context is "
-                            f"{state.max_model_len}: at most {room} new tokens fit", "max_tokens",
+        raise ApiError(400, f"{max_tokens_field} is {max_tokens}, but the prompt has {prompt_len} tokens and the "
+                            f"context is {state.max_model_len}: at most {room} new tokens fit", max_tokens_field,
                        "context_length_exceeded")
     temperature = 1.0 if body.temperature is None else body.temperature
     out = []
@@ -243,7 +244,8 @@ async def chat_completion(state: Any, body: ChatCompletionRequest, http: HttpReq
     top = body.top_logprobs if body.top_logprobs is not None else 0
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    params = sampling(state, body, len(prompt.ids), max_tokens, top if body.logprobs else None)
+    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    params = sampling(state, body, len(prompt.ids), max_tokens, top if body.logprobs else None, field)
     stops = stop_strings(state, body.stop)
     fmt = body.response_format.model_dump(by_alias=True, exclude_none=True) if body.response_format else None
     requests = engine_requests(state, prompt, params, stops, fmt)

@@ -218,4 +218,4 @@ class ErrorResponse(_Out):
 
 
 class Health(_Out):
-    status: Literal["ok", "loading", "draining"]
+    status: Literal["ok", "loading", "draining", "failed"]

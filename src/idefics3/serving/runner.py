@@ -48,7 +48,10 @@ class Sink:
     open: int = 0  # sequences not finished yet
 
     def push(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (shutdown cut the request off): nobody is listening
+            pass
 
 
 class EngineRunner:
@@ -185,6 +188,8 @@ class EngineRunner:
     def _fail_step(self, err: Exception) -> None:
         engine = self.engine
         victims = [s.id for s in engine.prefilling] or [s.id for s in engine.running]
+        known = {s.id for s in (*engine.waiting, *engine.prefilling, *engine.running)}
+        victims += [sid for sid in self._sinks if sid not in known]  # lost by the failed step: fail them too
         logger.exception("engine step failed; failing %d sequence(s) and going on", len(victims))
         failed: set[int] = set()
         for sid in victims:
