@@ -99,7 +99,7 @@ class Engine:
         self.vocab_size = text.vocab_size
         n_slots = max_batch + prefix_cache_slots
         with torch.inference_mode():
-            self.cache = model.make_cache(n_slots, self.max_seq_len)
+            self.cache = model.make_cache(n_slots, self.max_seq_len, zero=False)  # slots zeroed when first used
         if backend is None:
             backend = getattr(model, "backend", None)
         self.fast_decoder = backend.decoder_for(model, self.cache) if fast_decode and backend is not None else None
@@ -204,6 +204,7 @@ class Engine:
             occupied = [(s.slot, s.keys[:s.prefilled]) for s in self.prefilling if s.leader is None] + \
                        [(s.slot, s.keys) for s in self.running]
             slot, reuse, source = self.slots.take(seq.keys if leader is None else [], occupied)
+            self.cache.claim(slot)
             seq.slot = slot
             self.frames.attach(seq)
             if leader is not None:  # the same prompt and images: one prefill serves both

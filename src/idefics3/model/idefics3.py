@@ -146,10 +146,10 @@ class Idefics3(nn.Module):
             raise ValueError("the prompt has <image> tokens but no pixel_values or image_hidden_states were given")
         return embeds, image_hidden_states
 
-    def make_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
+    def make_cache(self, max_batch: int, max_seq_len: int, zero: bool = True) -> KVCache:
         t = self.config.text_config
         return KVCache(t.num_hidden_layers, max_batch, max_seq_len, t.num_key_value_heads, t.head_dim,
-                       self.dtype, self.device)
+                       self.dtype, self.device, zero)
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

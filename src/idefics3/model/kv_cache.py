@@ -5,6 +5,10 @@ slot holds one sequence's keys and values at positions 0..len-1; a forward call 
 each batch row and the position of each token, writes the new keys/values there, and attends to
 the slot's positions up to each query's own. Buffers are allocated once, so decoding allocates
 nothing per token and a finished sequence frees its slot by simply being forgotten.
+
+Positions past a sequence's end are read (masked) when it is batched with longer ones, so they must hold
+finite numbers. `zero=True` zeroes every buffer up front; `zero=False` (the engine's choice) zeroes a slot
+the first time it is `claim`ed, so a server sized for many slots only commits the memory of those it uses.
 """
 
 from __future__ import annotations
@@ -16,11 +20,20 @@ class KVCache:
     """Per-layer buffers k, v of shape [max_batch, n_kv_heads, max_seq_len, head_dim]."""
 
     def __init__(self, num_layers: int, max_batch: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, zero: bool = True) -> None:
         shape = (max_batch, num_kv_heads, max_seq_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        make = torch.zeros if zero else torch.empty
+        self.k = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self._unclaimed = set() if zero else set(range(max_batch))
+
+    def claim(self, slot: int) -> None:
+        """Zero a slot before its first use (only with zero=False; a no-op afterwards)."""
+        if slot in self._unclaimed:
+            for buf in (*self.k, *self.v):
+                buf[slot].zero_()
+            self._unclaimed.discard(slot)
 
     @property
     def dtype(self) -> torch.dtype:

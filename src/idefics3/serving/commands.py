@@ -43,7 +43,7 @@ def add_serve_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", choices=SHORT_NAMES)
     eng.add_argument("--device", choices=list(DEVICES))
-    eng.add_argument("--max-batch", type=int, default=8, help="sequences in flight at once")
+    eng.add_argument("--max-batch", type=int, default=16, help="sequences in flight at once")
     eng.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer per sequence (default: 4096 "
                                                                    "or the model's context if shorter)")
     eng.add_argument("--max-prefill-chunk", type=int, default=512, metavar="TOKENS",

@@ -39,7 +39,7 @@ class ServeOptions:
     device: str | None = None
     longest_edge: int | None = None
     split: bool = True
-    max_batch: int = 8
+    max_batch: int = 16
     max_seq_len: int | None = None
     max_prefill_chunk: int | None = 512
     prefix_cache: bool = True
