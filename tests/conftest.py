@@ -10,6 +10,21 @@ from checkpoints import build_hf_model, save_checkpoint, tiny_config
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """The kernels' timing verdicts (kernels/calibrate.py) go to a folder of the test run, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("calibration")
+    previous = os.environ.get("IDEFICS3_CACHE_DIR")
+    os.environ["IDEFICS3_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("IDEFICS3_CACHE_DIR", None)
+    else:
+        os.environ["IDEFICS3_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_model():
     """The default tiny transformers model (fp32, eager), shared read-only across tests."""

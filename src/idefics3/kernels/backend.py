@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from ..model.kv_cache import KVCache
-from ..model.replace import Replacements, replace_modules
+from ..model.replace import Replacements, replace_modules, view_as
 from . import calibrate, cpu_attention, cpu_decode
 from .build import ENV_SWITCH, kernels_enabled
 from .cpu_text import MIN_QUERIES, text_replacement
-from .cpu_vision import VisionKernels, vision_replacement
+from .cpu_vision import FusedVisionEncoderLayer, VisionKernels, vision_replacement
 from .derived import DerivedWeights
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,17 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
                                                  vision_dtype)
             use_kernel, attention_reason = verdict.ours, verdict.reason
         kernels = VisionKernels(result.derived, attention_kernel=use_kernel)
+        layer = model.model.vision_model.encoder.layers[0]
+        fused_layer = view_as(layer, FusedVisionEncoderLayer)
+        fused_layer.kernels = kernels
+        layer_verdict = calibrate.vision_layer(layer, fused_layer, (v.image_size // v.patch_size) ** 2,
+                                               v.hidden_size, vision_dtype)
+        kernels.layers = layer_verdict.ours
         result.replacements.changed += replace_modules(model, vision_replacement(kernels)).changed
-        result.choose("vision layers", "oneDNN linears with bias, GELU and residual in the epilogues",
-                      "inference on CPU; training and LoRA layers take the plain path")
+        result.choose("vision layers", "oneDNN linears with bias, GELU and residual in the epilogues"
+                      if kernels.layers else TORCH, ("inference on CPU; training and LoRA layers take the plain "
+                                                     f"path; {layer_verdict.reason}") if kernels.layers
+                      else layer_verdict.reason)
         result.choose("vision attention", "C++ flash attention (AVX512-BF16)" if use_kernel else TORCH,
                       f"bf16 on a CPU with AVX512-BF16; {attention_reason}" if use_kernel else attention_reason)
     text_reason = cpu_attention.unsupported_reason(dtype, device, t.head_dim)

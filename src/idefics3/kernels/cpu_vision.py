@@ -45,13 +45,15 @@ class VisionKernels:
     """What the fused vision modules of one backend share: its derived-weight store, whether the attention
     kernel may run, and the reason oneDNN refused to (after which every module falls back)."""
 
-    def __init__(self, derived: DerivedWeights, attention_kernel: bool) -> None:
+    def __init__(self, derived: DerivedWeights, attention_kernel: bool, layers: bool = True) -> None:
         self.derived = derived
         self.attention_kernel = attention_kernel
+        self.layers = layers  # the fused linears; False where the plain layer measured faster
         self.broken: str | None = None
 
     def fusable(self, x: torch.Tensor, *weights: torch.Tensor) -> bool:
-        if self.broken or x.device.type != "cpu" or x.dtype not in _DTYPES or any(w.dtype != x.dtype for w in weights):
+        if not self.layers or self.broken or x.device.type != "cpu" or x.dtype not in _DTYPES \
+                or any(w.dtype != x.dtype for w in weights):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
 
