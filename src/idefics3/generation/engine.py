@@ -201,16 +201,18 @@ class Engine:
         while self.waiting and self.in_flight < self.max_batch:
             seq = self.waiting.popleft()
             leader = next((s for s in self.prefilling if s.leader is None and s.keys == seq.keys), None)
-            occupied = [(s.slot, s.keys[:s.prefilled]) for s in self.prefilling if s.leader is None] + \
-                       [(s.slot, s.keys) for s in self.running]
+            occupied = [(s.slot, s.keys, s.prefilled) for s in self.prefilling if s.leader is None] + \
+                       [(s.slot, s.keys, s.prompt_len) for s in self.running]
             slot, reuse, source = self.slots.take(seq.keys if leader is None else [], occupied)
             self.cache.claim(slot)
             seq.slot = slot
-            self.frames.attach(seq)
             if leader is not None:  # the same prompt and images: one prefill serves both
                 seq.leader = leader
                 leader.followers.append(seq)
-            elif reuse:
+                seq.features = leader.features
+            else:
+                self.frames.attach(seq)
+            if leader is None and reuse:
                 if source is not None:
                     self.cache.copy(source, slot, reuse)
                 seq.prefilled = seq.reused = reuse
@@ -341,7 +343,6 @@ class Engine:
         follower.followers = [f for f in leader.followers if f is not follower]
         for f in follower.followers:
             f.leader = follower
-        follower.features = leader.features
         if leader.prefilled:
             self.cache.copy(leader.slot, follower.slot, leader.prefilled)
             follower.prefilled = leader.prefilled

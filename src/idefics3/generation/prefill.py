@@ -20,6 +20,7 @@ tokens per frame), so a chunk may start or end inside a frame (after a prefix-ca
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -73,14 +74,7 @@ def needed_frames(seq: Sequence, image_seq_len: int) -> range:
 
 def _images_before(seq: Sequence, position: int) -> int:
     """How many `<image>` tokens lie before a prompt position."""
-    lo, hi = 0, len(seq.image_positions)
-    while lo < hi:  # bisect on the sorted positions
-        mid = (lo + hi) // 2
-        if seq.image_positions[mid] < position:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    return bisect_left(seq.image_positions, position)
 
 
 def ready_end(seq: Sequence, image_seq_len: int) -> int:
@@ -114,24 +108,20 @@ class FrameEncoder:
         """Encode pending frames of `seqs` (first come first) until the budget is spent; returns the cost.
 
         At least one frame is encoded when any is pending, however small the budget."""
-        version = EncoderCache.weights_version(self.model) if self.cache is not None else None
+        version = None  # the vision weights' version, read once and only when a frame is looked up
         todo: list[tuple[Sequence, int]] = []
-        spent = 0.0
-        for seq in seqs:
-            for f in needed_frames(seq, self.image_seq_len):
-                if seq.features[f] is not None:
+        pending = ((seq, f) for seq in seqs for f in needed_frames(seq, self.image_seq_len)
+                   if seq.features[f] is None)
+        for seq, f in pending:
+            if self.cache is not None:
+                version = version or EncoderCache.weights_version(self.model)
+                hit = self.cache.get((version, seq.request.frame_keys[f]))
+                if hit is not None:
+                    seq.features[f] = hit
                     continue
-                if self.cache is not None:
-                    hit = self.cache.get((version, seq.request.frame_keys[f]))
-                    if hit is not None:
-                        seq.features[f] = hit
-                        continue
-                if todo and spent + self.cost > budget:
-                    break
-                todo.append((seq, f))
-                spent += self.cost
-            if todo and spent + self.cost > budget:
+            if todo and (len(todo) + 1) * self.cost > budget:
                 break
+            todo.append((seq, f))
         groups: dict[tuple[int, ...], list[tuple[Sequence, int]]] = defaultdict(list)
         for seq, f in todo:
             groups[tuple(seq.request.pixel_values.shape[1:])].append((seq, f))
@@ -146,7 +136,7 @@ class FrameEncoder:
                 seq.features[f] = feat.clone()  # its own storage: the batch's tensor can then be freed
                 if self.cache is not None:
                     self.cache.put((version, seq.request.frame_keys[f]), seq.features[f])
-        return spent
+        return len(todo) * self.cost
 
 
 def plan_rows(seqs: list[Sequence], budget: int, image_seq_len: int) -> list[tuple[Sequence, int]]:

@@ -56,10 +56,11 @@ class SlotPool:
         self._free[slot] = _Held(keys) if (self.enabled and keys) else None
         self._free.move_to_end(slot)
 
-    def take(self, keys: list[int], occupied: Iterable[tuple[int, list[int]]]) -> tuple[int, int, int | None]:
+    def take(self, keys: list[int], occupied: Iterable[tuple[int, list[int], int]]) -> tuple[int, int, int | None]:
         """A slot for a prompt with these keys: (slot, reusable length, slot to copy that prefix from or None).
 
-        occupied: (slot, keys it holds) of the slots in use. The reusable length stops one short of the whole
+        occupied: (slot, keys, how many of them it holds) of the slots in use. The reusable length stops one
+        short of the whole
         prompt, because the last prompt token must run to give the first logits.
         """
         limit = len(keys) - 1
@@ -72,8 +73,8 @@ class SlotPool:
                     n = common_prefix(keys, held.keys, limit)
                     if n > best_len:
                         best_len, best_slot, in_use = n, slot, False
-            for slot, held_keys in occupied:
-                n = common_prefix(keys, held_keys, limit)
+            for slot, held_keys, held in occupied:
+                n = common_prefix(keys, held_keys, min(limit, held))
                 if n > best_len:
                     best_len, best_slot, in_use = n, slot, True
         if best_len < MIN_REUSE:

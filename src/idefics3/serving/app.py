@@ -193,9 +193,9 @@ def build_app(state: ServerState) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
         if body.messages is not None:
-            prompt = await prepare(state, state.builder.chat, body.messages)
+            prompt = await prepare(state.builder.chat, body.messages)
         else:
-            prompt = await prepare(state, state.builder.text, body.prompt, body.add_special_tokens)
+            prompt = await prepare(state.builder.text, body.prompt, body.add_special_tokens)
         return TokenizeResponse(tokens=prompt.ids, count=len(prompt.ids), max_model_len=state.max_model_len)
 
     @app.post("/detokenize", dependencies=guarded, response_model=DetokenizeResponse)

@@ -65,7 +65,7 @@ class Group:
 
 
 # ---- building the engine requests ---------------------------------------------------------------------
-async def prepare(state: Any, build: Any, *args: Any) -> Prompt:
+async def prepare(build: Any, *args: Any) -> Prompt:
     """Run the prompt builder on a worker thread; its refusals become 400s naming the field."""
     try:
         return await asyncio.to_thread(build, *args)
@@ -99,7 +99,7 @@ def sampling(state: Any, body: ChatCompletionRequest | CompletionRequest, prompt
     return out
 
 
-def stop_strings(state: Any, stop: str | list[str] | None) -> list[str]:
+def stop_strings(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise ApiError(400, f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS}", "stop")
@@ -239,14 +239,14 @@ async def respond(state: Any, group: Group, stream: bool, include_usage: bool, h
 # ---- the two endpoints --------------------------------------------------------------------------------
 async def chat_completion(state: Any, body: ChatCompletionRequest, http: HttpRequest) -> Any:
     state.check_model(body.model)
-    prompt = await prepare(state, state.builder.chat, body.messages)
+    prompt = await prepare(state.builder.chat, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = body.top_logprobs if body.top_logprobs is not None else 0
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     params = sampling(state, body, len(prompt.ids), max_tokens, top if body.logprobs else None, field)
-    stops = stop_strings(state, body.stop)
+    stops = stop_strings(body.stop)
     fmt = body.response_format.model_dump(by_alias=True, exclude_none=True) if body.response_format else None
     requests = engine_requests(state, prompt, params, stops, fmt)
     group = submit(state, requests, "chat", "chatcmpl", stops, strip_leading=True)
@@ -290,8 +290,8 @@ async def completion(state: Any, body: CompletionRequest, http: HttpRequest) -> 
         raise ApiError(400, "prompt must not be an empty list", "prompt")
     if len(prompts) > 16:
         raise ApiError(400, f"at most 16 prompts per request, got {len(prompts)}", "prompt")
-    built = [await prepare(state, state.builder.text, p) for p in prompts]
-    stops = stop_strings(state, body.stop)
+    built = [await prepare(state.builder.text, p) for p in prompts]
+    stops = stop_strings(body.stop)
     requests = []
     for prompt in built:
         params = sampling(state, body, len(prompt.ids), body.max_tokens, body.logprobs)

@@ -8,6 +8,7 @@ connections and the process exits 0. A second signal stops at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -75,9 +76,8 @@ def load(state: ServerState, options: ServeOptions) -> None:
         tokenizer_json = folder / "tokenizer.json"
         grammars = JsonGrammars(tokenizer_json, model.config.text_config.vocab_size,
                                 sorted(engine.eos_token_ids)) if tokenizer_json.is_file() else None
-        limits = options.limits
-        if limits.max_prompt_tokens > engine.max_seq_len - 1:
-            limits = Limits(limits.max_images, limits.max_frames, engine.max_seq_len - 1)
+        limits = dataclasses.replace(options.limits, max_prompt_tokens=min(options.limits.max_prompt_tokens,
+                                                                           engine.max_seq_len - 1))
         runner = EngineRunner(engine, options.max_queue)
         runner.start()
         state.processor, state.grammars, state.runner = processor, grammars, runner
