@@ -18,7 +18,7 @@ from checkpoints import tiny_config
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
 from idefics3.device import cpu_flags
 from idefics3.generation.engine import Request
-from idefics3.kernels import build, cpu_decode
+from idefics3.kernels import cpu_decode
 from idefics3.kernels.backend import install_backend
 from idefics3.kernels.cpu_decode import CpuDecoder, DecoderParts, load_library
 from inputs import engine_tokens
@@ -87,13 +87,16 @@ def plain_step(model, cache, ids, pos, slots):
 
 
 def compare(shape: str, dtype: torch.dtype, lengths: list[int], slots: list[int] | None, max_batch: int,
-            steps: int = 4) -> None:
-    model = tiny_model(shape, dtype)
+            steps: int = 4, setup=None, **text) -> CpuDecoder:
+    """Decode with the kernel (after `setup(decoder)`, e.g. forcing AMX) and the plain path side by side."""
+    model = tiny_model(shape, dtype, **text)
     with torch.inference_mode():
         cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
         fast_cache = copy.deepcopy(cache)
         decoder = cpu_decoder_for(model, fast_cache)
         assert isinstance(decoder, CpuDecoder)
+        if setup is not None:
+            setup(decoder)
         slot_t = None if slots is None else torch.tensor(slots)
         fast_ids = ids
         for _ in range(steps):
@@ -114,6 +117,7 @@ def compare(shape: str, dtype: torch.dtype, lengths: list[int], slots: list[int]
         for k, fk in zip(cache.k + cache.v, fast_cache.k + fast_cache.v):
             written, fast = k[rows].float(), fk[rows].float()  # the rows in use, every position
             assert (written - fast).abs().max() <= tol * written.abs().max()
+    return decoder
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -267,15 +271,15 @@ def test_unsupported_configurations_fall_back(monkeypatch):
     assert "up_proj" in reason(DecoderParts.of(wrapped), cache)
     bf16_cache = copy.deepcopy(model).to(torch.bfloat16).make_cache(1, 8)
     assert "cache" in reason(DecoderParts.of(model), bf16_cache)
-    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert "avx512f" in reason(DecoderParts.of(model), cache)
+    monkeypatch.setenv("IDEFICS3_CPU_ISA", "none")  # a CPU without AVX2 (or ARM): the plain path
+    assert "ISA level is none" in reason(DecoderParts.of(model), cache)
     assert install_backend(model).decoder_for(model, cache) is None
 
 
 def test_failed_build_falls_back(monkeypatch):
     if not AVX512:
         pytest.skip("the CPU lacks AVX-512: the build is never tried")
-    monkeypatch.setattr(cpu_decode, "load_library", lambda: "the fused CPU decode kernel did not build (no g++)")
+    monkeypatch.setattr(cpu_decode, "load_library", lambda variant="avx512": "the kernel did not build (no g++)")
     model = tiny_model("gqa-hd16", torch.float32)
     backend = install_backend(model)
     engine = Engine(model, max_batch=1, max_seq_len=16, eos_token_ids=[0], backend=backend)

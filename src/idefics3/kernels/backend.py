@@ -53,6 +53,7 @@ class Backend:
     choices: dict[str, OpChoice] = field(default_factory=dict)
     derived: DerivedWeights = field(default_factory=DerivedWeights)
     replacements: Replacements = field(default_factory=Replacements)
+    decode_amx_rows: int = 0  # decode steps of at least this many rows run on AMX tiles (0: never)
 
     def choose(self, op: str, impl: str, reason: str) -> None:
         self.choices[op] = OpChoice(op, impl, reason)
@@ -72,7 +73,11 @@ class Backend:
         if reason is not None:
             log.info("fused CPU decode off for this engine: %s", reason)
             return None
-        return cpu_decode.CpuDecoder(parts, cache, cpu_decode.load_library(), self.derived)
+        variant = cpu_decode.variant_for(parts.dtype)
+        decoder = cpu_decode.CpuDecoder(parts, cache, cpu_decode.load_library(variant), self.derived, variant)
+        if self.decode_amx_rows:
+            decoder.use_amx(self.decode_amx_rows)
+        return decoder
 
     def nbytes(self) -> int:
         """Memory of the weights derived for the kernels (packed and stacked copies)."""
@@ -145,13 +150,30 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
                       f"prompts of {MIN_QUERIES}+ tokens, bf16 on a CPU with AVX512-BF16; {verdict.reason}")
     else:
         result.choose("prefill attention", TORCH, text_reason)
-    decode_reason = cpu_decode.unsupported_reason(cpu_decode.DecoderParts.of(model))
-    if decode_reason is None:
-        isa = "AVX512-BF16" if dtype == torch.bfloat16 else "AVX-512 FMA"
-        result.choose("decode", f"fused C++ decode step ({isa})", "one call per token over the model's weights")
-    else:
-        result.choose("decode", TORCH, decode_reason)
+    _choose_decode(result, model, dtype)
     return result
+
+
+def _choose_decode(result: Backend, model: nn.Module, dtype: torch.dtype) -> None:
+    """The decode op: the fused kernel of this ISA level (and from how many rows on AMX tiles), or the plain
+    forward, each by measurement (calibrate.decode)."""
+    reason = cpu_decode.unsupported_reason(cpu_decode.DecoderParts.of(model))
+    if reason is not None:
+        result.choose("decode", TORCH, reason)
+        return
+    variant = cpu_decode.variant_for(dtype)
+    no_amx = "fp32 weights" if dtype != torch.bfloat16 else \
+        cpu_decode.amx_reason(cpu_decode.load_library(variant), variant)
+    plan = calibrate.decode(model, result.derived, variant, amx=no_amx is None)
+    if not plan.kernel:
+        result.choose("decode", TORCH, plan.reason)
+        return
+    result.decode_amx_rows = plan.amx_rows
+    isa = {("avx512", True): "AVX512-BF16", ("avx512", False): "AVX-512 FMA"}.get(
+        (variant, dtype == torch.bfloat16), "AVX2 + FMA, bf16 widened" if dtype == torch.bfloat16 else "AVX2 + FMA")
+    amx = {0: "", 1: "; every step on AMX tiles", 2: "; batches on AMX tiles"}[plan.amx_rows]
+    result.choose("decode", f"fused C++ decode step ({isa}{amx})",
+                  f"{plan.reason}" + (f"; no AMX: {no_amx}" if no_amx and dtype == torch.bfloat16 else ""))
 
 
 def _machine_reason(backend: str, device: torch.device) -> str | None:

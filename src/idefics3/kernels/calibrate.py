@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import cpu_model
-from . import cpu_attention
+from ..device import cpu_isa, cpu_model
+from ..model.kv_cache import KVCache
+from . import cpu_attention, cpu_decode
+from .derived import DerivedWeights
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ def cache_file() -> Path:
 
 
 def machine() -> str:
-    """What a verdict holds for: this CPU model and torch version."""
-    return f"{cpu_model() or 'unknown CPU'} | torch {torch.__version__}"
+    """What a verdict holds for: this CPU model, the ISA level the kernels may use, and the torch version."""
+    return f"{cpu_model() or 'unknown CPU'} | {cpu_isa()} | torch {torch.__version__}"
 
 
 def seconds(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -146,3 +148,71 @@ def vision_layer(plain: nn.Module, fused: nn.Module, patches: int, hidden: int, 
     x = torch.randn(1, patches, hidden, generator=torch.Generator().manual_seed(0)).to(dtype)
     return compare(("vision layer", patches, hidden, dtype), lambda: fused(x, None), lambda: plain(x, None),
                    f"one encoder layer over one frame ({patches} patches)", plain_name="plain")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How decode steps run: on the fused kernel or the plain forward, and from how many rows on AMX tiles."""
+
+    kernel: bool
+    amx_rows: int  # 0: never
+    reason: str
+
+
+class _DecodeTrial:
+    """Decode steps of one model on a small cache of its own (the real weights; positions 32..): the plain forward,
+    the fused kernel on AVX-512, and on AMX tiles. Decoders are built on first use."""
+
+    POSITION = 32
+
+    def __init__(self, model: nn.Module, derived: DerivedWeights, variant: str) -> None:
+        self.model, self.derived, self.variant = model, derived, variant
+        self.cache: KVCache = model.make_cache(8, self.POSITION + 8)
+        self._decoders: dict[bool, cpu_decode.CpuDecoder] = {}
+
+    def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.arange(1, rows + 1)[:, None]  # [R, 1]
+        return ids, torch.full((rows, 1), self.POSITION)
+
+    def plain(self, rows: int) -> object:
+        ids, pos = self._inputs(rows)
+        return self.model(ids, position_ids=pos, kv_cache=self.cache, cache_slots=torch.arange(rows),
+                          logits_to_keep=1, kv_len=self.POSITION + 1).logits
+
+    def kernel(self, rows: int, amx: bool = False) -> object:
+        if amx not in self._decoders:
+            parts = cpu_decode.DecoderParts.of(self.model)
+            decoder = cpu_decode.CpuDecoder(parts, self.cache, cpu_decode.load_library(self.variant), self.derived,
+                                            self.variant)
+            if amx:
+                decoder.use_amx(1)
+            self._decoders[amx] = decoder
+        ids, pos = self._inputs(rows)
+        return self._decoders[amx](ids, pos, None, self.POSITION + 1)
+
+
+def decode(model: nn.Module, derived: DerivedWeights, variant: str, amx: bool) -> DecodePlan:
+    """The fused decode kernel or the plain forward (one row), and, where AMX tiles can run (`amx`), whether
+    they beat AVX-512 at 8 rows (against its packed copies where it makes them) and at 1 row. The packed copies
+    made for the comparison are freed again where AMX wins (it needs none)."""
+    if not calibrating():
+        return DecodePlan(True, 2 if amx else 0, f"{ENV_CALIBRATE}=0: not measured")
+    t = model.config.text_config
+    shape = (t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
+             t.num_key_value_heads, t.head_dim, t.vocab_size, model.lm_head.weight.dtype, variant)
+    trial = _DecodeTrial(model, derived, variant)
+    one = compare(("decode", *shape), lambda: trial.kernel(1), lambda: trial.plain(1),
+                  "one decode step of 1 row", plain_name="plain")
+    if not one.ours:
+        return DecodePlan(False, 0, one.reason)
+    if not amx:
+        return DecodePlan(True, 0, one.reason)
+    eight = compare(("decode 8 rows, AMX", *shape), lambda: trial.kernel(8, amx=True), lambda: trial.kernel(8),
+                    "a decode step of 8 rows", plain_name="AVX-512")
+    reason = f"{one.reason}; AMX tiles {eight.reason}"
+    if not eight.ours:
+        return DecodePlan(True, 0, reason)
+    derived.drop(model.model.text_model, "packed_decode")
+    single = compare(("decode 1 row, AMX", *shape), lambda: trial.kernel(1, amx=True), lambda: trial.kernel(1),
+                     "a decode step of 1 row", plain_name="AVX-512")
+    return DecodePlan(True, 1 if single.ours else 2, f"{reason}; {single.reason}")

@@ -24,6 +24,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_decode_amx.h"  // batched products on AMX tiles, where the compiler has AMX (IDEFICS3_HAVE_AMX)
+
 namespace {
 
 inline float bf16_to_float(uint16_t v) {
@@ -580,12 +582,71 @@ struct GateUp {
   }
 };
 
-// y = x W^T inside the caller's parallel region (an orphaned `omp for`): on the packed copy Wp for bf16
-// batches when `packed`, else row-major.
+#ifdef IDEFICS3_HAVE_AMX
+// A C tile [16 output columns][rb batch rows] handed to emit.row one batch row at a time (16 columns each, read
+// with a strided gather): vectorised rounding and stores instead of one call per element.
+template <class Emit>
+inline void emit_columns(const float* c, int64_t rb, int64_t valid, int64_t r0, int64_t n0, const Emit& emit) {
+  const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(int(rb)));
+  float row[16];
+  for (int64_t j = 0; j < valid; ++j) {
+    _mm512_storeu_ps(row, _mm512_i32gather_ps(stride, c + j, 4));
+    emit.row(r0 + j, n0, row, 16);
+  }
+}
+
+// y = x W^T on AMX tiles (cpu_decode_amx.h) for bf16 batches, inside the caller's parallel region: `pairs` holds
+// x in AMX's pair layout (amx::to_pairs). 32 output rows per work item; the rows past the last whole block of 16
+// go through the row-major dot products.
+template <class Emit>
+inline void linear_amx(const uint16_t* W, int64_t N, int64_t K, const uint16_t* x, const uint16_t* pairs, int64_t R,
+                       const Emit& emit) {
+  const int64_t rb = std::min<int64_t>(R, amx::MAXB), blocks = (R + amx::MAXB - 1) / amx::MAXB;
+#pragma omp for schedule(static)
+  for (int64_t u = 0; u < (N + 31) / 32; ++u) {
+    const int64_t n0 = 32 * u, count = std::min<int64_t>(32, N - n0), whole = count / 16;
+    float c[2][16 * amx::MAXB];
+    for (int64_t b = 0; whole > 0 && b < blocks; ++b) {
+      amx::block(W + n0 * K, whole == 2 ? W + (n0 + 16) * K : nullptr, K, pairs + b * (K / amx::KC) * 16 * rb * 2,
+                 int(rb), c[0], c[1]);
+      for (int64_t half = 0; half < whole; ++half)
+        emit_columns(c[half], rb, std::min<int64_t>(rb, R - b * amx::MAXB), b * amx::MAXB, n0 + 16 * half, emit);
+    }
+    for (int64_t n = n0 + 16 * whole; n < n0 + count; ++n) row_times_batch<BF16>(W, K, n, x, R, emit);
+  }
+}
+#endif
+
+#ifdef IDEFICS3_HAVE_AMX
+// gate and up of 16 columns from n0 (their weight rows at Wg, Wu) for all R rows, on AMX (x already in `pairs`).
+template <class A>
+inline void gate_up_amx(const uint16_t* Wg, const uint16_t* Wu, int64_t K, const uint16_t* pairs, int64_t R,
+                        int64_t n0, const Sink<A>& gate, const Sink<A>& up) {
+  const int64_t rb = std::min<int64_t>(R, amx::MAXB);
+  float c[2][16 * amx::MAXB];
+  for (int64_t b = 0; b * amx::MAXB < R; ++b) {
+    amx::block(Wg, Wu, K, pairs + b * (K / amx::KC) * 16 * rb * 2, int(rb), c[0], c[1]);
+    const int64_t valid = std::min<int64_t>(rb, R - b * amx::MAXB);
+    emit_columns(c[0], rb, valid, b * amx::MAXB, n0, gate);
+    emit_columns(c[1], rb, valid, b * amx::MAXB, n0, up);
+  }
+}
+#endif
+
+// y = x W^T inside the caller's parallel region (an orphaned `omp for`): for bf16 batches on AMX tiles when
+// given `pairs` (scratch for x in AMX's layout), else on the packed copy Wp when `packed`, else row-major.
 template <class A, class Emit>
 inline void linear(bool packed, const void* W, const uint16_t* Wp, int64_t N, int64_t K, const typename A::T* x,
-                   int64_t R, const Emit& emit) {
+                   int64_t R, const Emit& emit, uint16_t* pairs = nullptr) {
   if constexpr (std::is_same<A, BF16>::value) {
+#ifdef IDEFICS3_HAVE_AMX
+    if (pairs != nullptr) {
+      amx::to_pairs(x, R, K, pairs);
+      linear_amx(static_cast<const uint16_t*>(W), N, K, x, pairs, R, emit);
+      return;
+    }
+#endif
     if (packed) {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < packed_tiles(N); ++t) packed_tile(Wp, N, K, t, x, R, emit);
@@ -595,6 +656,7 @@ inline void linear(bool packed, const void* W, const uint16_t* Wp, int64_t N, in
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tiles(N); ++t) gemv_tile<A>(static_cast<const typename A::T*>(W), N, K, t, x, R, emit);
 }
+
 
 }  // namespace
 
@@ -614,6 +676,7 @@ struct Model {
   std::vector<Layer> layers;
   const void *embed, *norm, *lm_head;
   const uint16_t* plm_head = nullptr;  // packed lm_head, with the layers' packed copies
+  int64_t amx_min_rows = 0;            // bf16 steps of at least this many rows run on AMX tiles (0: never)
 };
 
 namespace {
@@ -637,12 +700,24 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
   // grouped attention: a supported group and head size, and R * Hkv work items that split evenly or
   // are plenty for the threads (at batch 1 on several threads, head by head balances better)
   // packed copies serve batches of bf16 rows (at batch 1 the row-major stream is the faster one)
-  const bool packed = std::is_same<A, BF16>::value && R >= 2 && m.plm_head != nullptr;
+#ifdef IDEFICS3_HAVE_AMX
+  const bool amx = std::is_same<A, BF16>::value && m.amx_min_rows > 0 && R >= m.amx_min_rows && D % 32 == 0 &&
+                   NQ % 32 == 0 && I % 32 == 0;
+  std::vector<uint16_t> pairs(amx ? (R + 15) / 16 * std::min<int64_t>(R, 16) * std::max({D, NQ, I}) : 0);
+  uint16_t* pairs_p = amx ? pairs.data() : nullptr;  // x in AMX's layout: the B tiles
+#else
+  const bool amx = false;
+  uint16_t* pairs_p = nullptr;
+#endif
+  const bool packed = !amx && std::is_same<A, BF16>::value && R >= 2 && m.plm_head != nullptr;
   const bool grouped = group >= 2 && group <= 4 && hd <= 128 && H == group * Hkv &&
                        ((R * Hkv) % n_threads == 0 || R * Hkv >= 4 * int64_t(n_threads));
 
 #pragma omp parallel num_threads(n_threads)
   {
+#ifdef IDEFICS3_HAVE_AMX
+    if (amx) amx::configure(int(std::min<int64_t>(R, amx::MAXB)));
+#endif
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const T* e = static_cast<const T*>(m.embed) + ids[r] * D;
@@ -657,7 +732,12 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       for (int64_t r = 0; r < R; ++r)
         add_then_norm<A>(&h[r * D], l > 0 ? &y[r * D] : nullptr, static_cast<const T*>(L.ln1), D, m.eps, &x[r * D]);
       // q, k, v: one loop over the tiles of the three matrices (or of their packed stack)
-      if (packed) {
+      if (amx) {
+        linear<A>(false, L.wq, nullptr, NQ, D, x.data(), R, Sink<A>{qkv.data(), NQKV, Store::Round}, pairs_p);
+        linear<A>(false, L.wk, nullptr, NK, D, x.data(), R, Sink<A>{qkv.data() + NQ, NQKV, Store::Round}, pairs_p);
+        linear<A>(false, L.wv, nullptr, NK, D, x.data(), R, Sink<A>{qkv.data() + NQ + NK, NQKV, Store::Round},
+                  pairs_p);
+      } else if (packed) {
         linear<A>(true, nullptr, L.pqkv, NQKV, D, x.data(), R, Sink<A>{qkv.data(), NQKV, Store::Round});
       } else {
 #pragma omp for schedule(static)
@@ -711,22 +791,31 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
           for (int64_t d = 0; d < hd; ++d) att[r * NQ + head * hd + d] = A::from_f(o[d]);
         }
       }
-      linear<A>(packed, L.wo, L.po, D, NQ, att.data(), R, Sink<A>{y.data(), D, Store::Keep});
+      linear<A>(packed, L.wo, L.po, D, NQ, att.data(), R, Sink<A>{y.data(), D, Store::Keep}, pairs_p);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < R; ++r)
         add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(L.ln2), D, m.eps, &x[r * D]);
-      // gate and up for 16 columns (4 row-major tiles, or one packed tile of the interleaved gate|up),
-      // then SiLU(gate) * up for those columns
+      // gate and up for 16 columns (4 row-major tiles, one packed tile of the interleaved gate|up, or one AMX
+      // block of each), then SiLU(gate) * up for those columns
+#ifdef IDEFICS3_HAVE_AMX
+      if constexpr (std::is_same<A, BF16>::value)
+        if (amx) amx::to_pairs(x.data(), R, D, pairs_p);
+#endif
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < (I + 15) / 16; ++t) {
         const int64_t n0 = 16 * t, count = std::min<int64_t>(16, I - n0);
         if constexpr (std::is_same<A, BF16>::value) {
+#ifdef IDEFICS3_HAVE_AMX
+          if (amx) gate_up_amx<A>(static_cast<const T*>(L.wg) + n0 * D, static_cast<const T*>(L.wu) + n0 * D, D,
+                                  pairs_p, R, n0, Sink<A>{gate.data(), I, Store::Round},
+                                  Sink<A>{up.data(), I, Store::Round});
+#endif
           if (packed) {
             const GateUp<A> emit_gu{{gate.data(), I, Store::Round}, {up.data(), I, Store::Round}, n0, int(count)};
             packed_tile(L.pgu, 2 * ((I + 15) / 16) * 16, D, t, x.data(), R, emit_gu);
           }
         }
-        if (!packed) {
+        if (!packed && !amx) {
           const Sink<A> emit_g{gate.data(), I, Store::Round}, emit_u{up.data(), I, Store::Round};
           for (int64_t tt = 4 * t; tt < std::min(tiles(I), 4 * t + 4); ++tt) {
             gemv_tile<A>(static_cast<const T*>(L.wg), I, D, tt, x.data(), R, emit_g);
@@ -735,12 +824,15 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
         }
         for (int64_t r = 0; r < R; ++r) silu_times<A>(&gate[r * I + n0], &up[r * I + n0], count, &act[r * I + n0]);
       }
-      linear<A>(packed, L.wd, L.pd, D, I, act.data(), R, Sink<A>{y.data(), D, Store::Keep});
+      linear<A>(packed, L.wd, L.pd, D, I, act.data(), R, Sink<A>{y.data(), D, Store::Keep}, pairs_p);
     }
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r)
       add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(m.norm), D, m.eps, &x[r * D]);
-    linear<A>(packed, m.lm_head, m.plm_head, V, D, x.data(), R, Sink<A>{logits, V, Store::Cast});
+    linear<A>(packed, m.lm_head, m.plm_head, V, D, x.data(), R, Sink<A>{logits, V, Store::Cast}, pairs_p);
+#ifdef IDEFICS3_HAVE_AMX
+    if (amx) amx::release();
+#endif
   }
 }
 
@@ -776,6 +868,19 @@ void idefics3_decoder_set_packed(void* handle, const int64_t* layer_ptrs, const 
   }
   m->plm_head = static_cast<const uint16_t*>(lm_head);
 }
+
+// 0 where this build has AMX code and Linux gave the process the tile state, 1 without AMX code, 2 refused.
+int idefics3_amx_init() {
+#ifdef IDEFICS3_HAVE_AMX
+  static const int state = amx::init();
+  return state;
+#else
+  return 1;
+#endif
+}
+
+// bf16 steps of at least min_rows rows take AMX tiles (0: never); call only after idefics3_amx_init() == 0.
+void idefics3_decoder_set_amx(void* handle, int64_t min_rows) { static_cast<Model*>(handle)->amx_min_rows = min_rows; }
 
 void idefics3_decoder_destroy(void* handle) { delete static_cast<Model*>(handle); }
 

@@ -2,7 +2,8 @@
 
     parts = DecoderParts.of(model)
     reason = unsupported_reason(parts, cache)        # None where it can run here
-    decoder = CpuDecoder(parts, cache, load_library(), derived)   # what the backend does (backend.py)
+    variant = variant_for(parts.dtype)               # "avx512" or "avx2" at this machine's ISA level
+    decoder = CpuDecoder(parts, cache, load_library(variant), derived, variant)   # what the backend does
     logits = decoder(input_ids, positions, slots, kv_len)   # [R, 1, V], like model(...).logits
 
 It computes what `model(input_ids, position_ids=positions, kv_cache=cache, cache_slots=slots,
@@ -35,20 +36,35 @@ from torch import nn
 from ..config import TextConfig
 from ..model.kv_cache import KVCache
 from ..model.text import TextModel
-from .build import ENV_SWITCH, compile_library, kernels_enabled, missing_cpu_features
+from ..device import cpu_isa
+from .build import AMX_CFLAGS, AVX2_CFLAGS, CFLAGS, ENV_SWITCH, compile_library, kernels_enabled
 from .derived import DerivedWeights
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+# variant: (source, compiler flags, flags tried first); both sources export the same C functions
+VARIANTS = {"avx512": (SOURCE, tuple(CFLAGS), tuple(AMX_CFLAGS)),
+            "avx2": (Path(__file__).with_name("cpu_decode_avx2.cpp"), tuple(AVX2_CFLAGS), ())}
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # attention is specialised per head size
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-@functools.lru_cache(maxsize=1)
-def load_library() -> ctypes.CDLL | str:
-    """The compiled kernel library with its signatures declared, or why it could not be built."""
-    lib = compile_library("idefics3_cpu_decode", SOURCE)
+def variant_for(dtype: torch.dtype) -> str | None:
+    """Which build of the kernel runs weights of `dtype` at this machine's ISA level (`cpu_isa`): the AVX-512
+    one (bf16 through AVX512-BF16, AMX tiles for batches where present), the AVX2 + FMA one (bf16 widened to
+    fp32 in registers), or None below AVX2."""
+    level = cpu_isa()
+    if level in ("avx512_bf16", "amx") or (level == "avx512" and dtype == torch.float32):
+        return "avx512"
+    return "avx2" if level in ("avx2", "avx512") else None
+
+
+@functools.cache
+def load_library(variant: str = "avx512") -> ctypes.CDLL | str:
+    """The compiled kernel library of one variant with its signatures declared, or why it could not be built."""
+    source, cflags, optional = VARIANTS[variant]
+    lib = compile_library(f"idefics3_cpu_decode_{variant}", source, cflags, optional)
     if isinstance(lib, str):
         return lib
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -58,7 +74,18 @@ def load_library() -> ctypes.CDLL | str:
     lib.idefics3_decoder_set_packed.argtypes = [ptr, ptr, ptr]
     lib.idefics3_decoder_step.restype = ctypes.c_int
     lib.idefics3_decoder_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    if variant == "avx512":
+        lib.idefics3_amx_init.restype = ctypes.c_int
+        lib.idefics3_decoder_set_amx.argtypes = [ptr, i64]
     return lib
+
+
+def amx_reason(lib: ctypes.CDLL, variant: str) -> str | None:
+    """Why batched bf16 steps cannot run on AMX tiles here, or None when they can."""
+    if variant != "avx512" or cpu_isa() != "amx":
+        return f"the ISA level is {cpu_isa()}, not amx"
+    state = lib.idefics3_amx_init()
+    return {0: None, 1: "the compiler built the kernel without AMX"}.get(state, "Linux refused the AMX tile state")
 
 
 @dataclass
@@ -91,10 +118,10 @@ def machine_reason(dtype: torch.dtype, device: torch.device) -> str | None:
         return f"the model is on {device.type}, not the CPU"
     if dtype not in _DTYPES:
         return f"no kernel for {dtype}"
-    missing = missing_cpu_features(bf16=dtype == torch.bfloat16)
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    lib = load_library()
+    variant = variant_for(dtype)
+    if variant is None:
+        return f"this CPU's ISA level is {cpu_isa()}: the kernel needs AVX2 + FMA + F16C at least"
+    lib = load_library(variant)
     return lib if isinstance(lib, str) else None
 
 
@@ -162,7 +189,8 @@ def interleave_blocks(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class CpuDecoder:
     """One fused decode step over a model's text decoder and a KVCache (see the module docstring)."""
 
-    def __init__(self, parts: DecoderParts, cache: KVCache, lib: ctypes.CDLL, derived: DerivedWeights) -> None:
+    def __init__(self, parts: DecoderParts, cache: KVCache, lib: ctypes.CDLL, derived: DerivedWeights,
+                 variant: str = "avx512") -> None:
         t = parts.config
         text = parts.text
         per_layer = []
@@ -189,8 +217,18 @@ class CpuDecoder:
         self._parts, self._derived = parts, derived
         # batched bf16 steps run on packed copies of the weights, made at the first batch
         self._packed: list[torch.Tensor] | None = None
-        self._can_pack = self.dtype == torch.bfloat16 and all(
+        self.variant = variant
+        self.amx_rows = 0  # bf16 steps of at least this many rows run on AMX tiles (0: never); see use_amx
+        self._can_pack = variant == "avx512" and self.dtype == torch.bfloat16 and all(
             k % 2 == 0 for k in (t.hidden_size, t.num_attention_heads * t.head_dim, t.intermediate_size))
+
+    def use_amx(self, min_rows: int) -> None:
+        """Run bf16 steps of `min_rows` rows or more on AMX tiles over the model's own weights (0: never). Where
+        AMX serves every batch of two or more, no packed copies are made. Call only where `amx_reason` is None."""
+        if self.dtype != torch.bfloat16 or amx_reason(self._lib, self.variant) is not None:
+            raise ValueError("AMX tiles need bf16 weights and a CPU, compiler and OS that give them")
+        self.amx_rows = min_rows
+        self._lib.idefics3_decoder_set_amx(self._handle, min_rows)
 
     def _pack(self) -> None:
         """Packed bf16 copies of every decoder matrix and the lm_head for batched steps (as much memory again
@@ -228,7 +266,7 @@ class CpuDecoder:
                              f"positions {tuple(positions.shape)}")
         if kv_len > self.max_seq_len:
             raise ValueError(f"position {kv_len - 1} does not fit the KV cache ({self.max_seq_len} positions)")
-        if rows >= 2 and self._can_pack and self._packed is None:
+        if rows >= 2 and self._can_pack and self._packed is None and not 0 < self.amx_rows <= rows:
             self._pack()
         ids = input_ids.reshape(rows).to(torch.long).contiguous()  # [R]
         pos = positions.reshape(rows).to(torch.long).contiguous()  # [R]

@@ -42,6 +42,10 @@ class DerivedWeights:
             self._items[slot] = cached
         return cached[1]
 
+    def drop(self, owner: object, name: str) -> None:
+        """Free the copy made for (owner, name), if any (a later `get` makes it again)."""
+        self._items.pop((id(owner), name), None)
+
     def nbytes(self) -> int:
         """Bytes held by the copies."""
         return sum(_nbytes(value) for _, value in self._items.values())

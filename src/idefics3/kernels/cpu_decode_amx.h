@@ -1,0 +1,94 @@
+// Batched bf16 decode matrix products on AMX tiles, over the model's own row-major weights (no packed copy).
+//
+// Why: at batch > 1 the AVX512-BF16 dot products of cpu_decode.cpp cost about 2 ms per extra row of a
+// SmolVLM-256M step (4.3 GFLOP at 16 rows, near the vdpbf16ps rate of two cores), while the weights take
+// ~10 ms to stream: compute, not memory, sets the pace from 4 rows on. One TDPBF16PS multiplies a 16 x 32
+// bf16 tile by a 32 x 16 one (16 K multiply-adds), so on AMX the same products cost a fraction of the weight
+// stream, and a batch of 16 reads the weights at nearly the speed of one row.
+//
+// Layout: y^T = W x^T. The weight is the A operand as it sits in memory: 16 output rows x 32 k values (64
+// bytes of each row, rows K * 2 bytes apart), so nothing is repacked and batches cost no memory beyond the
+// model's (the AVX-512 path without AMX needs packed copies as large as the weights). The activations, a few
+// KB, are the B operand, rearranged once per product into AMX's pair layout: for each chunk of 32 k values,
+// 16 rows of k pairs x up to 16 batch rows x 2 (`to_pairs`). C is 16 output rows x the batch rows in fp32.
+// Tiles: 0, 1 = C of two 16-row blocks; 2, 3 = their A; 4 = B (configured per step for the batch size).
+//
+// Numerics: products of bf16 values are exact in fp32 and sums are fp32, as on the AVX-512 path; only the
+// order of the sums differs. K must be a multiple of 32 (the caller checks); output rows past the last whole
+// block of 16 go through the caller's row-major AVX-512 dot products.
+//
+// Linux gives a process the AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): `amx_init` asks once.
+
+#pragma once
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define IDEFICS3_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace amx {
+
+constexpr int KC = 32;   // k values per tile row (64 bytes of bf16)
+constexpr int MAXB = 16; // batch rows per B tile (64 bytes of k pairs)
+
+struct TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Ask Linux for the AMX tile state (once per process; harmless if torch/oneDNN already did). 0: ready.
+inline int init() {
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : 2;
+}
+
+// Configure this thread's tiles for products over `rb` batch rows (1..16).
+inline void configure(int rb) {
+  TileConfig cfg;
+  for (int t = 0; t < 2; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = uint16_t(rb * 4); }  // C: 16 x rb fp32
+  for (int t = 2; t < 4; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }               // A: 16 x 32 bf16
+  cfg.rows[4] = 16; cfg.colsb[4] = uint16_t(rb * 4);                                  // B: 16 pairs x rb x 2
+  _tile_loadconfig(&cfg);
+}
+
+inline void release() { _tile_release(); }
+
+// x [R, K] bf16 -> pairs [ceil(R/16)][K/32][16 pairs][rb][2], rb = min(R, 16) (rows past R zero): the B tiles.
+// Rows r of x are split between the threads (an orphaned `omp for`, ending in a barrier).
+inline void to_pairs(const uint16_t* x, int64_t R, int64_t K, uint16_t* pairs) {
+  const int64_t rb = std::min<int64_t>(R, MAXB), blocks = (R + MAXB - 1) / MAXB, chunks = K / KC;
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < blocks * rb; ++r) {
+    const int64_t b = r / rb, j = r % rb;
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(x + r * K);  // k pairs of row r
+    uint32_t* dst = reinterpret_cast<uint32_t*>(pairs) + b * chunks * 16 * rb + j;
+    for (int64_t p = 0; p < K / 2; ++p) dst[(p / 16) * 16 * rb + (p % 16) * rb] = r < R ? src[p] : 0u;
+  }
+}
+
+// C tiles for 16 output rows starting at W0 (and, if W1, 16 more at W1) against one block of batch rows:
+// c0/c1 [16][rb] fp32. W0/W1 point at row-major rows K apart (K a multiple of 32).
+inline void block(const uint16_t* W0, const uint16_t* W1, int64_t K, const uint16_t* pairs, int rb, float* c0,
+                  float* c1) {
+  const int64_t chunks = K / KC;
+  _tile_zero(0);
+  if (W1) _tile_zero(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(4, pairs + c * 16 * rb * 2, rb * 4);
+    _tile_loadd(2, W0 + c * KC, K * 2);
+    _tile_dpbf16ps(0, 2, 4);
+    if (W1) {
+      _tile_loadd(3, W1 + c * KC, K * 2);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+  }
+  _tile_stored(0, c0, rb * 4);
+  if (W1) _tile_stored(1, c1, rb * 4);
+}
+
+}  // namespace amx
+
+#endif  // __AMX_TILE__ && __AMX_BF16__
