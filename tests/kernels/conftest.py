@@ -54,3 +54,12 @@ def attention_kernel():
     if reason:
         pytest.skip(reason)
     return load_or_fail("cpu_attention", cpu_attention.load_library)
+
+
+@pytest.fixture(scope="session")
+def library():
+    """The AVX-512 decode kernel (skipping where the CPU, or a forced ISA level, lacks AVX-512)."""
+    reason = why_not_here(bf16=False)
+    if reason:
+        pytest.skip(reason)
+    return load_or_fail("cpu_decode", cpu_decode.load_library)

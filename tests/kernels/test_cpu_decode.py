@@ -16,15 +16,15 @@ import torch
 
 from checkpoints import tiny_config
 from idefics3 import Engine, Idefics3Config, Idefics3ForConditionalGeneration, SamplingParams
-from idefics3.device import cpu_flags
+from idefics3.device import isa_flags
 from idefics3.generation.engine import Request
 from idefics3.kernels import cpu_decode
 from idefics3.kernels.backend import install_backend
-from idefics3.kernels.cpu_decode import CpuDecoder, DecoderParts, load_library
+from idefics3.kernels.cpu_decode import CpuDecoder, DecoderParts
 from inputs import engine_tokens
 
-AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
-BF16 = AVX512 and "avx512_bf16" in cpu_flags()
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= isa_flags()
+BF16 = AVX512 and "avx512_bf16" in isa_flags()
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 
@@ -37,21 +37,21 @@ SHAPES = {
 }
 
 
+def kernel_backend(model):
+    """The backend with the fused decode kernel on AVX-512 whatever a calibration would measure (these tests
+    check what it computes; test_calibrate.py and test_cpu_decode_amx.py check how it is chosen)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IDEFICS3_CALIBRATE", "0")
+        backend = install_backend(model)
+    backend.decode_amx_rows = 0  # AMX is tested in test_cpu_decode_amx.py
+    return backend
+
+
 def cpu_decoder_for(model, cache):
     """The fused decoder that the model's backend (installed once per model, as at load) gives an engine."""
     if getattr(model, "backend", None) is None:
-        model.backend = install_backend(model)
+        model.backend = kernel_backend(model)
     return model.backend.decoder_for(model, cache)
-
-
-@pytest.fixture(scope="module")
-def library():
-    if not AVX512:
-        pytest.skip("the CPU lacks AVX-512")
-    lib = load_library()
-    if isinstance(lib, str):  # a CPU with the features and a failed build: the fast path is gone, so fail
-        pytest.fail(f"the decode kernel did not build on a CPU with AVX-512: {lib}", pytrace=False)
-    return lib
 
 
 def tiny_model(shape: str, dtype: torch.dtype, seed: int = 0, **text) -> Idefics3ForConditionalGeneration:
@@ -243,7 +243,7 @@ def test_engine_fast_and_plain_decode_agree(library):
 
     def run(fast: bool) -> list[list[int]]:
         engine = Engine(model, max_batch=2, max_seq_len=64, eos_token_ids=[0], fast_decode=fast,
-                        backend=install_backend(model))
+                        backend=kernel_backend(model))
         assert (engine.fast_decoder is not None) == fast
         return engine_tokens(engine, prompts, max_new_tokens=7)
 

@@ -15,7 +15,7 @@ import torch
 from idefics3.device import cpu_isa
 from idefics3.kernels import cpu_decode
 from idefics3.kernels.backend import install_backend
-from kernels.test_cpu_decode import SHAPES, compare, cpu_decoder_for, library, prefill, tiny_model  # noqa: F401
+from kernels.test_cpu_decode import SHAPES, compare, cpu_decoder_for, prefill, tiny_model
 
 MLP = {"intermediate_size": 96}  # AMX takes hidden, q and MLP widths that are multiples of 32
 

@@ -5,10 +5,11 @@ through torch's extension builder (ninja, torch's extensions cache: once per mac
 and are called through ctypes. Each source is built for one ISA level (device.py's `cpu_isa`): the AVX-512
 ones (F, BW, VL, DQ, with AVX512-BF16 for bf16 weights, and AMX tile code where the compiler has it: the
 source guards it by __AMX_BF16__ and checks the CPU at run time) and cpu_decode_avx2.cpp for CPUs that stop
-at AVX2 + FMA + F16C. `missing_cpu_features` says what this CPU (at its forced level) lacks. `IDEFICS3_KERNELS=0` turns every kernel off. A failed
-build is not an error: `compile_library` returns the reason and the backend (backend.py) records it and
-keeps the plain PyTorch path for that op. The first build on a machine logs one line at INFO saying so
-(the CLI shows it), since it makes the first load a few seconds slower.
+at AVX2 + FMA + F16C. `missing_cpu_features` says what this CPU (at its forced level) lacks.
+`IDEFICS3_KERNELS=0` turns every kernel off. A failed build is not an error: `compile_library` returns the
+reason and the backend (backend.py) records it and keeps the plain PyTorch path for that op. The first build
+on a machine logs one line at INFO saying so (the CLI shows it), since it makes the first load a few seconds
+slower.
 """
 
 from __future__ import annotations

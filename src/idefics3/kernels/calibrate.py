@@ -61,14 +61,17 @@ def machine() -> str:
     return f"{cpu_model() or 'unknown CPU'} | {cpu_isa()} | torch {torch.__version__}"
 
 
-def seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    """The best of `repeats` timed calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def seconds(*fns: Callable[[], object], repeats: int = 3) -> list[float]:
+    """The best of `repeats` timed calls of each function after one warm-up call each, taking turns (A B A B ...)
+    so that a burst of load from other processes falls on both."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -107,7 +110,7 @@ def compare(parts: tuple, ours: Callable[[], object], plain: Callable[[], object
             if ours() is None:  # the kernel declined these inputs
                 verdict = Verdict(False, f"our kernel declines {what}")
             else:
-                t_ours, t_plain = seconds(ours), seconds(plain)
+                t_ours, t_plain = seconds(ours, plain)
                 faster = "ours" if t_ours <= t_plain else plain_name
                 verdict = Verdict(t_ours <= t_plain, f"measured on {what}: ours {t_ours * 1e3:.2f} ms, {plain_name} "
                                                      f"{t_plain * 1e3:.2f} ms, {faster} faster")
