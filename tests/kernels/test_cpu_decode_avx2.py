@@ -1,0 +1,177 @@
+"""The AVX2 + FMA + F16C build of the fused decode step (cpu_decode_avx2.cpp) against the plain cached forward.
+
+The machine is made to look like one that stops at AVX2 (IDEFICS3_CPU_ISA=avx2), so `variant_for` picks this
+build for both dtypes; it then runs the same checks as test_cpu_decode.py (whose tiny models, shapes and
+prefill it reuses): fp32 logits within 1e-5 of the logit scale with the same greedy tokens, bf16 within 3%
+(teacher-forced), the cache writes, batch 1 without slots, batches in non-ordered slots over more rows than
+one pass of the row block, the `shared` prompt prefix, every head size the Python side accepts. The library
+must contain no AVX-512 instruction. Skipped on CPUs without AVX2, FMA and F16C.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from idefics3 import device
+from idefics3.device import cpu_flags
+from idefics3.kernels import cpu_decode
+from idefics3.kernels.cpu_decode import SUPPORTED_HEAD_DIMS, CpuDecoder, DecoderParts, load_library
+from idefics3.kernels.derived import DerivedWeights
+
+if not {"avx2", "fma", "f16c"} <= cpu_flags():
+    pytest.skip("the CPU lacks AVX2, FMA or F16C", allow_module_level=True)
+
+
+def _sibling(name: str):
+    """A test module next to this one (the tests folder is not a package), for its helpers."""
+    spec = importlib.util.spec_from_file_location(f"_avx2_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+base = _sibling("test_cpu_decode")
+SHAPES, tiny_model, prefill, plain_step = base.SHAPES, base.tiny_model, base.prefill, base.plain_step
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 0.03}  # of the largest logit / cache value
+
+
+@pytest.fixture
+def library(monkeypatch):
+    """The avx2 build, with this machine limited to AVX2 for the test."""
+    monkeypatch.setenv("IDEFICS3_CPU_ISA", "avx2")
+    device.cpu_has_bf16.cache_clear()
+    lib = load_library("avx2")
+    if isinstance(lib, str):  # the CPU has what it needs: a failed build is a failure, not a skip
+        pytest.fail(f"the avx2 decode kernel did not build: {lib}", pytrace=False)
+    yield lib
+    monkeypatch.delenv("IDEFICS3_CPU_ISA")
+    device.cpu_has_bf16.cache_clear()
+
+
+def avx2_decoder(model, cache, lib) -> CpuDecoder:
+    parts = DecoderParts.of(model)
+    assert cpu_decode.unsupported_reason(parts, cache) is None
+    assert cpu_decode.variant_for(parts.dtype) == "avx2"
+    return CpuDecoder(parts, cache, lib, DerivedWeights(), "avx2")
+
+
+def compare(lib, shape: str, dtype: torch.dtype, lengths: list[int], slots: list[int] | None, max_batch: int,
+            steps: int = 4, **text) -> None:
+    model = tiny_model(shape, dtype, **text)
+    with torch.inference_mode():
+        cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
+        fast_cache = copy.deepcopy(cache)
+        decoder = avx2_decoder(model, fast_cache, lib)
+        slot_t = None if slots is None else torch.tensor(slots)
+        fast_ids = ids
+        for _ in range(steps):
+            ref = plain_step(model, cache, ids, pos, slot_t).float()  # [R, 1, V]
+            got = decoder(fast_ids, pos, slot_t, int(pos.max()) + 1).float()
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+            if dtype == torch.float32:
+                assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            ids = ref.argmax(-1)  # [R, 1]; bf16 is teacher-forced with the plain path's tokens
+            fast_ids = got.argmax(-1) if dtype == torch.float32 else ids
+            pos = pos + 1
+        rows = torch.arange(len(lengths)) if slots is None else torch.tensor(slots)
+        for k, fk in zip(cache.k + cache.v, fast_cache.k + fast_cache.v):
+            written, fast = k[rows].float(), fk[rows].float()  # the rows in use, every position
+            assert (written - fast).abs().max() <= TOL[dtype] * written.abs().max()
+
+
+def test_avx2_machine_gets_this_variant(library):
+    assert cpu_decode.variant_for(torch.float32) == cpu_decode.variant_for(torch.bfloat16) == "avx2"
+    assert not device.cpu_has_bf16()
+
+
+def test_library_has_no_avx512(library):
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("no objdump to disassemble the library")
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", library._name], capture_output=True, text=True,
+                          check=True).stdout
+    assert "vfmadd" in text and "ymm" in text  # the disassembly is the kernel's
+    assert "zmm" not in text and not re.search(r"%k[0-7]\b", text)  # no 512-bit register, no mask register
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_batch_in_unordered_slots(library, shape, dtype):
+    compare(library, shape, dtype, lengths=[5, 11, 2], slots=[2, 0, 3], max_batch=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_one_without_slots(library, dtype):
+    compare(library, "gqa-hd16", dtype, lengths=[7], slots=None, max_batch=1, steps=6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_more_rows_than_one_pass(library, dtype):
+    """Nine rows: the kernel serves batch rows 4 at a time from one weight load (passes of 4, 4, 1)."""
+    compare(library, "gqa-hd16", dtype, lengths=[3, 1, 4, 1, 5, 9, 2, 6, 5], slots=[8, 1, 0, 7, 2, 6, 3, 5, 4],
+            max_batch=9, steps=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sizes_off_the_vector_width(library, dtype):
+    """Hidden and MLP sizes with whole blocks of 16, a block of 8 and single elements left over (76 = 4 x 16 + 8
+    + 4, 61 = 3 x 16 + 8 + 5), so every tail of the matrix products and of SiLU * up runs."""
+    compare(library, "gqa-hd16", dtype, lengths=[6, 3], slots=[1, 0], max_batch=2, steps=2, hidden_size=76,
+            head_dim=16, intermediate_size=61)
+
+
+@pytest.mark.parametrize("head_dim", [d for d in SUPPORTED_HEAD_DIMS if d not in (16, 32, 64)])
+def test_large_head_sizes(library, head_dim):
+    """Head sizes above 64 take the output of P.V in several register blocks (96: 64 + 32)."""
+    compare(library, "gqa-hd16", torch.float32, lengths=[9, 4], slots=[1, 0], max_batch=2, steps=2,
+            head_dim=head_dim)
+
+
+@pytest.mark.parametrize("shape,dtype", [("gqa-hd16", torch.float32), ("gqa3-hd32-llama3", torch.bfloat16)])
+def test_shared_prompt_is_read_from_its_slot(library, shape, dtype):
+    """Rows decoding from one prompt read its keys from the slot named in `shared`: with the other copies
+    overwritten, the logits are those of the intact cache; without `shared` the same overwrite changes them."""
+    model = tiny_model(shape, dtype)
+    rows, p = 5, 9
+    with torch.inference_mode():
+        cache, _, _ = prefill(model, [p], [3], max_batch=rows)
+        for slot in range(rows):
+            cache.copy(3, slot, p)
+        ids = torch.arange(10, 10 + rows)[:, None]  # a different next token in every row
+        pos = torch.full((rows, 1), p)
+        shared = torch.tensor([[3, p]] * rows)
+        intact, broken = copy.deepcopy(cache), cache
+        for buf in broken.k + broken.v:
+            buf[[r for r in range(rows) if r != 3], :, :p] = torch.randn_like(buf[0, :, :p])
+        ref_dec, dec = avx2_decoder(model, intact, library), avx2_decoder(model, broken, library)
+        for step in range(3):  # later steps read the rows' own new keys after the shared ones
+            ref = ref_dec(ids, pos, None, p + step + 1).float()
+            got = dec(ids, pos, None, p + step + 1, shared=shared).float()
+            assert (got - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+            if step == 0:
+                unshared = avx2_decoder(model, copy.deepcopy(broken), library)(ids, pos, None, p + 1).float()
+                assert (unshared - ref).abs().max() > 0.1 * ref.abs().max()
+            ids, pos = ref.argmax(-1), pos + 1
+
+
+def test_out_of_range_inputs_raise(library):
+    model = tiny_model("gqa-hd16", torch.float32)
+    decoder = avx2_decoder(model, model.make_cache(2, 16), library)
+    for args, kwargs, match in [
+        ((torch.tensor([[5000]]), torch.tensor([[0]]), None, 1), {}, "token id"),
+        ((torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([7]), 1), {}, "slot"),
+        ((torch.tensor([[5]]), torch.tensor([[3]]), None, 4), {"shared": torch.tensor([[5, 2]])}, "shared prefix"),
+        ((torch.tensor([[5]]), torch.tensor([[3]]), None, 4), {"shared": torch.tensor([[1, 5]])}, "shared prefix"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            decoder(*args, **kwargs)
