@@ -77,6 +77,11 @@ struct BF16 {
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
 
 constexpr int NR = 4;  // weight rows per tile: the unit of work split between threads
+#ifndef IDEFICS3_PREFETCH_BYTES
+#define IDEFICS3_PREFETCH_BYTES 4096
+#endif
+// How far ahead of its loads a weight stream asks for its lines (0: the hardware prefetcher alone).
+constexpr int PREFETCH_BYTES = IDEFICS3_PREFETCH_BYTES;
 constexpr int RB = 8;  // batch rows served by one pass over a weight row
 
 // out[r] = dot(w, x[r, :]) for r < rb. The row is streamed once, front to back (measured: one sequential
@@ -90,6 +95,8 @@ inline void dot_row(const typename A::T* w, int64_t K, const typename A::T* x, i
   int64_t k = 0;
   for (; k + na * A::L <= K; k += na * A::L) {
     for (int a = 0; a < na; ++a) {
+      if (PREFETCH_BYTES > 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + k + a * A::L) + PREFETCH_BYTES, _MM_HINT_T0);
       const typename A::V wv = A::load(w + k + a * A::L);
       for (int r = 0; r < rb; ++r) acc[r][a] = A::mac(acc[r][a], wv, A::load(x + r * xs + k + a * A::L));
     }

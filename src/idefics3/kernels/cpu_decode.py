@@ -11,14 +11,17 @@ logits_to_keep=1, kv_len=kv_len).logits` computes, for the text decoder only (de
 images), and writes the new keys/values into the same `KVCache`, so the plain model can prefill and
 this kernel decode. At batch 1 it reads the model's own weight tensors and the cache buffers through raw
 pointers, copying nothing. The first bf16 step of two or more rows makes packed copies of the decoder's
-matrices and the lm_head (as much memory again as those weights: 270 MB for SmolVLM-256M), kept in the
-backend's `DerivedWeights` store (so counted and shared by later decoders), on which batches run 1.8x faster
-(cpu_decode.cpp, packed_tile). A decoder is bound to the tensors it saw when built: the backend builds one per
-engine, and `unsupported_reason` refuses a model whose decoder linears are not plain (LoRA, say).
+matrices and the lm_head (as much memory again as those weights: 270 MB for SmolVLM-256M; made only where
+they take at most half the memory available), kept in the backend's `DerivedWeights` store (so counted and
+shared by later decoders), on which batches run 1.8x faster (cpu_decode.cpp, packed_tile). On CPUs with AMX
+the backend may instead run batches on AMX tiles over the model's own weights (`use_amx`), which needs no copy.
+A decoder is bound to the tensors it saw when built: the backend builds one per engine, and
+`unsupported_reason` refuses a model whose decoder linears are not plain (LoRA, say).
 
-The source is compiled once per machine (build.py). It needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for
-bf16 weights; IDEFICS3_KERNELS=0, other devices, dtypes or CPUs, biases and a failed build each give a reason,
-and the engine keeps the plain path. This module reads the model through `DecoderParts` (the decoder, its
+The source is compiled once per machine (build.py), in the variant of this machine's ISA level
+(`variant_for`): cpu_decode.cpp needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for bf16 weights;
+cpu_decode_avx2.cpp runs on AVX2 + FMA + F16C; IDEFICS3_KERNELS=0, other devices, dtypes or CPUs, biases
+and a failed build each give a reason, and the engine keeps the plain path. This module reads the model through `DecoderParts` (the decoder, its
 head and their config) and does not import the model class.
 """
 
@@ -34,9 +37,9 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
+from ..device import cpu_isa
 from ..model.kv_cache import KVCache
 from ..model.text import TextModel
-from ..device import cpu_isa
 from .build import AMX_CFLAGS, AVX2_CFLAGS, CFLAGS, ENV_SWITCH, compile_library, kernels_enabled
 from .derived import DerivedWeights
 
@@ -168,6 +171,18 @@ def _tensors(parts: DecoderParts) -> list[tuple[str, torch.Tensor]]:
     return out + [(name, m.weight) for name, m in _linears(parts)]
 
 
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def pack_for_batches(w: torch.Tensor) -> torch.Tensor:
     """A bf16 weight [N, K] (K even) in the layout of cpu_decode.cpp's packed_tile: [ceil(N/32), K/2, 32, 2],
     output columns zero-padded to whole tiles of 32."""
@@ -221,6 +236,10 @@ class CpuDecoder:
         self.amx_rows = 0  # bf16 steps of at least this many rows run on AMX tiles (0: never); see use_amx
         self._can_pack = variant == "avx512" and self.dtype == torch.bfloat16 and all(
             k % 2 == 0 for k in (t.hidden_size, t.num_attention_heads * t.head_dim, t.intermediate_size))
+        if self._can_pack:  # copies as large as the decoder's matrices: only where they fit easily
+            need = sum(m.weight.numel() * 2 for _, m in _linears(parts))
+            room = available_memory()
+            self._can_pack = room is None or need <= room // 2
 
     def use_amx(self, min_rows: int) -> None:
         """Run bf16 steps of `min_rows` rows or more on AMX tiles over the model's own weights (0: never). Where

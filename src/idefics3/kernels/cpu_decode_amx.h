@@ -30,6 +30,10 @@ namespace amx {
 
 constexpr int KC = 32;   // k values per tile row (64 bytes of bf16)
 constexpr int MAXB = 16; // batch rows per B tile (64 bytes of k pairs)
+#ifndef IDEFICS3_AMX_PREFETCH
+#define IDEFICS3_AMX_PREFETCH 4
+#endif
+constexpr int64_t PREFETCH = IDEFICS3_AMX_PREFETCH;  // chunks of 32 k values ahead
 
 struct TileConfig {
   uint8_t palette_id = 1;
@@ -57,15 +61,19 @@ inline void configure(int rb) {
 inline void release() { _tile_release(); }
 
 // x [R, K] bf16 -> pairs [ceil(R/16)][K/32][16 pairs][rb][2], rb = min(R, 16) (rows past R zero): the B tiles.
-// Rows r of x are split between the threads (an orphaned `omp for`, ending in a barrier).
+// Split between the threads by chunk of 32 k values (an orphaned `omp for`, ending in a barrier): a chunk's 16
+// pairs x 16 rows fill whole cache lines, so no two threads write the same line.
 inline void to_pairs(const uint16_t* x, int64_t R, int64_t K, uint16_t* pairs) {
   const int64_t rb = std::min<int64_t>(R, MAXB), blocks = (R + MAXB - 1) / MAXB, chunks = K / KC;
 #pragma omp for schedule(static)
-  for (int64_t r = 0; r < blocks * rb; ++r) {
-    const int64_t b = r / rb, j = r % rb;
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(x + r * K);  // k pairs of row r
-    uint32_t* dst = reinterpret_cast<uint32_t*>(pairs) + b * chunks * 16 * rb + j;
-    for (int64_t p = 0; p < K / 2; ++p) dst[(p / 16) * 16 * rb + (p % 16) * rb] = r < R ? src[p] : 0u;
+  for (int64_t bc = 0; bc < blocks * chunks; ++bc) {
+    const int64_t b = bc / chunks, c = bc % chunks;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(pairs) + bc * 16 * rb;  // [16 pairs][rb]
+    for (int64_t j = 0; j < rb; ++j) {
+      const int64_t r = b * MAXB + j;
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(x + r * K) + c * 16;  // 16 k pairs of row r
+      for (int64_t p = 0; p < 16; ++p) dst[p * rb + j] = r < R ? src[p] : 0u;
+    }
   }
 }
 
@@ -77,6 +85,20 @@ inline void block(const uint16_t* W0, const uint16_t* W1, int64_t K, const uint1
   _tile_zero(0);
   if (W1) _tile_zero(1);
   for (int64_t c = 0; c < chunks; ++c) {
+#if IDEFICS3_AMX_NEXT
+    // tile loads that miss stall the tile unit: while this block runs, the next block's rows (the 16 rows after
+    // each of W0, W1: one contiguous region each) are asked for front to back, 1 KB of each per chunk
+    for (int i = 0; i < 16; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(W0 + 16 * K) + c * 1024 + i * 64, IDEFICS3_AMX_HINT);
+      if (W1) _mm_prefetch(reinterpret_cast<const char*>(W1 + 16 * K) + c * 1024 + i * 64, IDEFICS3_AMX_HINT);
+    }
+#else
+    if (c + PREFETCH < chunks)  // tile loads that miss stall the tile unit: ask for each row's next lines early
+      for (int i = 0; i < 16; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(W0 + i * K + (c + PREFETCH) * KC), _MM_HINT_T0);
+        if (W1) _mm_prefetch(reinterpret_cast<const char*>(W1 + i * K + (c + PREFETCH) * KC), _MM_HINT_T0);
+      }
+#endif
     _tile_loadd(4, pairs + c * 16 * rb * 2, rb * 4);
     _tile_loadd(2, W0 + c * KC, K * 2);
     _tile_dpbf16ps(0, 2, 4);
