@@ -43,6 +43,14 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFlo
   return uint16_t(u >> 16);
 }
 
+// 16 fp32 lanes rounded to bf16 (nearest even, NaN to 0x7fc0 as float_to_bf16), as the high halves of fp32 lanes.
+inline __m512i round_bf16_bits(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  u = _mm512_and_si512(u, _mm512_set1_epi32(int(0xffff0000u)));
+  return _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+}
+
 // Element traits: storage type T, lanes per 512-bit weight load, a multiply-accumulate of one load.
 struct F32 {
   using T = float;
@@ -56,6 +64,9 @@ struct F32 {
   static float round(float v) { return v; }
   // 16 elements (masked) widened to fp32, for attention and RoPE
   static __m512 load16(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  // 16 fp32 values rounded to what T holds, and stored as T (masked)
+  static __m512 round16(__m512 v) { return v; }
+  static void store16(T* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 };
 
 struct BF16 {
@@ -71,6 +82,10 @@ struct BF16 {
   static __m512 load16(const T* p, __mmask16 m) {
     __m256i h = _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static __m512 round16(__m512 v) { return _mm512_castsi512_ps(round_bf16_bits(v)); }
+  static void store16(T* p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16_bits(v), 16)));
   }
 };
 
@@ -200,13 +215,6 @@ inline void packed_tile(const uint16_t* Wp, int64_t N, int64_t K, int64_t t, con
 
 inline int64_t packed_tiles(int64_t n) { return (n + PT - 1) / PT; }
 
-// 16 fp32 lanes rounded to bf16 (nearest even, NaN to 0x7fc0 as float_to_bf16), as the high halves of fp32 lanes.
-inline __m512i round_bf16_bits(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  u = _mm512_and_si512(u, _mm512_set1_epi32(int(0xffff0000u)));
-  return _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
-}
 
 // Where a matrix product's outputs go, and how they are stored: as fp32 (Keep), as fp32 rounded to T (Round),
 // or as T (Cast). Element (r, n) lands at dst[r * stride + n]. Called per element by the row-major path and
@@ -238,13 +246,20 @@ struct Sink {
   }
 };
 
-// RMSNorm of one row in fp32: out = w * round(h * rsqrt(mean(h^2) + eps)).
+// RMSNorm of one row in fp32: out = w * round(h * rsqrt(mean(h^2) + eps)), 16 lanes at a time.
 template <class A>
 inline void rms_norm(const float* h, const typename A::T* w, int64_t D, float eps, typename A::T* out) {
-  float ss = 0.f;
-  for (int64_t i = 0; i < D; ++i) ss += h[i] * h[i];
-  const float rs = 1.f / std::sqrt(ss / float(D) + eps);
-  for (int64_t i = 0; i < D; ++i) out[i] = A::from_f(A::to_f(w[i]) * A::round(h[i] * rs));
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(lanes(D - i), h + i);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 rs = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(D) + eps));
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 k = lanes(D - i);
+    const __m512 v = A::round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, h + i), rs));
+    A::store16(out + i, _mm512_mul_ps(A::load16(w + i, k), v), k);
+  }
 }
 
 // The residual add of a sublayer's output (y, or none before the first layer) into the stream h, rounded as
@@ -253,20 +268,30 @@ template <class A>
 inline void add_then_norm(float* h, const float* y, const typename A::T* w, int64_t D, float eps,
                           typename A::T* out) {
   if (y != nullptr)
-    for (int64_t i = 0; i < D; ++i) h[i] = A::round(h[i] + A::round(y[i]));
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 k = lanes(D - i);
+      const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(k, h + i), A::round16(_mm512_maskz_loadu_ps(k, y + i)));
+      _mm512_mask_storeu_ps(h + i, k, A::round16(sum));
+    }
   rms_norm<A>(h, w, D, eps, out);
 }
 
-// Half-split RoPE of one head in place (x holds values already rounded to T), as the plain path does it.
+// Half-split RoPE of one head in place (x holds values already rounded to T), as the plain path does it:
+// x = round(round(x * cos) + round(rotate_half(x) * sin)), 16 lanes of each half at a time.
 template <class A>
 inline void rope(float* x, const typename A::T* cos, const typename A::T* sin, int64_t hd) {
   const int64_t half = hd / 2;
-  float tmp[512];
-  for (int64_t i = 0; i < hd; ++i) {
-    const float rot = i < half ? -x[i + half] : x[i - half];
-    tmp[i] = A::round(A::round(x[i] * A::to_f(cos[i])) + A::round(rot * A::to_f(sin[i])));
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 k = lanes(half - i);
+    const __m512 lo = _mm512_maskz_loadu_ps(k, x + i), hi = _mm512_maskz_loadu_ps(k, x + half + i);
+    const __m512 new_lo = A::round16(_mm512_add_ps(A::round16(_mm512_mul_ps(lo, A::load16(cos + i, k))),
+                                                   A::round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi),
+                                                                            A::load16(sin + i, k)))));
+    const __m512 new_hi = A::round16(_mm512_add_ps(A::round16(_mm512_mul_ps(hi, A::load16(cos + half + i, k))),
+                                                   A::round16(_mm512_mul_ps(lo, A::load16(sin + half + i, k)))));
+    _mm512_mask_storeu_ps(x + i, k, new_lo);
+    _mm512_mask_storeu_ps(x + half + i, k, new_hi);
   }
-  std::memcpy(x, tmp, hd * sizeof(float));
 }
 
 // exp(x) for 16 lanes: range reduction to r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial
@@ -567,13 +592,11 @@ bool attend_group_any(int64_t group, int64_t hd, const float* q, const KeyRange<
 // act[n] = round(round(silu(gate[n])) * up[n]) for n < count (gate and up already rounded to T).
 template <class A>
 void silu_times(const float* gate, const float* up, int64_t count, typename A::T* act) {
-  float tmp[16];
   for (int64_t n = 0; n < count; n += 16) {
     const __mmask16 k = lanes(count - n);
     const __m512 g = _mm512_maskz_loadu_ps(k, gate + n);
     const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    _mm512_storeu_ps(tmp, sg);
-    for (int64_t i = 0; i < std::min<int64_t>(16, count - n); ++i) act[n + i] = A::from_f(A::round(tmp[i]) * up[n + i]);
+    A::store16(act + n, _mm512_mul_ps(A::round16(sg), _mm512_maskz_loadu_ps(k, up + n)), k);
   }
 }
 
@@ -766,7 +789,7 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
           const int64_t slot = slots ? slots[r] : r;
           const int64_t kvh = j < H + Hkv ? j - H : j - H - Hkv;
           T* dst = (j < H + Hkv ? kc : vc) + ((slot * Hkv + kvh) * S + pos[r]) * hd;
-          for (int64_t d = 0; d < hd; ++d) dst[d] = A::from_f(v[d]);
+          for (int64_t d = 0; d < hd; d += 16) A::store16(dst + d, _mm512_maskz_loadu_ps(lanes(hd - d), v + d), lanes(hd - d));
         }
       }
       // attention of each query head over its slot's positions 0..pos (two-pass softmax in fp32); with
@@ -783,7 +806,9 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
           float o[4 * 128];
           attend_group_any<A>(group, hd, &qkv[r * NQKV + kvh * group * hd], keys, scale,
                               &scores[idx * group * max_len], o);
-          for (int64_t d = 0; d < group * hd; ++d) att[r * NQ + kvh * group * hd + d] = A::from_f(o[d]);
+          for (int64_t d = 0; d < group * hd; d += 16)
+            A::store16(&att[r * NQ + kvh * group * hd + d], _mm512_maskz_loadu_ps(lanes(group * hd - d), o + d),
+                       lanes(group * hd - d));
         }
       } else {
 #pragma omp for schedule(static)
@@ -795,7 +820,8 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
           const T* Vc = vc + (slot * Hkv + kvh) * S * hd;
           float o[512];
           attend_any<A>(hd, q, K, Vc, n, scale, &scores[idx * max_len], o);
-          for (int64_t d = 0; d < hd; ++d) att[r * NQ + head * hd + d] = A::from_f(o[d]);
+          for (int64_t d = 0; d < hd; d += 16)
+            A::store16(&att[r * NQ + head * hd + d], _mm512_maskz_loadu_ps(lanes(hd - d), o + d), lanes(hd - d));
         }
       }
       linear<A>(packed, L.wo, L.po, D, NQ, att.data(), R, Sink<A>{y.data(), D, Store::Keep}, pairs_p);

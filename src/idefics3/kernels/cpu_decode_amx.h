@@ -11,7 +11,8 @@
 // model's (the AVX-512 path without AMX needs packed copies as large as the weights). The activations, a few
 // KB, are the B operand, rearranged once per product into AMX's pair layout: for each chunk of 32 k values,
 // 16 rows of k pairs x up to 16 batch rows x 2 (`to_pairs`). C is 16 output rows x the batch rows in fp32.
-// Tiles: 0, 1 = C of two 16-row blocks; 2, 3 = their A; 4 = B (configured per step for the batch size).
+// Tiles: 0, 1 = C of two 16-row blocks; 2, 3 and 5, 6 = their A for even and odd chunks; 4 and 7 = B (the
+// batch size sets the B and C widths: `configure`, per step).
 //
 // Numerics: products of bf16 values are exact in fp32 and sums are fp32, as on the AVX-512 path; only the
 // order of the sums differs. K must be a multiple of 32 (the caller checks); output rows past the last whole
@@ -30,10 +31,6 @@ namespace amx {
 
 constexpr int KC = 32;   // k values per tile row (64 bytes of bf16)
 constexpr int MAXB = 16; // batch rows per B tile (64 bytes of k pairs)
-#ifndef IDEFICS3_AMX_PREFETCH
-#define IDEFICS3_AMX_PREFETCH 4
-#endif
-constexpr int64_t PREFETCH = IDEFICS3_AMX_PREFETCH;  // chunks of 32 k values ahead
 
 struct TileConfig {
   uint8_t palette_id = 1;
@@ -53,8 +50,8 @@ inline int init() {
 inline void configure(int rb) {
   TileConfig cfg;
   for (int t = 0; t < 2; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = uint16_t(rb * 4); }  // C: 16 x rb fp32
-  for (int t = 2; t < 4; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }               // A: 16 x 32 bf16
-  cfg.rows[4] = 16; cfg.colsb[4] = uint16_t(rb * 4);                                  // B: 16 pairs x rb x 2
+  for (int t : {2, 3, 5, 6}) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }                 // A: 16 x 32 bf16
+  for (int t : {4, 7}) { cfg.rows[t] = 16; cfg.colsb[t] = uint16_t(rb * 4); }       // B: 16 pairs x rb x 2
   _tile_loadconfig(&cfg);
 }
 
@@ -79,27 +76,38 @@ inline void to_pairs(const uint16_t* x, int64_t R, int64_t K, uint16_t* pairs) {
 
 // C tiles for 16 output rows starting at W0 (and, if W1, 16 more at W1) against one block of batch rows:
 // c0/c1 [16][rb] fp32. W0/W1 point at row-major rows K apart (K a multiple of 32).
+// Tile registers are not renamed: a load into a tile waits for the multiply still reading it. So chunks go in
+// pairs on two sets of A and B tiles (2, 3, 4 for even chunks; 5, 6, 7 for odd ones), and the loads of one
+// chunk overlap the multiplies of the other (measured alone, a 576-wide matrix resident in L2: 55 GB/s with one
+// set, the load-multiply chain then sets the pace).
 inline void block(const uint16_t* W0, const uint16_t* W1, int64_t K, const uint16_t* pairs, int rb, float* c0,
                   float* c1) {
-  const int64_t chunks = K / KC;
+  const int64_t chunks = K / KC, bstride = 16 * rb * 2;
+  const char* ahead0 = reinterpret_cast<const char*>(W0 + 16 * K);  // the next block's rows, for prefetching
+  const char* ahead1 = W1 ? reinterpret_cast<const char*>(W1 + 16 * K) : nullptr;
   _tile_zero(0);
-  if (W1) _tile_zero(1);
-  for (int64_t c = 0; c < chunks; ++c) {
-#if IDEFICS3_AMX_NEXT
-    // tile loads that miss stall the tile unit: while this block runs, the next block's rows (the 16 rows after
-    // each of W0, W1: one contiguous region each) are asked for front to back, 1 KB of each per chunk
-    for (int i = 0; i < 16; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(W0 + 16 * K) + c * 1024 + i * 64, IDEFICS3_AMX_HINT);
-      if (W1) _mm_prefetch(reinterpret_cast<const char*>(W1 + 16 * K) + c * 1024 + i * 64, IDEFICS3_AMX_HINT);
+  _tile_zero(1);
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    for (int i = 0; i < 32; ++i) {  // 2 KB of each next block per pair of chunks, front to back
+      _mm_prefetch(ahead0 + c * 1024 + i * 64, _MM_HINT_T0);
+      if (ahead1) _mm_prefetch(ahead1 + c * 1024 + i * 64, _MM_HINT_T0);
     }
-#else
-    if (c + PREFETCH < chunks)  // tile loads that miss stall the tile unit: ask for each row's next lines early
-      for (int i = 0; i < 16; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(W0 + i * K + (c + PREFETCH) * KC), _MM_HINT_T0);
-        if (W1) _mm_prefetch(reinterpret_cast<const char*>(W1 + i * K + (c + PREFETCH) * KC), _MM_HINT_T0);
-      }
-#endif
-    _tile_loadd(4, pairs + c * 16 * rb * 2, rb * 4);
+    _tile_loadd(4, pairs + c * bstride, rb * 4);
+    _tile_loadd(2, W0 + c * KC, K * 2);
+    _tile_loadd(7, pairs + (c + 1) * bstride, rb * 4);
+    _tile_loadd(5, W0 + (c + 1) * KC, K * 2);
+    _tile_dpbf16ps(0, 2, 4);
+    if (W1) {
+      _tile_loadd(3, W1 + c * KC, K * 2);
+      _tile_loadd(6, W1 + (c + 1) * KC, K * 2);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+    _tile_dpbf16ps(0, 5, 7);
+    if (W1) _tile_dpbf16ps(1, 6, 7);
+  }
+  if (c < chunks) {
+    _tile_loadd(4, pairs + c * bstride, rb * 4);
     _tile_loadd(2, W0 + c * KC, K * 2);
     _tile_dpbf16ps(0, 2, 4);
     if (W1) {
