@@ -400,7 +400,10 @@ inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scal
       qb[g][w] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * hd + 32 * w + 16), _mm512_loadu_ps(q + g * hd + 32 * w));
   const __m512 sc = _mm512_set1_ps(scale);
   int64_t t = 0;
-  for (; t + 8 <= n; t += 8)
+  for (; t + 8 <= n; t += 8) {
+    // the key stream asks for its lines PREFETCH_BYTES ahead, as the weight streams do (harmless past the end)
+    for (int64_t b = 0; b < 8 * hd * 2; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(K + t * hd) + PREFETCH_BYTES + b, _MM_HINT_T0);
     for (int g = 0; g < G; ++g) {
       __m512 acc[8];
       for (int j = 0; j < 8; ++j) {
@@ -410,6 +413,7 @@ inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scal
       }
       _mm256_storeu_ps(s + g * ld + t, _mm256_mul_ps(sums8(acc), _mm512_castps512_ps256(sc)));
     }
+  }
   for (; t < n; ++t)
     for (int g = 0; g < G; ++g) {
       __m512 a = _mm512_setzero_ps();
@@ -482,7 +486,13 @@ inline void values_bf16(float* s, const KeyRange<uint16_t>& kv, const float* inv
   __m512 lo[G][nw], hi[G][nw];
   for (int g = 0; g < G; ++g)
     for (int w = 0; w < nw; ++w) lo[g][w] = hi[g][w] = _mm512_setzero_ps();
+  constexpr int64_t ahead = PREFETCH_BYTES / (hd * 2);  // value rows
   for (int64_t t = 0; t < n; t += 2) {
+    if (t + ahead + 1 < n)
+      for (int64_t b = 0; b < hd * 2; b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kv.v(t + ahead, hd)) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(kv.v(t + ahead + 1, hd)) + b, _MM_HINT_T0);
+      }
     __m512i vl[nw], vh[nw];
     for (int w = 0; w < nw; ++w) {
       const __m512i a = _mm512_loadu_si512(kv.v(t, hd) + 32 * w);
