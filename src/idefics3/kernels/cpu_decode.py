@@ -21,8 +21,8 @@ A decoder is bound to the tensors it saw when built: the backend builds one per 
 The source is compiled once per machine (build.py), in the variant of this machine's ISA level
 (`variant_for`): cpu_decode.cpp needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for bf16 weights;
 cpu_decode_avx2.cpp runs on AVX2 + FMA + F16C; IDEFICS3_KERNELS=0, other devices, dtypes or CPUs, biases
-and a failed build each give a reason, and the engine keeps the plain path. This module reads the model through `DecoderParts` (the decoder, its
-head and their config) and does not import the model class.
+and a failed build each give a reason, and the engine keeps the plain path. This module reads the model
+through `DecoderParts` (the decoder, its head and their config) and does not import the model class.
 """
 
 from __future__ import annotations
