@@ -188,15 +188,11 @@ def test_packed_layout(n, k):
     assert not both[36:48].any() and not both[52:].any()
 
 
-@pytest.mark.parametrize("shape,dtype", [("gqa-hd16", torch.float32), ("gqa3-hd32-llama3", torch.bfloat16)])
-def test_shared_prompt_is_read_from_its_slot(library, shape, dtype):
+def check_shared_prompt(model, make_decoder, rows: int, tol: float) -> None:
     """Rows decoding from one prompt (copied into each row's slot) read its keys from the slot named in
     `shared`: with the other copies overwritten, the logits are those of the intact cache; without `shared`
-    the same overwrite changes them (so the first check can fail)."""
-    if dtype == torch.bfloat16 and not BF16:
-        pytest.skip("the CPU lacks AVX512-BF16")
-    model = tiny_model(shape, dtype)
-    rows, p = 8, 9
+    the same overwrite changes them (so the first check can fail). make_decoder(cache) -> a decoder of model."""
+    p = 9
     with torch.inference_mode():
         cache, _, _ = prefill(model, [p], [3], max_batch=rows)
         for slot in range(rows):
@@ -207,16 +203,24 @@ def test_shared_prompt_is_read_from_its_slot(library, shape, dtype):
         intact, broken = copy.deepcopy(cache), cache
         for buf in broken.k + broken.v:
             buf[[r for r in range(rows) if r != 3], :, :p] = torch.randn_like(buf[0, :, :p])
-        ref_dec, dec = cpu_decoder_for(model, intact), cpu_decoder_for(model, broken)
-        tol = 1e-5 if dtype == torch.float32 else 0.03
+        ref_dec, dec = make_decoder(intact), make_decoder(broken)
         for step in range(3):  # later steps read the rows' own new keys after the shared ones
             ref = ref_dec(ids, pos, None, p + step + 1).float()
             got = dec(ids, pos, None, p + step + 1, shared=shared).float()
             assert (got - ref).abs().max() <= tol * ref.abs().max()
             if step == 0:
-                unshared = cpu_decoder_for(model, copy.deepcopy(broken))(ids, pos, None, p + 1).float()
+                unshared = make_decoder(copy.deepcopy(broken))(ids, pos, None, p + 1).float()
                 assert (unshared - ref).abs().max() > 0.1 * ref.abs().max()
             ids, pos = ref.argmax(-1), pos + 1
+
+
+@pytest.mark.parametrize("shape,dtype", [("gqa-hd16", torch.float32), ("gqa3-hd32-llama3", torch.bfloat16)])
+def test_shared_prompt_is_read_from_its_slot(library, shape, dtype):
+    if dtype == torch.bfloat16 and not BF16:
+        pytest.skip("the CPU lacks AVX512-BF16")
+    model = tiny_model(shape, dtype)
+    check_shared_prompt(model, lambda cache: cpu_decoder_for(model, cache), rows=8,
+                        tol=1e-5 if dtype == torch.float32 else 0.03)
 
 
 def test_out_of_range_inputs_raise(library):

@@ -11,11 +11,9 @@ must contain no AVX-512 instruction. Skipped on CPUs without AVX2, FMA and F16C.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,21 +23,12 @@ from idefics3.device import cpu_flags
 from idefics3.kernels import cpu_decode
 from idefics3.kernels.cpu_decode import SUPPORTED_HEAD_DIMS, CpuDecoder, DecoderParts, load_library
 from idefics3.kernels.derived import DerivedWeights
+from kernels.test_cpu_decode import SHAPES, check_shared_prompt, plain_step, prefill, tiny_model
 
 if not {"avx2", "fma", "f16c"} <= cpu_flags():
     pytest.skip("the CPU lacks AVX2, FMA or F16C", allow_module_level=True)
 
 
-def _sibling(name: str):
-    """A test module next to this one (the tests folder is not a package), for its helpers."""
-    spec = importlib.util.spec_from_file_location(f"_avx2_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-base = _sibling("test_cpu_decode")
-SHAPES, tiny_model, prefill, plain_step = base.SHAPES, base.tiny_model, base.prefill, base.plain_step
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 0.03}  # of the largest logit / cache value
 
@@ -139,29 +128,8 @@ def test_large_head_sizes(library, head_dim):
 
 @pytest.mark.parametrize("shape,dtype", [("gqa-hd16", torch.float32), ("gqa3-hd32-llama3", torch.bfloat16)])
 def test_shared_prompt_is_read_from_its_slot(library, shape, dtype):
-    """Rows decoding from one prompt read its keys from the slot named in `shared`: with the other copies
-    overwritten, the logits are those of the intact cache; without `shared` the same overwrite changes them."""
     model = tiny_model(shape, dtype)
-    rows, p = 5, 9
-    with torch.inference_mode():
-        cache, _, _ = prefill(model, [p], [3], max_batch=rows)
-        for slot in range(rows):
-            cache.copy(3, slot, p)
-        ids = torch.arange(10, 10 + rows)[:, None]  # a different next token in every row
-        pos = torch.full((rows, 1), p)
-        shared = torch.tensor([[3, p]] * rows)
-        intact, broken = copy.deepcopy(cache), cache
-        for buf in broken.k + broken.v:
-            buf[[r for r in range(rows) if r != 3], :, :p] = torch.randn_like(buf[0, :, :p])
-        ref_dec, dec = avx2_decoder(model, intact, library), avx2_decoder(model, broken, library)
-        for step in range(3):  # later steps read the rows' own new keys after the shared ones
-            ref = ref_dec(ids, pos, None, p + step + 1).float()
-            got = dec(ids, pos, None, p + step + 1, shared=shared).float()
-            assert (got - ref).abs().max() <= TOL[dtype] * ref.abs().max()
-            if step == 0:
-                unshared = avx2_decoder(model, copy.deepcopy(broken), library)(ids, pos, None, p + 1).float()
-                assert (unshared - ref).abs().max() > 0.1 * ref.abs().max()
-            ids, pos = ref.argmax(-1), pos + 1
+    check_shared_prompt(model, lambda cache: avx2_decoder(model, cache, library), rows=5, tol=TOL[dtype])
 
 
 def test_out_of_range_inputs_raise(library):

@@ -26,22 +26,9 @@
 
 #include "cpu_decode_amx.h"  // batched products on AMX tiles, where the compiler has AMX (IDEFICS3_HAVE_AMX)
 
+#include "cpu_decode_model.h"  // Layer, Model, bf16 scalars, create / set_packed / destroy, input checks
+
 namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
 
 // 16 fp32 lanes rounded to bf16 (nearest even, NaN to 0x7fc0 as float_to_bf16), as the high halves of fp32 lanes.
 inline __m512i round_bf16_bits(__m512 v) {
@@ -216,21 +203,12 @@ inline void packed_tile(const uint16_t* Wp, int64_t N, int64_t K, int64_t t, con
 inline int64_t packed_tiles(int64_t n) { return (n + PT - 1) / PT; }
 
 
-// Where a matrix product's outputs go, and how they are stored: as fp32 (Keep), as fp32 rounded to T (Round),
-// or as T (Cast). Element (r, n) lands at dst[r * stride + n]. Called per element by the row-major path and
-// per row of up to 32 columns by the packed one.
-enum class Store { Keep, Round, Cast };
-
+// Where a matrix product's outputs go (cpu_decode_model.h's ScalarSink: per element, for the row-major path),
+// and per row of up to 32 columns for the packed and AMX paths (vectorised rounding and stores).
 template <class A>
-struct Sink {
-  void* dst;
-  int64_t stride;
-  Store how;
-  void operator()(int64_t r, int64_t n, float v) const {
-    if (how == Store::Cast) static_cast<typename A::T*>(dst)[r * stride + n] = A::from_f(v);
-    else static_cast<float*>(dst)[r * stride + n] = how == Store::Round ? A::round(v) : v;
-  }
+struct Sink : ScalarSink<A> {
   void row(int64_t r, int64_t n0, const float* v, int count) const {  // bf16 models only (packed path)
+    const auto [dst, stride, how] = static_cast<const ScalarSink<A>&>(*this);
     for (int c = 0; c < count; c += 16) {
       const __mmask16 k = lanes(count - c);
       const __m512 x = _mm512_maskz_loadu_ps(k, v + c);
@@ -413,30 +391,6 @@ inline void linear(bool packed, const void* W, const uint16_t* Wp, int64_t N, in
   for (int64_t t = 0; t < tiles(N); ++t) gemv_tile<A>(static_cast<const typename A::T*>(W), N, K, t, x, R, emit);
 }
 
-
-}  // namespace
-
-// ---- the model, as pointers into tensors owned by Python ---------------------------------------------------
-struct Layer {
-  const void *ln1, *wq, *wk, *wv, *wo, *ln2, *wg, *wu, *wd;
-  void *kc, *vc;  // [max_batch, Hkv, max_seq, hd]
-  // bf16 packed copies for batches (see packed_tile), or null: q|k|v stacked, o, gate|up interleaved by
-  // 16-column blocks (block 2j: gate columns 16j.., block 2j+1: the same up columns), down
-  const uint16_t *pqkv = nullptr, *po = nullptr, *pgu = nullptr, *pd = nullptr;
-};
-
-struct Model {
-  int dtype;  // 0 float32, 1 bfloat16
-  int64_t n_layers, D, I, H, Hkv, hd, V, max_batch, max_seq;
-  float eps;
-  std::vector<Layer> layers;
-  const void *embed, *norm, *lm_head;
-  const uint16_t* plm_head = nullptr;  // packed lm_head, with the layers' packed copies
-  int64_t amx_min_rows = 0;            // bf16 steps of at least this many rows run on AMX tiles (0: never)
-};
-
-namespace {
-
 template <class A>
 void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, const int64_t* slots,
           const int64_t* shared, const void* cos_p, const void* sin_p, void* logits_p, int n_threads) {
@@ -599,35 +553,6 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
 
 extern "C" {
 
-// layer_ptrs: n_layers x 11 addresses (ln1, q, k, v, o, ln2, gate, up, down, k cache, v cache).
-void* idefics3_decoder_create(int dtype, int64_t n_layers, int64_t D, int64_t I, int64_t H, int64_t Hkv,
-                              int64_t hd, int64_t V, int64_t max_batch, int64_t max_seq, float eps,
-                              const int64_t* layer_ptrs, const void* embed, const void* norm, const void* lm_head) {
-  Model* m = new Model{dtype, n_layers, D, I, H, Hkv, hd, V, max_batch, max_seq, eps, {}, embed, norm, lm_head};
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const int64_t* p = layer_ptrs + 11 * l;
-    auto c = [&](int i) { return reinterpret_cast<const void*>(p[i]); };
-    m->layers.push_back(Layer{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8),
-                              reinterpret_cast<void*>(p[9]), reinterpret_cast<void*>(p[10])});
-  }
-  return m;
-}
-
-// The packed bf16 copies (see packed_tile) for batched steps: n_layers x 4 addresses (q|k|v, o, gate|up, down)
-// and the lm_head's; the tensors stay owned by Python.
-void idefics3_decoder_set_packed(void* handle, const int64_t* layer_ptrs, const void* lm_head) {
-  Model* m = static_cast<Model*>(handle);
-  for (int64_t l = 0; l < m->n_layers; ++l) {
-    const int64_t* p = layer_ptrs + 4 * l;
-    Layer& L = m->layers[l];
-    L.pqkv = reinterpret_cast<const uint16_t*>(p[0]);
-    L.po = reinterpret_cast<const uint16_t*>(p[1]);
-    L.pgu = reinterpret_cast<const uint16_t*>(p[2]);
-    L.pd = reinterpret_cast<const uint16_t*>(p[3]);
-  }
-  m->plm_head = static_cast<const uint16_t*>(lm_head);
-}
-
 // 0 where this build has AMX code and Linux gave the process the tile state, 1 without AMX code, 2 refused.
 int idefics3_amx_init() {
 #ifdef IDEFICS3_HAVE_AMX
@@ -641,8 +566,6 @@ int idefics3_amx_init() {
 // bf16 steps of at least min_rows rows take AMX tiles (0: never); call only after idefics3_amx_init() == 0.
 void idefics3_decoder_set_amx(void* handle, int64_t min_rows) { static_cast<Model*>(handle)->amx_min_rows = min_rows; }
 
-void idefics3_decoder_destroy(void* handle) { delete static_cast<Model*>(handle); }
-
 // One decode step of R rows; returns 0, or 1 (token id), 2 (position), 3 (slot), 4 (shared) for an
 // out-of-range input. shared: null, or R pairs (slot, length): positions 0..length-1 of row r's keys and
 // values may be read from that slot, which holds the same ones (rows decoding from one prompt); the row's own
@@ -650,14 +573,7 @@ void idefics3_decoder_destroy(void* handle) { delete static_cast<Model*>(handle)
 int idefics3_decoder_step(void* handle, int64_t R, const int64_t* ids, const int64_t* pos, const int64_t* slots,
                           const int64_t* shared, const void* cos, const void* sin, void* logits, int n_threads) {
   const Model& m = *static_cast<Model*>(handle);
-  for (int64_t r = 0; r < R; ++r) {
-    if (ids[r] < 0 || ids[r] >= m.V) return 1;
-    if (pos[r] < 0 || pos[r] >= m.max_seq) return 2;
-    if ((slots ? slots[r] : r) < 0 || (slots ? slots[r] : r) >= m.max_batch) return 3;
-    if (shared && (shared[2 * r] < 0 || shared[2 * r] >= m.max_batch || shared[2 * r + 1] < 0 ||
-                   shared[2 * r + 1] > pos[r]))
-      return 4;
-  }
+  if (const int rc = check_step_inputs(m, R, ids, pos, slots, shared)) return rc;
   if (m.dtype == 1)
     step<BF16>(m, R, ids, pos, slots, shared, cos, sin, logits, n_threads);
   else

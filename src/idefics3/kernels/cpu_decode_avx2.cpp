@@ -25,22 +25,9 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_decode_model.h"  // Layer, Model, bf16 scalars, create / set_packed / destroy, input checks
+
 namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
 
 // Element traits: storage type T; load8: 8 elements widened to fp32 in order; load16: 16 elements as two fp32
 // vectors in "matrix order", the order in which the matrix products read their activation rows (see
@@ -174,20 +161,8 @@ inline void gemv_tile(const typename A::T* W, int64_t N, int64_t K, int64_t t, c
 
 inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
 
-// Where a matrix product's outputs go: as fp32 (Keep), as fp32 rounded to T (Round), or as T (Cast).
-// Element (r, n) lands at dst[r * stride + n].
-enum class Store { Keep, Round, Cast };
-
 template <class A>
-struct Sink {
-  void* dst;
-  int64_t stride;
-  Store how;
-  void operator()(int64_t r, int64_t n, float v) const {
-    if (how == Store::Cast) static_cast<typename A::T*>(dst)[r * stride + n] = A::from_f(v);
-    else static_cast<float*>(dst)[r * stride + n] = how == Store::Round ? A::round(v) : v;
-  }
-};
+using Sink = ScalarSink<A>;  // cpu_decode_model.h: outputs stored per element
 
 // y = x W^T inside the caller's parallel region (an orphaned `omp for`).
 template <class A, class Emit>
@@ -380,21 +355,6 @@ void silu_times(const float* gate, const float* up, int64_t count, float* act) {
 
 }  // namespace
 
-// ---- the model, as pointers into tensors owned by Python ---------------------------------------------------
-struct Layer {
-  const void *ln1, *wq, *wk, *wv, *wo, *ln2, *wg, *wu, *wd;
-  void *kc, *vc;  // [max_batch, Hkv, max_seq, hd]
-};
-
-struct Model {
-  int dtype;  // 0 float32, 1 bfloat16
-  int64_t n_layers, D, I, H, Hkv, hd, V, max_batch, max_seq;
-  float eps;
-  std::vector<Layer> layers;
-  const void *embed, *norm, *lm_head;
-  std::vector<const void*> packed;  // set_packed's pointers: kept for the ABI, never read by this variant
-};
-
 namespace {
 
 template <class A>
@@ -493,45 +453,13 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
 
 extern "C" {
 
-// layer_ptrs: n_layers x 11 addresses (ln1, q, k, v, o, ln2, gate, up, down, k cache, v cache).
-void* idefics3_decoder_create(int dtype, int64_t n_layers, int64_t D, int64_t I, int64_t H, int64_t Hkv,
-                              int64_t hd, int64_t V, int64_t max_batch, int64_t max_seq, float eps,
-                              const int64_t* layer_ptrs, const void* embed, const void* norm, const void* lm_head) {
-  Model* m = new Model{dtype, n_layers, D, I, H, Hkv, hd, V, max_batch, max_seq, eps, {}, embed, norm, lm_head, {}};
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const int64_t* p = layer_ptrs + 11 * l;
-    auto c = [&](int i) { return reinterpret_cast<const void*>(p[i]); };
-    m->layers.push_back(Layer{c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8),
-                              reinterpret_cast<void*>(p[9]), reinterpret_cast<void*>(p[10])});
-  }
-  return m;
-}
-
-// The AVX-512 build's packed bf16 copies (n_layers x 4 addresses and the lm_head's): this variant has no
-// packed path, so it only keeps the pointers (the ABI is the same for both builds).
-void idefics3_decoder_set_packed(void* handle, const int64_t* layer_ptrs, const void* lm_head) {
-  Model* m = static_cast<Model*>(handle);
-  m->packed.clear();
-  for (int64_t i = 0; i < 4 * m->n_layers; ++i) m->packed.push_back(reinterpret_cast<const void*>(layer_ptrs[i]));
-  m->packed.push_back(lm_head);
-}
-
-void idefics3_decoder_destroy(void* handle) { delete static_cast<Model*>(handle); }
-
 // One decode step of R rows; returns 0, or 1 (token id), 2 (position), 3 (slot), 4 (shared) for an
 // out-of-range input. shared: null, or R pairs (slot, length): positions 0..length-1 of row r's keys and
 // values are read from that slot, which holds the same ones (rows decoding from one prompt).
 int idefics3_decoder_step(void* handle, int64_t R, const int64_t* ids, const int64_t* pos, const int64_t* slots,
                           const int64_t* shared, const void* cos, const void* sin, void* logits, int n_threads) {
   const Model& m = *static_cast<Model*>(handle);
-  for (int64_t r = 0; r < R; ++r) {
-    if (ids[r] < 0 || ids[r] >= m.V) return 1;
-    if (pos[r] < 0 || pos[r] >= m.max_seq) return 2;
-    if ((slots ? slots[r] : r) < 0 || (slots ? slots[r] : r) >= m.max_batch) return 3;
-    if (shared && (shared[2 * r] < 0 || shared[2 * r] >= m.max_batch || shared[2 * r + 1] < 0 ||
-                   shared[2 * r + 1] > pos[r]))
-      return 4;
-  }
+  if (const int rc = check_step_inputs(m, R, ids, pos, slots, shared)) return rc;
   if (m.dtype == 1)
     step<BF16>(m, R, ids, pos, slots, shared, cos, sin, logits, n_threads);
   else
