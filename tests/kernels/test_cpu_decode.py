@@ -188,11 +188,11 @@ def test_packed_layout(n, k):
     assert not both[36:48].any() and not both[52:].any()
 
 
-def check_shared_prompt(model, make_decoder, rows: int, tol: float) -> None:
+def check_shared_prompt(model, make_decoder, rows: int, tol: float, prompt: int = 9) -> None:
     """Rows decoding from one prompt (copied into each row's slot) read its keys from the slot named in
     `shared`: with the other copies overwritten, the logits are those of the intact cache; without `shared`
     the same overwrite changes them (so the first check can fail). make_decoder(cache) -> a decoder of model."""
-    p = 9
+    p = prompt
     with torch.inference_mode():
         cache, _, _ = prefill(model, [p], [3], max_batch=rows)
         for slot in range(rows):

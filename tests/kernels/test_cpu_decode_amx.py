@@ -15,7 +15,7 @@ import torch
 from idefics3.device import cpu_isa
 from idefics3.kernels import cpu_decode
 from idefics3.kernels.backend import install_backend
-from kernels.test_cpu_decode import SHAPES, compare, cpu_decoder_for, prefill, tiny_model
+from kernels.test_cpu_decode import SHAPES, check_shared_prompt, compare, cpu_decoder_for, prefill, tiny_model
 
 MLP = {"intermediate_size": 96}  # AMX takes hidden, q and MLP widths that are multiples of 32
 
@@ -92,3 +92,20 @@ def test_the_backend_measures_amx_against_avx512(amx, monkeypatch, tmp_path):
     assert decoder.amx_rows == backend.decode_amx_rows
     if on:  # the packed copies made to measure AVX-512 are freed: AMX needs none
         assert backend.nbytes() < sum(p.numel() for p in model.model.text_model.parameters())
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (6, 2, 64), (8, 2, 128)])
+def test_amx_attention_scores(amx, heads, kv_heads, head_dim):
+    """Grouped heads of size 64 and 128 take their scores on AMX tiles, 16 positions a block: prompts longer
+    than one and two blocks (the rest through vdpbf16ps), a shared prompt included (test above)."""
+    compare("gqa-hd16", torch.bfloat16, lengths=[40, 17, 23], slots=[1, 2, 0], max_batch=3, steps=3, setup=on_amx,
+            hidden_size=128, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, **MLP)
+    model = tiny_model("gqa-hd16", torch.bfloat16, hidden_size=128, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=head_dim, **MLP)
+    check_shared_prompt(model, lambda cache: on_amx_decoder(model, cache), rows=4, tol=0.03, prompt=37)
+
+
+def on_amx_decoder(model, cache):
+    decoder = cpu_decoder_for(model, cache)
+    decoder.use_amx(1)
+    return decoder

@@ -476,6 +476,9 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       // enough (row, kv head) pairs to keep the threads busy, the query heads of a kv head go together,
       // kv head by kv head, so that rows sharing a prompt's keys (`shared`) read them from cache
       if (grouped) {
+#ifdef IDEFICS3_HAVE_AMX
+        if (amx) amx::configure_scores(int(group));  // scores on tiles (head sizes 64, 128), then products again
+#endif
 #pragma omp for schedule(static)
         for (int64_t idx = 0; idx < R * Hkv; ++idx) {
           const int64_t kvh = idx / R, r = idx % R;
@@ -485,11 +488,14 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
                                  pos[r] + 1};
           float o[4 * 128];
           attend_group_any<A>(group, hd, &qkv[r * NQKV + kvh * group * hd], keys, scale,
-                              &scores[idx * group * max_len], o);
+                              &scores[idx * group * max_len], o, amx);
           for (int64_t d = 0; d < group * hd; d += 16)
             A::store16(&att[r * NQ + kvh * group * hd + d], _mm512_maskz_loadu_ps(lanes(group * hd - d), o + d),
                        lanes(group * hd - d));
         }
+#ifdef IDEFICS3_HAVE_AMX
+        if (amx) amx::configure(int(std::min<int64_t>(R, amx::MAXB)));
+#endif
       } else {
 #pragma omp for schedule(static)
         for (int64_t idx = 0; idx < R * H; ++idx) {

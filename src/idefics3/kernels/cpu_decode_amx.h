@@ -40,6 +40,13 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+// GCC 12 does not see that ldtilecfg reads the whole 64 bytes and may drop the stores of colsb and rows before
+// it (observed once `configure` was no longer inlined); the empty asm with a memory clobber keeps them.
+inline void load(const TileConfig& cfg) {
+  asm volatile("" : : "m"(cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
 // Ask Linux for the AMX tile state (once per process; harmless if torch/oneDNN already did). 0: ready.
 inline int init() {
   constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
@@ -52,7 +59,15 @@ inline void configure(int rb) {
   for (int t = 0; t < 2; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = uint16_t(rb * 4); }  // C: 16 x rb fp32
   for (int t : {2, 3, 5, 6}) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }                 // A: 16 x 32 bf16
   for (int t : {4, 7}) { cfg.rows[t] = 16; cfg.colsb[t] = uint16_t(rb * 4); }       // B: 16 pairs x rb x 2
-  _tile_loadconfig(&cfg);
+  load(cfg);
+}
+
+// Configure this thread's tiles for attention scores of G query heads (scores_amx in cpu_decode_attention.h):
+// C 0, 1: 16 positions x G fp32; A 2, 3: 16 positions x 32 dims of bf16 keys; B 4..7: 16 dim pairs x G x 2.
+inline void configure_scores(int G) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = uint16_t(t == 2 || t == 3 ? 64 : G * 4); }
+  load(cfg);
 }
 
 inline void release() { _tile_release(); }

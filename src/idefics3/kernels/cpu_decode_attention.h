@@ -116,6 +116,53 @@ inline void scores_bf16(const float* q, const uint16_t* K, int64_t n, float scal
     }
 }
 
+#ifdef IDEFICS3_HAVE_AMX
+// The same scores on AMX tiles (configured by amx::configure_scores(G); head sizes 64 and 128): the keys are
+// the A operand where they sit in the cache (16 positions x 32 dimensions per tile, rows hd apart), the G
+// queries the B operand (pairs of dimensions, loaded once), C the scores of 16 positions; one tile product
+// replaces 16 x G dot products and their horizontal sums. Positions past the last block of 16 go through
+// scores_bf16. Sums in another order than scores_bf16: the same up to fp32 rounding.
+template <int nw, int G>
+inline void scores_amx(const float* q, const uint16_t* K, int64_t n, float scale, float* s, int64_t ld) {
+  static_assert(nw == 2 || nw == 4, "head sizes 64 and 128");
+  constexpr int64_t hd = 32 * nw;
+  alignas(64) uint32_t qb[nw][16][G];  // [chunk][dimension pair][head]: two bf16 dimensions per entry
+  for (int w = 0; w < nw; ++w)
+    for (int p = 0; p < 16; ++p)
+      for (int g = 0; g < G; ++g)
+        qb[w][p][g] = uint32_t(float_to_bf16(q[g * hd + 32 * w + 2 * p])) |
+                      (uint32_t(float_to_bf16(q[g * hd + 32 * w + 2 * p + 1])) << 16);
+  _tile_loadd(4, qb[0], G * 4);
+  _tile_loadd(5, qb[1], G * 4);
+  if constexpr (nw == 4) {
+    _tile_loadd(6, qb[2], G * 4);
+    _tile_loadd(7, qb[3], G * 4);
+  }
+  alignas(64) float c[16][G];
+  const int64_t blocks = n / 16;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint16_t* Kb = K + b * 16 * hd;
+    for (int64_t x = 0; x < 16 * hd * 2; x += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(Kb) + PREFETCH_BYTES + x, _MM_HINT_T0);
+    _tile_zero(0);
+    _tile_loadd(2, Kb, hd * 2);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_loadd(3, Kb + 32, hd * 2);
+    _tile_dpbf16ps(0, 3, 5);
+    if constexpr (nw == 4) {
+      _tile_loadd(2, Kb + 64, hd * 2);
+      _tile_dpbf16ps(0, 2, 6);
+      _tile_loadd(3, Kb + 96, hd * 2);
+      _tile_dpbf16ps(0, 3, 7);
+    }
+    _tile_stored(0, c, G * 4);
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 16; ++i) s[g * ld + b * 16 + i] = c[i][g] * scale;
+  }
+  if (blocks * 16 < n) scores_bf16<nw, G>(q, K + blocks * 16 * hd, n - blocks * 16, scale, s + blocks * 16, ld);
+}
+#endif
+
 // The same scores with k widened to fp32 (fp32 models, and head sizes that are not a multiple of 32).
 template <class A, int nv, int G>
 inline void scores_widened(const float* q, const typename A::T* K, int64_t n, float scale, float* s, int64_t ld) {
@@ -221,13 +268,20 @@ inline void values_bf16(float* s, const KeyRange<uint16_t>& kv, const float* inv
 // loads G times.
 // q: G heads of hd floats; s: scratch for G * n scores; out: G heads of hd floats.
 template <class A, int nv, int G>
-void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale, float* s, float* out) {
+void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale, float* s, float* out, bool tiles) {
   constexpr int64_t hd = 16 * nv;
   const int64_t n = kv.n, n0 = std::min(kv.shared, n);
   for (int part = 0; part < 2; ++part) {  // the shared positions, then the row's own
     const typename A::T* K = part ? kv.K + n0 * hd : kv.K0;
     const int64_t count = part ? n - n0 : n0, first = part ? n0 : 0;
     if (count == 0) continue;
+#ifdef IDEFICS3_HAVE_AMX
+    if constexpr (std::is_same<A, BF16>::value && (nv == 4 || nv == 8))
+      if (tiles) {
+        scores_amx<nv / 2, G>(q, K, count, scale, s + first, n);
+        continue;
+      }
+#endif
     if constexpr (std::is_same<A, BF16>::value && nv % 2 == 0)
       scores_bf16<nv / 2, G>(q, K, count, scale, s + first, n);
     else
@@ -270,26 +324,26 @@ void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale
 
 template <class A, int G>
 bool attend_group_hd(int64_t hd, const float* q, const KeyRange<typename A::T>& kv, float scale, float* s,
-                     float* out) {
+                     float* out, bool tiles) {
   switch (hd / 16) {
-    case 1: attend_group<A, 1, G>(q, kv, scale, s, out); return true;
-    case 2: attend_group<A, 2, G>(q, kv, scale, s, out); return true;
-    case 4: attend_group<A, 4, G>(q, kv, scale, s, out); return true;
-    case 6: attend_group<A, 6, G>(q, kv, scale, s, out); return true;
-    case 8: attend_group<A, 8, G>(q, kv, scale, s, out); return true;
+    case 1: attend_group<A, 1, G>(q, kv, scale, s, out, tiles); return true;
+    case 2: attend_group<A, 2, G>(q, kv, scale, s, out, tiles); return true;
+    case 4: attend_group<A, 4, G>(q, kv, scale, s, out, tiles); return true;
+    case 6: attend_group<A, 6, G>(q, kv, scale, s, out, tiles); return true;
+    case 8: attend_group<A, 8, G>(q, kv, scale, s, out, tiles); return true;
     default: return false;  // 256: G x 16 query vectors would not fit the registers
   }
 }
 
-// Grouped attention for groups of 2..4 query heads; false where the caller should go head by head.
+// Grouped attention for groups of 2..4 query heads; false where the caller should go head by head. tiles: the
+// scores of head sizes 64 and 128 on AMX (the caller configured them with amx::configure_scores(group)).
 template <class A>
 bool attend_group_any(int64_t group, int64_t hd, const float* q, const KeyRange<typename A::T>& kv, float scale,
-                      float* s, float* out) {
+                      float* s, float* out, bool tiles = false) {
   switch (group) {
-    case 2: return attend_group_hd<A, 2>(hd, q, kv, scale, s, out);
-    case 3: return attend_group_hd<A, 3>(hd, q, kv, scale, s, out);
-    case 4: return attend_group_hd<A, 4>(hd, q, kv, scale, s, out);
+    case 2: return attend_group_hd<A, 2>(hd, q, kv, scale, s, out, tiles);
+    case 3: return attend_group_hd<A, 3>(hd, q, kv, scale, s, out, tiles);
+    case 4: return attend_group_hd<A, 4>(hd, q, kv, scale, s, out, tiles);
     default: return false;
   }
 }
-
