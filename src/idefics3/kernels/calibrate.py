@@ -8,13 +8,16 @@ a 512-token causal prefill with the model's grouped heads) and keeps the faster,
 reason: by construction no path it installs is slower than the plain one on the machine at hand.
 
 A verdict is remembered per process and in the user's cache folder (`$IDEFICS3_CACHE_DIR`, else
-`$XDG_CACHE_HOME/idefics3`, else `~/.cache/idefics3`: calibration.json), keyed by the CPU model, the torch
-version, the thread count, the op and its shapes: a second load measures nothing, and another CPU or torch
-recalibrates. IDEFICS3_CALIBRATE=0 skips the timing and takes our kernels wherever they can run.
+`$XDG_CACHE_HOME/idefics3`, else `~/.cache/idefics3`: calibration.json), keyed by the CPU model, the ISA
+level, the torch version, a digest of the kernel sources, the thread count, the op and its shapes: a second load
+measures nothing, and another CPU, torch or kernel recalibrates. IDEFICS3_CALIBRATE=0 skips the timing and takes
+our kernels wherever they can run.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -56,9 +59,20 @@ def cache_file() -> Path:
     return Path(folder) / "calibration.json"
 
 
+@functools.cache
+def kernels_version() -> str:
+    """A short digest of the kernel sources, so that a changed kernel is measured again."""
+    digest = hashlib.blake2b(digest_size=6)
+    for path in sorted(Path(__file__).parent.glob("*.[ch]*")):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def machine() -> str:
-    """What a verdict holds for: this CPU model, the ISA level the kernels may use, and the torch version."""
-    return f"{cpu_model() or 'unknown CPU'} | {cpu_isa()} | torch {torch.__version__}"
+    """What a verdict holds for: this CPU model, the ISA level the kernels may use, the torch version and the
+    kernel sources."""
+    return f"{cpu_model() or 'unknown CPU'} | {cpu_isa()} | torch {torch.__version__} | kernels {kernels_version()}"
 
 
 def seconds(*fns: Callable[[], object], repeats: int = 3) -> list[float]:
