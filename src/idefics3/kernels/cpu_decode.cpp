@@ -343,7 +343,7 @@ inline void linear_amx(const uint16_t* W, int64_t N, int64_t K, const uint16_t* 
     float c[2][16 * amx::MAXB];
     for (int64_t b = 0; whole > 0 && b < blocks; ++b) {
       amx::block(W + n0 * K, whole == 2 ? W + (n0 + 16) * K : nullptr, K, pairs + b * (K / amx::KC) * 16 * rb * 2,
-                 int(rb), c[0], c[1]);
+                 int(rb), c[0], c[1], 32);
       for (int64_t half = 0; half < whole; ++half)
         emit_columns(c[half], rb, std::min<int64_t>(rb, R - b * amx::MAXB), b * amx::MAXB, n0 + 16 * half, emit);
     }
@@ -369,14 +369,15 @@ inline void gate_up_amx(const uint16_t* Wg, const uint16_t* Wu, int64_t K, const
 #endif
 
 // y = x W^T inside the caller's parallel region (an orphaned `omp for`): for bf16 batches on AMX tiles when
-// given `pairs` (scratch for x in AMX's layout), else on the packed copy Wp when `packed`, else row-major.
+// given `pairs` (scratch for x in AMX's layout, made here unless `pairs_ready`), else on the packed copy Wp when
+// `packed`, else row-major.
 template <class A, class Emit>
 inline void linear(bool packed, const void* W, const uint16_t* Wp, int64_t N, int64_t K, const typename A::T* x,
-                   int64_t R, const Emit& emit, uint16_t* pairs = nullptr) {
+                   int64_t R, const Emit& emit, uint16_t* pairs = nullptr, bool pairs_ready = false) {
   if constexpr (std::is_same<A, BF16>::value) {
 #ifdef IDEFICS3_HAVE_AMX
     if (pairs != nullptr) {
-      amx::to_pairs(x, R, K, pairs);
+      if (!pairs_ready) amx::to_pairs(x, R, K, pairs);
       linear_amx(static_cast<const uint16_t*>(W), N, K, x, pairs, R, emit);
       return;
     }
@@ -444,9 +445,11 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       // q, k, v: one loop over the tiles of the three matrices (or of their packed stack)
       if (amx) {
         linear<A>(false, L.wq, nullptr, NQ, D, x.data(), R, Sink<A>{qkv.data(), NQKV, Store::Round}, pairs_p);
-        linear<A>(false, L.wk, nullptr, NK, D, x.data(), R, Sink<A>{qkv.data() + NQ, NQKV, Store::Round}, pairs_p);
+        // k and v read the pairs q just made of the same x
+        linear<A>(false, L.wk, nullptr, NK, D, x.data(), R, Sink<A>{qkv.data() + NQ, NQKV, Store::Round}, pairs_p,
+                  true);
         linear<A>(false, L.wv, nullptr, NK, D, x.data(), R, Sink<A>{qkv.data() + NQ + NK, NQKV, Store::Round},
-                  pairs_p);
+                  pairs_p, true);
       } else if (packed) {
         linear<A>(true, nullptr, L.pqkv, NQKV, D, x.data(), R, Sink<A>{qkv.data(), NQKV, Store::Round});
       } else {

@@ -96,10 +96,11 @@ inline void to_pairs(const uint16_t* x, int64_t R, int64_t K, uint16_t* pairs) {
 // chunk overlap the multiplies of the other (measured alone, a 576-wide matrix resident in L2: 55 GB/s with one
 // set, the load-multiply chain then sets the pace).
 inline void block(const uint16_t* W0, const uint16_t* W1, int64_t K, const uint16_t* pairs, int rb, float* c0,
-                  float* c1) {
+                  float* c1, int64_t next_rows = 16) {
   const int64_t chunks = K / KC, bstride = 16 * rb * 2;
-  const char* ahead0 = reinterpret_cast<const char*>(W0 + 16 * K);  // the next block's rows, for prefetching
-  const char* ahead1 = W1 ? reinterpret_cast<const char*>(W1 + 16 * K) : nullptr;
+  // the rows the caller takes next (next_rows further on: 32 where W1 = W0 + 16 rows), for prefetching
+  const char* ahead0 = reinterpret_cast<const char*>(W0 + next_rows * K);
+  const char* ahead1 = W1 ? reinterpret_cast<const char*>(W1 + next_rows * K) : nullptr;
   _tile_zero(0);
   _tile_zero(1);
   int64_t c = 0;
