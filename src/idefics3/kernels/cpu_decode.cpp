@@ -424,6 +424,7 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
   const bool grouped = group >= 2 && group <= 4 && hd <= 128 && H == group * Hkv &&
                        ((R * Hkv) % n_threads == 0 || R * Hkv >= 4 * int64_t(n_threads));
 
+  std::vector<float> inv(R * H);  // 1 / softmax sums of each (row, head), between the two AMX attention passes
 #pragma omp parallel num_threads(n_threads)
   {
 #ifdef IDEFICS3_HAVE_AMX
@@ -438,6 +439,14 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       const Layer& L = m.layers[l];
       T* kc = static_cast<T*>(L.kc);
       T* vc = static_cast<T*>(L.vc);
+      // the keys and values pair idx = (kv head, row) reads: its own slot's, and below `shared` those of the
+      // slot it names
+      const auto key_range = [&](int64_t idx) {
+        const int64_t kvh = idx / R, r = idx % R;
+        const int64_t slot = slots ? slots[r] : r, src = shared ? shared[2 * r] : slot;
+        const int64_t own = (slot * Hkv + kvh) * S * hd, other = (src * Hkv + kvh) * S * hd;
+        return KeyRange<T>{kc + other, vc + other, kc + own, vc + own, shared ? shared[2 * r + 1] : 0, pos[r] + 1};
+      };
       // the previous layer's MLP residual, then this layer's input norm
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < R; ++r)
@@ -479,24 +488,44 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       // enough (row, kv head) pairs to keep the threads busy, the query heads of a kv head go together,
       // kv head by kv head, so that rows sharing a prompt's keys (`shared`) read them from cache
       if (grouped) {
+        // on AMX: the scores on tiles; for head size 64 also P.V, in a second pass over the same (row, kv head)
+        // pairs (their exp(scores) kept in `scores`, 1/sums in `inv`), since its tiles take another shape
+        const bool pv_tiles = amx && hd == 64;
 #ifdef IDEFICS3_HAVE_AMX
         if (amx) amx::configure_scores(int(group));  // scores on tiles (head sizes 64, 128), then products again
 #endif
 #pragma omp for schedule(static)
         for (int64_t idx = 0; idx < R * Hkv; ++idx) {
           const int64_t kvh = idx / R, r = idx % R;
-          const int64_t slot = slots ? slots[r] : r, src = shared ? shared[2 * r] : slot;
-          const int64_t own = (slot * Hkv + kvh) * S * hd, other = (src * Hkv + kvh) * S * hd;
-          const KeyRange<T> keys{kc + other, vc + other, kc + own, vc + own, shared ? shared[2 * r + 1] : 0,
-                                 pos[r] + 1};
+          const KeyRange<T> keys = key_range(idx);
           float o[4 * 128];
+          const bool later = pv_tiles && keys.n >= 32;
           attend_group_any<A>(group, hd, &qkv[r * NQKV + kvh * group * hd], keys, scale,
-                              &scores[idx * group * max_len], o, amx);
-          for (int64_t d = 0; d < group * hd; d += 16)
-            A::store16(&att[r * NQ + kvh * group * hd + d], _mm512_maskz_loadu_ps(lanes(group * hd - d), o + d),
-                       lanes(group * hd - d));
+                              &scores[idx * group * max_len], o, amx, later ? &inv[idx * group] : nullptr);
+          if (!later)
+            for (int64_t d = 0; d < group * hd; d += 16)
+              A::store16(&att[r * NQ + kvh * group * hd + d], _mm512_maskz_loadu_ps(lanes(group * hd - d), o + d),
+                         lanes(group * hd - d));
         }
 #ifdef IDEFICS3_HAVE_AMX
+        if constexpr (std::is_same<A, BF16>::value)
+          if (pv_tiles) {
+            amx::configure_values(int(group));
+#pragma omp for schedule(static)
+            for (int64_t idx = 0; idx < R * Hkv; ++idx) {
+              const int64_t kvh = idx / R, r = idx % R;
+              const KeyRange<T> keys = key_range(idx);
+              if (keys.n < 32) continue;  // done in the first pass
+              float o[4 * 64];
+              switch (group) {
+                case 2: values_amx<2>(&scores[idx * group * max_len], keys, &inv[idx * group], o); break;
+                case 3: values_amx<3>(&scores[idx * group * max_len], keys, &inv[idx * group], o); break;
+                default: values_amx<4>(&scores[idx * group * max_len], keys, &inv[idx * group], o); break;
+              }
+              for (int64_t d = 0; d < group * hd; d += 16)
+                A::store16(&att[r * NQ + kvh * group * hd + d], _mm512_loadu_ps(o + d), 0xffff);
+            }
+          }
         if (amx) amx::configure(int(std::min<int64_t>(R, amx::MAXB)));
 #endif
       } else {

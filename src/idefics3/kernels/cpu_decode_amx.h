@@ -70,6 +70,14 @@ inline void configure_scores(int G) {
   load(cfg);
 }
 
+// Configure this thread's tiles for P.V of G query heads of size 64 (values_amx in cpu_decode_attention.h):
+// C 0-3 and A 4: G rows x 64 bytes; B 5-7: 16 position pairs x 64 bytes.
+inline void configure_values(int G) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = uint8_t(t < 5 ? G : 16); cfg.colsb[t] = 64; }
+  load(cfg);
+}
+
 inline void release() { _tile_release(); }
 
 // x [R, K] bf16 -> pairs [ceil(R/16)][K/32][16 pairs][rb][2], rb = min(R, 16) (rows past R zero): the B tiles.

@@ -262,13 +262,77 @@ inline void values_bf16(float* s, const KeyRange<uint16_t>& kv, const float* inv
   }
 }
 
+#ifdef IDEFICS3_HAVE_AMX
+// The same as values_bf16 for head size 64 on AMX tiles (configured by amx::configure_values(G)), for n >= 32:
+// C[G x 16 dims] += P[G x 32 positions] . V-pairs[16 position pairs x 16 dims x 2]. P is s rounded to bf16 in
+// place (rows n floats apart, zero-padded to whole blocks of 32 positions, which fit in a row's 4n bytes). The V
+// pairs are values_bf16's unpacklo/hi of two positions, written to a scratch tile (positions from n on as zeros):
+// each 512-bit half of a key row gives the B tiles of dims {0-3, 8-11, 16-19, 24-27} (lo) and {4-7, ..} (hi),
+// whose columns are put back in order at the end. Tiles: C 0-3 (lo, hi of dims 0-31 and 32-63), A 4, B 5 and 6.
+template <int G>
+inline void values_amx(float* s, const KeyRange<uint16_t>& kv, const float* inv, float* out) {
+  constexpr int64_t hd = 64;
+  const int64_t n = kv.n, n32 = (n + 31) / 32 * 32;
+  for (int g = 0; g < G; ++g) {
+    uint16_t* pb = reinterpret_cast<uint16_t*>(s + g * n);
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 k = lanes(n - t);
+      const __m512i bits = round_bf16_bits(_mm512_maskz_loadu_ps(k, s + g * n + t));  // read before the write below
+      _mm256_mask_storeu_epi16(pb + t, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+    }
+    for (int64_t t = n; t < n32; ++t) pb[t] = 0;
+  }
+  alignas(64) uint16_t pairs[2][4][16][32];  // [scratch][lo0, hi0, lo1, hi1][position pair][16 dims x 2]
+  constexpr int64_t ahead = PREFETCH_BYTES / (hd * 2);
+  _tile_zero(0);  // tile numbers are immediates: no loop
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t t0 = 0; t0 < n32; t0 += 32) {
+    auto& buf = pairs[(t0 / 32) % 2];
+    for (int64_t p = 0; p < 16; ++p) {
+      const int64_t t = t0 + 2 * p;
+      if (t + ahead + 1 < n)
+        for (int64_t b = 0; b < hd * 2; b += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(kv.v(t + ahead, hd)) + b, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(kv.v(t + ahead + 1, hd)) + b, _MM_HINT_T0);
+        }
+      for (int w = 0; w < 2; ++w) {
+        const __m512i a = t < n ? _mm512_loadu_si512(kv.v(t, hd) + 32 * w) : _mm512_setzero_si512();
+        const __m512i b = t + 1 < n ? _mm512_loadu_si512(kv.v(t + 1, hd) + 32 * w) : _mm512_setzero_si512();
+        _mm512_store_si512(buf[2 * w][p], _mm512_unpacklo_epi16(a, b));
+        _mm512_store_si512(buf[2 * w + 1][p], _mm512_unpackhi_epi16(a, b));
+      }
+    }
+    _tile_loadd(4, reinterpret_cast<const uint16_t*>(s) + t0, n * 4);  // P: G rows of 32 positions
+    _tile_loadd(5, buf[0], 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, buf[1], 64);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, buf[2], 64);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, buf[3], 64);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+  alignas(64) float c[4][G][16];
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+  for (int g = 0; g < G; ++g)
+    for (int h = 0; h < 4; ++h)  // column j of tile h: dimension 32 (h / 2) + 8 (j / 4) + 4 (h % 2) + j % 4
+      for (int j = 0; j < 16; ++j) out[g * hd + 32 * (h / 2) + 8 * (j / 4) + 4 * (h % 2) + j % 4] = c[h][g][j] * inv[g];
+}
+#endif
+
 // The G query heads of one kv head (GQA) over positions 0..n-1, each as attend<A, nv> computes it (the same
 // bits, except bf16 scores of head sizes that are multiples of 32: see scores_bf16), but every K and V
 // vector is loaded once for all G heads: at batch > 1 attention reads R x the KV cache and this cuts its
 // loads G times.
 // q: G heads of hd floats; s: scratch for G * n scores; out: G heads of hd floats.
 template <class A, int nv, int G>
-void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale, float* s, float* out, bool tiles) {
+void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale, float* s, float* out, bool tiles,
+                  float* inv_out = nullptr) {
   constexpr int64_t hd = 16 * nv;
   const int64_t n = kv.n, n0 = std::min(kv.shared, n);
   for (int part = 0; part < 2; ++part) {  // the shared positions, then the row's own
@@ -303,6 +367,10 @@ void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale
     }
     inv[g] = 1.f / _mm512_reduce_add_ps(sum);
   }
+  if (inv_out != nullptr) {  // the caller takes P.V on tiles afterwards (values_amx): s holds exp(scores - max)
+    std::memcpy(inv_out, inv, sizeof(inv));
+    return;
+  }
   if constexpr (std::is_same<A, BF16>::value && nv % 2 == 0) {
     values_bf16<nv / 2, G>(s, kv, inv, out);
     return;
@@ -324,26 +392,27 @@ void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale
 
 template <class A, int G>
 bool attend_group_hd(int64_t hd, const float* q, const KeyRange<typename A::T>& kv, float scale, float* s,
-                     float* out, bool tiles) {
+                     float* out, bool tiles, float* inv_out) {
   switch (hd / 16) {
-    case 1: attend_group<A, 1, G>(q, kv, scale, s, out, tiles); return true;
-    case 2: attend_group<A, 2, G>(q, kv, scale, s, out, tiles); return true;
-    case 4: attend_group<A, 4, G>(q, kv, scale, s, out, tiles); return true;
-    case 6: attend_group<A, 6, G>(q, kv, scale, s, out, tiles); return true;
-    case 8: attend_group<A, 8, G>(q, kv, scale, s, out, tiles); return true;
+    case 1: attend_group<A, 1, G>(q, kv, scale, s, out, tiles, inv_out); return true;
+    case 2: attend_group<A, 2, G>(q, kv, scale, s, out, tiles, inv_out); return true;
+    case 4: attend_group<A, 4, G>(q, kv, scale, s, out, tiles, inv_out); return true;
+    case 6: attend_group<A, 6, G>(q, kv, scale, s, out, tiles, inv_out); return true;
+    case 8: attend_group<A, 8, G>(q, kv, scale, s, out, tiles, inv_out); return true;
     default: return false;  // 256: G x 16 query vectors would not fit the registers
   }
 }
 
 // Grouped attention for groups of 2..4 query heads; false where the caller should go head by head. tiles: the
 // scores of head sizes 64 and 128 on AMX (the caller configured them with amx::configure_scores(group)).
+// inv_out: stop after the softmax, leaving exp(scores - max) in s and 1 / their sums in inv_out (values_amx next).
 template <class A>
 bool attend_group_any(int64_t group, int64_t hd, const float* q, const KeyRange<typename A::T>& kv, float scale,
-                      float* s, float* out, bool tiles = false) {
+                      float* s, float* out, bool tiles = false, float* inv_out = nullptr) {
   switch (group) {
-    case 2: return attend_group_hd<A, 2>(hd, q, kv, scale, s, out, tiles);
-    case 3: return attend_group_hd<A, 3>(hd, q, kv, scale, s, out, tiles);
-    case 4: return attend_group_hd<A, 4>(hd, q, kv, scale, s, out, tiles);
+    case 2: return attend_group_hd<A, 2>(hd, q, kv, scale, s, out, tiles, inv_out);
+    case 3: return attend_group_hd<A, 3>(hd, q, kv, scale, s, out, tiles, inv_out);
+    case 4: return attend_group_hd<A, 4>(hd, q, kv, scale, s, out, tiles, inv_out);
     default: return false;
   }
 }
