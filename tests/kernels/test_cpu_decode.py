@@ -223,21 +223,24 @@ def test_shared_prompt_is_read_from_its_slot(library, shape, dtype):
                         tol=1e-5 if dtype == torch.float32 else 0.03)
 
 
-def test_out_of_range_inputs_raise(library):
-    model = tiny_model("gqa-hd16", torch.float32)
-    decoder = cpu_decoder_for(model, model.make_cache(2, 16))
+def check_out_of_range_inputs(decoder) -> None:
+    """A decoder over a cache of 2 rows x 16 positions and a vocabulary under 5000 refuses each bad input by name."""
     with pytest.raises(ValueError, match="token id"):
         decoder(torch.tensor([[5000]]), torch.tensor([[0]]), None, 1)
     with pytest.raises(ValueError, match="slot"):
         decoder(torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([7]), 1)
     with pytest.raises(ValueError, match="KV cache"):
         decoder(torch.tensor([[5]]), torch.tensor([[16]]), None, 17)
-    with pytest.raises(ValueError, match="shared prefix"):
-        decoder(torch.tensor([[5]]), torch.tensor([[3]]), None, 4, shared=torch.tensor([[5, 2]]))
-    with pytest.raises(ValueError, match="shared prefix"):
-        decoder(torch.tensor([[5]]), torch.tensor([[3]]), None, 4, shared=torch.tensor([[1, 5]]))
+    for shared in ([[5, 2]], [[1, 5]]):  # a slot outside the cache; longer than the row's own positions
+        with pytest.raises(ValueError, match="shared prefix"):
+            decoder(torch.tensor([[5]]), torch.tensor([[3]]), None, 4, shared=torch.tensor(shared))
     with pytest.raises(ValueError, match="shared must be"):
         decoder(torch.tensor([[5]]), torch.tensor([[3]]), None, 4, shared=torch.tensor([1, 5]))
+
+
+def test_out_of_range_inputs_raise(library):
+    model = tiny_model("gqa-hd16", torch.float32)
+    check_out_of_range_inputs(cpu_decoder_for(model, model.make_cache(2, 16)))
 
 
 def test_engine_fast_and_plain_decode_agree(library):

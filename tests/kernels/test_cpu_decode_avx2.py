@@ -23,7 +23,14 @@ from idefics3.device import cpu_flags
 from idefics3.kernels import cpu_decode
 from idefics3.kernels.cpu_decode import SUPPORTED_HEAD_DIMS, CpuDecoder, DecoderParts, load_library
 from idefics3.kernels.derived import DerivedWeights
-from kernels.test_cpu_decode import SHAPES, check_shared_prompt, plain_step, prefill, tiny_model
+from kernels.test_cpu_decode import (
+    SHAPES,
+    check_out_of_range_inputs,
+    check_shared_prompt,
+    plain_step,
+    prefill,
+    tiny_model,
+)
 
 if not {"avx2", "fma", "f16c"} <= cpu_flags():
     pytest.skip("the CPU lacks AVX2, FMA or F16C", allow_module_level=True)
@@ -134,12 +141,4 @@ def test_shared_prompt_is_read_from_its_slot(library, shape, dtype):
 
 def test_out_of_range_inputs_raise(library):
     model = tiny_model("gqa-hd16", torch.float32)
-    decoder = avx2_decoder(model, model.make_cache(2, 16), library)
-    for args, kwargs, match in [
-        ((torch.tensor([[5000]]), torch.tensor([[0]]), None, 1), {}, "token id"),
-        ((torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([7]), 1), {}, "slot"),
-        ((torch.tensor([[5]]), torch.tensor([[3]]), None, 4), {"shared": torch.tensor([[5, 2]])}, "shared prefix"),
-        ((torch.tensor([[5]]), torch.tensor([[3]]), None, 4), {"shared": torch.tensor([[1, 5]])}, "shared prefix"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            decoder(*args, **kwargs)
+    check_out_of_range_inputs(avx2_decoder(model, model.make_cache(2, 16), library))

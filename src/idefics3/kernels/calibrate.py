@@ -63,9 +63,9 @@ def cache_file() -> Path:
 def kernels_version() -> str:
     """A short digest of the kernel sources, so that a changed kernel is measured again."""
     digest = hashlib.blake2b(digest_size=6)
-    for path in sorted(Path(__file__).parent.glob("*.[ch]*")):
-        if path.suffix in (".cpp", ".h"):
-            digest.update(path.read_bytes())
+    folder = Path(__file__).parent
+    for path in sorted([*folder.glob("*.cpp"), *folder.glob("*.h")]):
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -24,6 +24,33 @@ inline __m256 sums8(const __m512* v) {
 
 inline void reduce8(const __m512* v, float* out) { _mm256_storeu_ps(out, sums8(v)); }
 
+// Softmax of n scores in place, two passes in fp32: s = exp(s - max(s)); returns 1 / sum(s).
+inline float softmax_in_place(float* s, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, lanes(n - t), mx, _mm512_maskz_loadu_ps(lanes(n - t), s + t));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = lanes(n - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m));
+    _mm512_mask_storeu_ps(s + t, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// n fp32 values rounded to bf16 in place: the row's first 2n bytes become n bf16 (converted front to back, each
+// block read before it is overwritten), then zeros up to `padded` (at most 2n) values.
+inline void to_bf16_in_place(float* s, int64_t n, int64_t padded) {
+  uint16_t* pb = reinterpret_cast<uint16_t*>(s);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = lanes(n - t);
+    const __m512i bits = round_bf16_bits(_mm512_maskz_loadu_ps(k, s + t));
+    _mm256_mask_storeu_epi16(pb + t, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+  }
+  for (int64_t t = n; t < padded; ++t) pb[t] = 0;
+}
+
 // One query head over positions 0..n-1 of its kv head: out = softmax(q K^T * scale) V, in fp32.
 // hd = 16 * nv; q sits in registers, scores are computed 8 positions per reduction, and the output
 // accumulates in registers. s: scratch for n scores.
@@ -47,23 +74,14 @@ void attend(const float* q, const typename A::T* K, const typename A::T* V, int6
     for (int v = 1; v < nv; ++v) acc = _mm512_fmadd_ps(qv[v], A::load16(K + t * hd + 16 * v, 0xffff), acc);
     s[t] = _mm512_reduce_add_ps(acc);
   }
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, lanes(n - t), mx, _mm512_maskz_loadu_ps(lanes(n - t), s + t));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-  __m512 sum = _mm512_setzero_ps();
-  for (t = 0; t < n; t += 16) {
-    const __mmask16 k = lanes(n - t);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m));
-    _mm512_mask_storeu_ps(s + t, k, e);
-    sum = _mm512_mask_add_ps(sum, k, sum, e);
-  }
+  const float inv_sum = softmax_in_place(s, n);
   __m512 o[nv];
   for (int v = 0; v < nv; ++v) o[v] = _mm512_setzero_ps();
   for (t = 0; t < n; ++t) {
     const __m512 p = _mm512_set1_ps(s[t]);
     for (int v = 0; v < nv; ++v) o[v] = _mm512_fmadd_ps(p, A::load16(V + t * hd + 16 * v, 0xffff), o[v]);
   }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  const __m512 inv = _mm512_set1_ps(inv_sum);
   for (int v = 0; v < nv; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(o[v], inv));
 }
 
@@ -216,13 +234,7 @@ inline void values_bf16(float* s, const KeyRange<uint16_t>& kv, const float* inv
   constexpr int64_t hd = 32 * nw;
   const int64_t n = kv.n;
   for (int g = 0; g < G; ++g) {
-    uint16_t* pb = reinterpret_cast<uint16_t*>(s + g * n);
-    for (int64_t t = 0; t < n; t += 16) {
-      const __mmask16 k = lanes(n - t);
-      const __m512i bits = round_bf16_bits(_mm512_maskz_loadu_ps(k, s + g * n + t));  // read before the write below
-      _mm256_mask_storeu_epi16(pb + t, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-    }
-    if (n % 2) pb[n] = 0;
+    to_bf16_in_place(s + g * n, n, n + n % 2);
   }
   __m512 lo[G][nw], hi[G][nw];
   for (int g = 0; g < G; ++g)
@@ -274,13 +286,7 @@ inline void values_amx(float* s, const KeyRange<uint16_t>& kv, const float* inv,
   constexpr int64_t hd = 64;
   const int64_t n = kv.n, n32 = (n + 31) / 32 * 32;
   for (int g = 0; g < G; ++g) {
-    uint16_t* pb = reinterpret_cast<uint16_t*>(s + g * n);
-    for (int64_t t = 0; t < n; t += 16) {
-      const __mmask16 k = lanes(n - t);
-      const __m512i bits = round_bf16_bits(_mm512_maskz_loadu_ps(k, s + g * n + t));  // read before the write below
-      _mm256_mask_storeu_epi16(pb + t, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-    }
-    for (int64_t t = n; t < n32; ++t) pb[t] = 0;
+    to_bf16_in_place(s + g * n, n, n32);
   }
   alignas(64) uint16_t pairs[2][4][16][32];  // [scratch][lo0, hi0, lo1, hi1][position pair][16 dims x 2]
   constexpr int64_t ahead = PREFETCH_BYTES / (hd * 2);
@@ -354,18 +360,7 @@ void attend_group(const float* q, const KeyRange<typename A::T>& kv, float scale
   int64_t t;
   float inv[G];
   for (int g = 0; g < G; ++g) {
-    float* sg = s + g * n;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, lanes(n - t), mx, _mm512_maskz_loadu_ps(lanes(n - t), sg + t));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (t = 0; t < n; t += 16) {
-      const __mmask16 k = lanes(n - t);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + t), m));
-      _mm512_mask_storeu_ps(sg + t, k, e);
-      sum = _mm512_mask_add_ps(sum, k, sum, e);
-    }
-    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    inv[g] = softmax_in_place(s + g * n, n);
   }
   if (inv_out != nullptr) {  // the caller takes P.V on tiles afterwards (values_amx): s holds exp(scores - max)
     std::memcpy(inv_out, inv, sizeof(inv));
