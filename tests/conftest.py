@@ -12,17 +12,22 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session", autouse=True)
 def calibration_cache(tmp_path_factory):
-    """The kernels' timing verdicts (kernels/calibrate.py) go to a folder of the test run, not the user's cache."""
+    """The kernels' timing verdicts (kernels/calibrate.py) go to a folder of the test run, not the user's cache,
+    and are not measured at all (IDEFICS3_CALIBRATE=0: our kernels wherever they run). A verdict timed on a busy
+    machine can flip between processes, and with it a bf16 path, so a CLI subprocess and the test that checks its
+    answer in-process could take different paths. The calibration tests turn it back on for themselves."""
     import os
 
+    saved = {name: os.environ.get(name) for name in ("IDEFICS3_CACHE_DIR", "IDEFICS3_CALIBRATE")}
     folder = tmp_path_factory.mktemp("calibration")
-    previous = os.environ.get("IDEFICS3_CACHE_DIR")
     os.environ["IDEFICS3_CACHE_DIR"] = str(folder)
+    os.environ["IDEFICS3_CALIBRATE"] = "0"
     yield folder
-    if previous is None:
-        os.environ.pop("IDEFICS3_CACHE_DIR", None)
-    else:
-        os.environ["IDEFICS3_CACHE_DIR"] = previous
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from idefics3.device import cpu_isa
-from idefics3.kernels import cpu_decode
+from idefics3.kernels import calibrate, cpu_decode
 from idefics3.kernels.backend import install_backend
 from kernels.test_cpu_decode import SHAPES, check_shared_prompt, compare, cpu_decoder_for, prefill, tiny_model
 
@@ -82,6 +82,8 @@ def test_forced_isa_below_amx_turns_it_off(monkeypatch, library):
 
 def test_the_backend_measures_amx_against_avx512(amx, monkeypatch, tmp_path):
     monkeypatch.setenv("IDEFICS3_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("IDEFICS3_CALIBRATE", raising=False)
+    monkeypatch.setattr(calibrate, "_REMEMBERED", {})
     model = tiny_model("gqa-hd16", torch.bfloat16, **MLP)
     backend = install_backend(model)
     reason = backend.choices["decode"].reason
