@@ -22,6 +22,7 @@ import torch
 
 from . import DEMO_MODEL
 from .compat import ANY, take_neutral
+from .config import Idefics3Config
 from .device import default_dtype
 from .dtypes import DEVICES, to_torch_dtype
 from .generation.encoder_cache import EncoderCache
@@ -31,6 +32,8 @@ from .hub import resolve_model_path
 from .kernels.backend import Backend, install_backend
 from .model.idefics3 import Idefics3
 from .processing.processor import Idefics3Processor
+from .quant import QuantConfig, QuantError, parse_quantize, quantize_on_load_hooks, quantized_folder_hooks
+from .weights import LoadHooks
 
 MODEL_ENV = "IDEFICS3_MODEL"
 
@@ -55,12 +58,15 @@ class Idefics3ForConditionalGeneration(Idefics3):
     def from_pretrained(cls, ref: str | Path, dtype: torch.dtype | str | None = None,  # type: ignore[override]
                         device: torch.device | str | None = None, revision: str | None = None, *,
                         torch_dtype: torch.dtype | str | None = None, backend: str = "auto",
-                        device_map: str | None = None, **transformers_args: Any
+                        device_map: str | None = None, quantize: str | QuantConfig | None = None,
+                        include_vision: bool = False, **transformers_args: Any
                         ) -> Idefics3ForConditionalGeneration:
         """Load a checkpoint folder or Hub id and install the kernel backend ("auto": our CPU kernels where
         they run, "torch": the plain path). dtype (alias torch_dtype): a torch dtype, a name, or "auto" (the
         checkpoint's; fp32 on CPUs without bf16). device (or a device_map naming one device) defaults to the CPU.
-        transformers' neutral arguments are accepted; any other keyword raises, naming it."""
+        quantize: "int8" / "int4" (groups of 32; "int4-g64", "int4-g128", "int8-channel") quantises a dense
+        checkpoint while loading it (include_vision: the vision tower too); a quantised folder (`idefics3
+        quantize`) loads as it is. transformers' neutral arguments are accepted; any other keyword raises."""
         take_neutral("from_pretrained", transformers_args, _NEUTRAL_LOAD)
         if device_map is not None:
             if device is not None or not isinstance(device_map, str) or device_map == "auto":
@@ -68,7 +74,8 @@ class Idefics3ForConditionalGeneration(Idefics3):
             device = device_map
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
-        model = super().from_pretrained(ref, dtype if dtype is not None else torch_dtype, device, revision)
+        hooks = _quantization_hooks(quantize, include_vision)
+        model = super().from_pretrained(ref, dtype if dtype is not None else torch_dtype, device, revision, hooks)
         model.backend = install_backend(model, backend)
         return model
 
@@ -78,6 +85,23 @@ class Idefics3ForConditionalGeneration(Idefics3):
 
 
 AutoModelForVision2Seq = Idefics3ForConditionalGeneration
+
+
+def _quantization_hooks(quantize: str | QuantConfig | None, include_vision: bool
+                        ) -> Callable[[Idefics3Config], LoadHooks | None]:
+    """What loading does about quantisation, once the checkpoint's config is read."""
+    if quantize is None and include_vision:
+        raise ValueError("include_vision=True needs quantize= (it says whether the vision tower is quantised)")
+    parse_quantize(quantize)  # a bad name fails before anything is read
+
+    def hooks(config: Idefics3Config) -> LoadHooks | None:
+        stored = quantized_folder_hooks(config)
+        if stored is not None and quantize is not None:
+            summary = QuantConfig.from_dict(config.extra["quantization_config"]).summary()
+            raise QuantError(f"this checkpoint is already quantised ({summary}); load it without quantize=")
+        return stored if quantize is None else quantize_on_load_hooks(quantize, include_vision)
+
+    return hooks
 
 
 # ---- naming and loading ---------------------------------------------------------------------------------

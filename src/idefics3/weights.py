@@ -16,7 +16,8 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -147,12 +148,29 @@ def no_init() -> Iterator[None]:
             setattr(torch.nn.init, name, fn)
 
 
+_EMBED, _HEAD = "model.text_model.embed_tokens.", "lm_head."
+
+
+@dataclass
+class LoadHooks:
+    """How a feature that changes the model's modules (quantisation) takes part in loading, without this
+    module knowing it: `prepare` changes the model built on the meta device before the key check; `found`
+    maps the checkpoint's keys and shapes to those the prepared model will receive; `convert` takes a tensor
+    as read from the file (before any dtype conversion) and returns the tensors it becomes, or None to leave
+    it to the plain path (converted to the dtype and device); `finish` runs on the loaded model."""
+
+    prepare: Callable[[torch.nn.Module], None] | None = None
+    found: Callable[[dict[str, tuple[list[int], Path]]], dict[str, tuple[list[int], Path]]] | None = None
+    convert: Callable[[str, torch.Tensor, torch.device], dict[str, torch.Tensor] | None] | None = None
+    finish: Callable[[torch.nn.Module, torch.dtype], None] | None = None
+
+
 def _check_keys(model: torch.nn.Module, found: dict[str, tuple[list[int], Path]], tied: bool) -> None:
     expected = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    if tied:
-        expected.pop("lm_head.weight", None)
+    if tied:  # the head is the embedding, under whatever names it stores its tensors
+        expected = {k: v for k, v in expected.items() if not k.startswith(_HEAD)}
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - ({"lm_head.weight"} if tied else set()))
+    unexpected = sorted(k for k in set(found) - set(expected) if not (tied and k.startswith(_HEAD)))
     problems = []
     if missing:
         more = " ..." if len(missing) > 20 else ""
@@ -169,8 +187,10 @@ def _check_keys(model: torch.nn.Module, found: dict[str, tuple[list[int], Path]]
 
 
 def load_pretrained(cls: type, ref: str | os.PathLike, dtype: torch.dtype | str | None,
-                    device: torch.device | str | None, revision: str | None = None):
-    """Build `cls` on the meta device from the folder's config and fill it from its safetensors."""
+                    device: torch.device | str | None, revision: str | None = None,
+                    hooks: Callable[[Idefics3Config], LoadHooks | None] | None = None):
+    """Build `cls` on the meta device from the folder's config and fill it from its safetensors. `hooks`
+    (given the config) lets a feature such as quantisation change the modules while loading (LoadHooks)."""
     folder = resolve_model_path(ref, revision)
     config = Idefics3Config.from_pretrained(folder)
     target = parse_dtype(dtype, config)
@@ -182,18 +202,26 @@ def load_pretrained(cls: type, ref: str | os.PathLike, dtype: torch.dtype | str 
     found = checkpoint_keys(headers)
     with no_init():
         model = cls(config)
+    hook = (hooks(config) if hooks is not None else None) or LoadHooks()
+    if hook.prepare is not None:
+        hook.prepare(model)
     tied = config.tie_word_embeddings
-    _check_keys(model, found, tied)
+    _check_keys(model, hook.found(found) if hook.found is not None else found, tied)
     state = {}
     for key, tensor in iter_tensors(files, headers):
-        if tied and key == "lm_head.weight":
+        if tied and key.startswith(_HEAD):
             continue
-        state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+        converted = hook.convert(key, tensor, device) if hook.convert is not None else None
+        if converted is None:
+            converted = {key: tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)}
+        state.update(converted)
     if tied:
-        state["lm_head.weight"] = state["model.text_model.embed_tokens.weight"]
+        state.update({_HEAD + k[len(_EMBED):]: v for k, v in list(state.items()) if k.startswith(_EMBED)})
     model.load_state_dict(state, strict=True, assign=True)
-    if tied:
+    if tied and isinstance(getattr(model.lm_head, "weight", None), torch.nn.Parameter):
         model.lm_head.weight = model.model.text_model.embed_tokens.weight
+    if hook.finish is not None:
+        hook.finish(model, target)
     model.config.torch_dtype = str(target).removeprefix("torch.")
     model.checkpoint_dir = folder
     model.name_or_path = str(ref)
@@ -217,7 +245,7 @@ def save_pretrained(model, folder: str | os.PathLike, max_shard_size: int | str 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if not k.startswith(_HEAD)}
     model.config.torch_dtype = str(model.dtype).removeprefix("torch.")
     model.config.save_pretrained(folder)
     limit = _parse_size(max_shard_size) if max_shard_size is not None else None
@@ -262,4 +290,4 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
             os.unlink(tmp)
 
 
-__all__ = ["WeightsError", "ConfigError", "load_pretrained", "save_pretrained", "parse_dtype"]
+__all__ = ["WeightsError", "ConfigError", "LoadHooks", "load_pretrained", "save_pretrained", "parse_dtype"]

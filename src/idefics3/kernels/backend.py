@@ -106,7 +106,7 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     result = Backend(backend)
     ops = ("vision layers", "vision attention", "prefill attention", "decode")
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    device, dtype = model.model.text_model.norm.weight.device, model.model.text_model.norm.weight.dtype
     why_not = _machine_reason(backend, device)
     if why_not is not None:
         for op in ops:

@@ -106,11 +106,11 @@ class DecoderParts:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.text.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.text.norm.weight.device
 
 
 def machine_reason(dtype: torch.dtype, device: torch.device) -> str | None:

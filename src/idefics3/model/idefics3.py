@@ -13,6 +13,7 @@ class plus the model card's conveniences: `from_pretrained` with a kernel backen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..compat import ANY, take_neutral
 from ..config import Idefics3Config
-from ..weights import load_pretrained, save_pretrained
+from ..weights import LoadHooks, load_pretrained, save_pretrained
 from .connector import Connector
 from .kv_cache import KVCache
 from .text import TextModel
@@ -90,11 +91,11 @@ class Idefics3(nn.Module):
     # ---- properties -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.text_model.norm.weight.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # the final norm stays dense in every format, so it names the compute dtype
+        return self.model.text_model.norm.weight.dtype
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -176,10 +177,12 @@ class Idefics3(nn.Module):
     # ---- files ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, ref: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None, revision: str | None = None) -> Idefics3:
+                        device: torch.device | str | None = None, revision: str | None = None,
+                        hooks: Callable[[Any], LoadHooks | None] | None = None) -> Idefics3:
         """Load a checkpoint folder or Hub id: dtype a torch dtype, its name, or "auto" (the default: the
-        dtype the checkpoint was saved in, fp32 on CPUs without bf16 instructions)."""
-        return load_pretrained(cls, ref, dtype, device, revision)
+        dtype the checkpoint was saved in, fp32 on CPUs without bf16 instructions). hooks: see weights.LoadHooks
+        (how quantisation takes part in loading)."""
+        return load_pretrained(cls, ref, dtype, device, revision, hooks)
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int | str | None = None) -> None:
         save_pretrained(self, folder, max_shard_size)

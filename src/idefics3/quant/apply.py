@@ -1,0 +1,206 @@
+"""Which modules of a model are quantised, and how: `QuantConfig` (config.json's `quantization_config`) and the
+functions that put quantised modules in place of dense ones (`quantize_model`, `install_quantized`).
+
+The policy, stated once here and recorded module by module in every quantised checkpoint:
+- the text decoder's linears (q, k, v, o, gate, up, down) take the asked format (int8, or int4 in groups);
+- the token embeddings and the output head take `head_bits` (8 by default, in groups of 32: llama.cpp's Q8_0,
+  as its Q4 files do): they are a large share of a small model's weights and the head decides every token;
+  a tied head shares the embedding's quantised tensors;
+- with `include_vision`, the vision tower's linears (attention and MLP) and the connector's projection too;
+- norms, biases, the patch embedding (a convolution) and the position embeddings stay dense, in the model's
+  dtype: they are small and every token or patch reads them whole;
+- a matrix whose input size the format cannot split (not a multiple of the group size) stays dense and is
+  listed under `dense` with the reason.
+
+Everything goes through `model/replace.py`, the one way features change a model; `Replacements.undo()` puts
+the dense modules back (for a model quantised from dense weights).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..model.replace import Replacements, replace_modules
+from .format import QuantError, QuantSpec
+from .modules import QuantEmbedding, QuantLinear
+
+log = logging.getLogger(__name__)
+
+METHOD = "idefics3"
+FORMAT_VERSION = 1
+EMBED = "model.text_model.embed_tokens"
+HEAD = "lm_head"
+_TEXT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class QuantConfig:
+    """What is quantised: module name -> spec, plus the dense matrices and why (see the module docstring)."""
+
+    modules: dict[str, QuantSpec] = field(default_factory=dict)
+    dense: dict[str, str] = field(default_factory=dict)
+    source: str = "idefics3 quantize"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": METHOD, "format_version": FORMAT_VERSION, "source": self.source,
+                "scale_dtype": "float16",
+                "modules": {name: {"bits": s.bits, "group_size": s.group_size, "asymmetric": s.asymmetric}
+                            for name, s in self.modules.items()},
+                "dense": dict(self.dense)}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> QuantConfig:
+        """Parse config.json's `quantization_config`; QuantError names what is wrong."""
+        if not isinstance(raw, dict):
+            raise QuantError(f"quantization_config must be an object, got {type(raw).__name__}")
+        method = raw.get("quant_method")
+        if method != METHOD:
+            raise QuantError(f"quantization_config.quant_method is {method!r}; this library reads {METHOD!r} "
+                             "(written by `idefics3 quantize`)")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise QuantError(f"quantization_config.format_version {raw.get('format_version')!r} is not "
+                             f"{FORMAT_VERSION}")
+        modules = raw.get("modules")
+        if not isinstance(modules, dict) or not modules:
+            raise QuantError("quantization_config.modules must name the quantised modules")
+        specs = {}
+        for name, entry in modules.items():
+            if not isinstance(entry, dict):
+                raise QuantError(f"quantization_config.modules[{name!r}] must be an object")
+            unknown = set(entry) - {"bits", "group_size", "asymmetric"}
+            if unknown:
+                raise QuantError(f"quantization_config.modules[{name!r}] has unknown fields {sorted(unknown)}")
+            try:
+                specs[name] = QuantSpec(entry.get("bits", 4), entry.get("group_size", 32),
+                                        bool(entry.get("asymmetric", False)))
+            except QuantError as e:
+                raise QuantError(f"quantization_config.modules[{name!r}]: {e}") from None
+        return cls(specs, dict(raw.get("dense", {})), str(raw.get("source", "")))
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for spec in self.modules.values():
+            counts[spec.name] = counts.get(spec.name, 0) + 1
+        parts = [f"{n} x {name}" for name, n in sorted(counts.items())]
+        return ", ".join(parts) + (f"; {len(self.dense)} matrices kept dense" if self.dense else "")
+
+
+def parse_quantize(value: str | QuantConfig | None) -> tuple[int, int] | QuantConfig | None:
+    """A `quantize=` argument: None, a QuantConfig, or "int8" / "int4" / "int4-g64" / "int8-channel"
+    -> (bits, group_size)."""
+    if value is None or isinstance(value, QuantConfig):
+        return value
+    text = str(value).strip().lower()
+    bits_text, _, group_text = text.partition("-")
+    if bits_text not in ("int8", "int4"):
+        raise QuantError(f"unknown quantisation {value!r} (use int8, int4, int4-g64, int4-g128 or int8-channel)")
+    bits = int(bits_text[3:])
+    if not group_text:
+        return bits, 32
+    if group_text == "channel":
+        return bits, 0
+    if group_text.startswith("g") and group_text[1:].isdigit():
+        return bits, int(group_text[1:])
+    raise QuantError(f"unknown quantisation {value!r} (use int8, int4, int4-g64, int4-g128 or int8-channel)")
+
+
+def plan(model: nn.Module, bits: int = 4, group_size: int = 32, include_vision: bool = False,
+         head_bits: int = 8) -> QuantConfig:
+    """The QuantConfig of the policy above for this model."""
+    spec = QuantSpec(bits, group_size)
+    head = QuantSpec(head_bits, 32)
+    config = QuantConfig()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if name in (EMBED, HEAD):
+            chosen = head
+        elif name.startswith("model.text_model.layers.") and leaf in _TEXT_LINEARS:
+            chosen = spec
+        elif include_vision and (name.startswith("model.vision_model.encoder.")
+                                 or name.startswith("model.connector.")) and isinstance(module, nn.Linear):
+            chosen = spec
+        else:
+            continue
+        cols = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
+        if not chosen.fits(cols):
+            config.dense[name] = f"{cols} inputs do not split into groups of {chosen.group(cols)}"
+            continue
+        config.modules[name] = chosen
+    config.source = f"idefics3 quantize (int{bits}, group {group_size or 'per channel'}, head int{head_bits}" + \
+        (", vision included)" if include_vision else ")")
+    return config
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def _swap(model: nn.Module, config: QuantConfig, make) -> Replacements:
+    """Replace every module named in the config by make(name, module, spec); a tied head follows its embedding."""
+    tied = _tied(model) and HEAD in config.modules
+    if tied and config.modules.get(EMBED) != config.modules[HEAD]:
+        raise QuantError("the output head is tied to the embeddings, so both need the same format")
+    made: dict[str, nn.Module] = {}
+    names = set(config.modules)
+    found = {name for name, _ in model.named_modules()}
+    missing = sorted(names - found)
+    if missing:
+        raise QuantError(f"quantization_config names modules the model does not have: {', '.join(missing[:5])}")
+
+    def choose(name: str, module: nn.Module) -> nn.Module | None:
+        if name not in names:
+            return None
+        if tied and name == HEAD:
+            return QuantLinear.tied_to(made[EMBED])
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise QuantError(f"{name} is a {type(module).__name__}; only Linear and Embedding modules are quantised")
+        made[name] = make(name, module, config.modules[name])
+        return made[name]
+
+    record = replace_modules(model, choose)
+    model.quantization = config  # type: ignore[assignment]
+    if hasattr(model, "config"):
+        model.config.extra["quantization_config"] = config.to_dict()
+    return record
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> Replacements:
+    """Quantise a dense model in place (module by module, so the peak is one dense matrix more than the
+    result); returns the record that puts the dense modules back."""
+    def make(name: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
+        if isinstance(module, nn.Embedding):
+            return QuantEmbedding.from_embedding(module, spec)
+        return QuantLinear.from_linear(module, spec)
+
+    record = _swap(model, config, make)
+    log.info("quantised %s", config.summary())
+    return record
+
+
+def install_quantized(model: nn.Module, config: QuantConfig) -> Replacements:
+    """Put empty quantised modules (on the modules' device, typically meta) where the config says, ready for a
+    quantised checkpoint's tensors."""
+    def make(name: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
+        if isinstance(module, nn.Embedding):
+            w = module.weight
+            return QuantEmbedding(module.num_embeddings, module.embedding_dim, spec, w.dtype, w.device)
+        w = module.weight
+        return QuantLinear(module.in_features, module.out_features, spec, module.bias is not None, w.device, w.dtype)
+
+    return _swap(model, config, make)
+
+
+def quantized_nbytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, a tied head's shared tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
