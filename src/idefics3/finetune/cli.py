@@ -73,6 +73,9 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--lora-dropout", type=float, default=0.05)
     g.add_argument("--lora-targets", type=_csv, default=list(DEFAULT_TARGETS),
                    help="Linear names (PEFT rules: a name matches modules ending in it), or all-linear")
+    g.add_argument("--quantize", metavar="FORMAT",
+                   help="QLoRA: quantise the frozen base while loading (int4, int8, int4-g64, ...); adapters stay "
+                        "in full precision, `merge` writes a full-precision checkpoint")
     g.add_argument("--freeze", type=_csv, default=[], help="parts left untouched: " + ",".join(PARTS))
     g.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",
                    help="assistant: answers and their <end_of_utterance> (default); all: every text token")
@@ -145,7 +148,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, full=args.full,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets, freeze=args.freeze, loss_on=args.loss_on, epochs=args.epochs,
+        lora_targets=args.lora_targets, freeze=args.freeze, quantize=args.quantize, loss_on=args.loss_on,
+        epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup=args.warmup, warmup_ratio=args.warmup_ratio, schedule=args.schedule, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, longest_edge=args.longest_edge, no_split=args.no_split,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..quant import parse_quantize
 from .encode import LOSS_MODES
 from .lora import LoraSettings
 from .parts import DEFAULT_TARGETS, PARTS
@@ -35,6 +36,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     freeze: list[str] = field(default_factory=list)
+    quantize: str | None = None  # QLoRA: the frozen base quantised while loading ("int4", "int8", ...)
     loss_on: str = "assistant"
     # how long
     epochs: float = 1.0
@@ -76,6 +78,10 @@ class FinetuneConfig:
         unknown = set(self.freeze) - set(PARTS)
         if unknown:
             raise ValueError(f"--freeze takes {', '.join(PARTS)}; got {sorted(unknown)}")
+        if self.quantize is not None:
+            parse_quantize(self.quantize)  # a bad name fails here, naming it
+            if self.full:
+                raise ValueError("--quantize keeps the base frozen in int4/int8: train LoRA adapters on it, not --full")
         if self.full and set(self.freeze) == set(PARTS):
             raise ValueError("--full with every part frozen leaves nothing to train")
         checks = [(self.loss_on in LOSS_MODES, f"loss_on must be one of {LOSS_MODES}"),
@@ -111,5 +117,5 @@ class FinetuneConfig:
         return asdict(self)
 
     # Settings a resumed run must share with the run that wrote the checkpoint.
-    RESUME_KEYS = ("model", "data", "full", "lora_r", "lora_alpha", "lora_targets", "freeze", "batch_size",
-                   "grad_accum", "seed", "shuffle", "loss_on", "fsdp")
+    RESUME_KEYS = ("model", "data", "full", "quantize", "lora_r", "lora_alpha", "lora_targets", "freeze",
+                   "batch_size", "grad_accum", "seed", "shuffle", "loss_on", "fsdp")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model.replace import replace_modules
+from ..quant import QuantLinear
 from .parts import DEFAULT_TARGETS, PARTS
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,10 @@ class LoraSettings:
 class LoRALinear(nn.Module):
     """y = base_layer(x) + scaling · B(A(dropout(x))); x [..., in] -> y [..., out]."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(self, base_layer: nn.Linear | QuantLinear, r: int, scaling: float, dropout: float = 0.0) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        device = base_layer.weight.device
+        self.base_layer = base_layer  # a frozen quantised base (QLoRA) is a QuantLinear
+        device = base_layer.device if isinstance(base_layer, QuantLinear) else base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default
@@ -112,8 +113,8 @@ def matches_peft(name: str, targets: list[str] | str) -> bool:
 
 def select_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
     """Full names of the Linear modules `settings` adapts, in module order."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-               and not n.endswith((".lora_A", ".lora_B"))]
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))
+               and not isinstance(m, LoRALinear) and not n.endswith((".lora_A", ".lora_B"))]
     if settings.targets == "all-linear" or settings.targets == ["all-linear"]:
         chosen = [n for n in linears if n != "lm_head"]
     else:
@@ -248,9 +249,17 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W += scaling·B@A, in float32) and put the plain Linear back."""
+    """Fold every adapter into its base weight (W += scaling·B@A, in float32) and put the plain Linear back.
+    A quantised base is dequantised first (QLoRA's merge gives full precision, never requantised)."""
     with torch.no_grad():
         for module in lora_modules(model).values():
+            if isinstance(module.base_layer, QuantLinear):
+                q = module.base_layer
+                dense = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+                dense.weight = nn.Parameter(q.dequantized(torch.float32), requires_grad=False)
+                if q.bias is not None:
+                    dense.bias = nn.Parameter(q.bias.detach().float(), requires_grad=False)
+                module.base_layer = dense
             base = module.base_layer
             base.weight.copy_((base.weight.float() + module.delta_weight().to(base.weight.device))
                               .to(base.weight.dtype))

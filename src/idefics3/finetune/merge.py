@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ..model.idefics3 import Idefics3
+from ..quant import dequantize_model, quantized_folder_hooks
 from .lora import ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
 
 log = logging.getLogger(__name__)
@@ -20,9 +21,10 @@ def merge_adapter(model: str | Path, adapter: str | Path, output: str | Path, dt
     read_adapter_config(adapter)  # a missing or unsupported adapter fails before the base model is loaded
     if not (Path(adapter) / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in the adapter folder {adapter}")
-    base = Idefics3.from_pretrained(model, dtype=dtype)
+    base = Idefics3.from_pretrained(model, dtype=dtype, hooks=quantized_folder_hooks)
     settings = load_adapter(base, adapter)
     merge_lora(base)
+    dequantize_model(base, base.dtype)  # a quantised base folder merges to full precision too
     base.save_pretrained(output)
     log.info("merged adapter %s (r=%d) into %s -> %s", adapter, settings.r, model, output)
     return Path(output)

@@ -18,6 +18,7 @@ from ..hub import resolve_model_path
 from ..loading import load_processor as load_checkpoint_processor
 from ..model.idefics3 import Idefics3
 from ..processing.processor import Idefics3Processor
+from ..quant import quantize_on_load_hooks, quantized_folder_hooks
 from ..weights import parse_dtype
 from . import lora as lora_lib
 from . import recompute
@@ -65,7 +66,11 @@ def freeze_parts(model: nn.Module, parts: list[str]) -> None:
 def prepare_model(config: FinetuneConfig, device: torch.device, prec: Precision) -> Idefics3:
     """Load the base network (no kernels, no generation state: training runs the plain path) and make exactly
     the right parameters trainable (LoRA adapters or unfrozen parts)."""
-    model = Idefics3.from_pretrained(config.model, dtype=prec.weights, device=device)
+    # a quantised base (--quantize, or a quantised folder) stays frozen in its format: QLoRA
+    hooks = quantized_folder_hooks if config.quantize is None else (lambda _: quantize_on_load_hooks(config.quantize))
+    model = Idefics3.from_pretrained(config.model, dtype=prec.weights, device=device, hooks=hooks)
+    if config.full and getattr(model, "quantization", None) is not None:
+        raise ValueError(f"{config.model} is quantised: train LoRA adapters on it, not --full")
     if config.full:
         for p in model.parameters():
             p.requires_grad_(True)

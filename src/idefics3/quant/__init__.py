@@ -1,11 +1,19 @@
 """Quantised weights: int8 / int4 formats (format.py), the modules that hold them (modules.py), which modules
 are quantised (apply.py), loading quantised or quantising checkpoints (load.py)."""
 
-from .apply import QuantConfig, install_quantized, parse_quantize, plan, quantize_model, quantized_nbytes
+from .apply import (
+                    QuantConfig,
+                    dequantize_model,
+                    install_quantized,
+                    parse_quantize,
+                    plan,
+                    quantize_model,
+                    quantized_nbytes,
+)
 from .format import QuantError, QuantSpec, dequantize, quantize
 from .load import quantize_on_load_hooks, quantized_folder_hooks
 from .modules import QuantEmbedding, QuantLinear
 
 __all__ = ["QuantConfig", "QuantEmbedding", "QuantError", "QuantLinear", "QuantSpec", "dequantize",
-           "install_quantized", "parse_quantize", "plan", "quantize", "quantize_model", "quantized_folder_hooks",
-           "quantize_on_load_hooks", "quantized_nbytes"]
+           "dequantize_model", "install_quantized", "parse_quantize", "plan", "quantize", "quantize_model",
+           "quantize_on_load_hooks", "quantized_folder_hooks", "quantized_nbytes"]

@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..model.replace import Replacements, replace_modules
@@ -192,6 +193,37 @@ def install_quantized(model: nn.Module, config: QuantConfig) -> Replacements:
         return QuantLinear(module.in_features, module.out_features, spec, module.bias is not None, w.device, w.dtype)
 
     return _swap(model, config, make)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Put dense modules (in `dtype`, default the model's compute dtype) back in place of every quantised one,
+    a tied head tied again, and drop the quantization_config: a full-precision model (for `merge`)."""
+    embed: nn.Embedding | None = None
+
+    def choose(name: str, module: nn.Module) -> nn.Module | None:
+        nonlocal embed
+        if isinstance(module, QuantEmbedding):
+            target = dtype or module.dtype
+            embed = nn.Embedding(module.num_embeddings, module.embedding_dim, device=module.device, dtype=target)
+            embed.weight = nn.Parameter(module.dequantized(target), requires_grad=False)
+            return embed
+        if isinstance(module, QuantLinear):
+            target = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device="meta", dtype=target)
+            dense.weight = nn.Parameter(module.dequantized(target), requires_grad=False)
+            if module.bias is not None:
+                dense.bias = nn.Parameter(module.bias.detach().to(target), requires_grad=False)
+            return dense
+        return None
+
+    replace_modules(model, choose)
+    if _tied(model) and embed is not None:
+        model.lm_head.weight = embed.weight  # type: ignore[union-attr]
+    if hasattr(model, "quantization"):
+        del model.quantization
+    if hasattr(model, "config"):
+        model.config.extra.pop("quantization_config", None)
 
 
 def quantized_nbytes(model: nn.Module) -> int:
