@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=SHORT_NAMES, help="weights dtype for the kernel choices (as generate)")
     info.add_argument("--device", choices=list(DEVICES), help="device for the kernel choices (as generate)")
     info.set_defaults(run=cmd_info)
+    quant = sub.add_parser("quantize", parents=[common], help="write an int8 / int4 copy of a checkpoint",
+                           description="Quantise a checkpoint's weights (int8, or int4 in groups; see the README's "
+                                       "Quantisation section for what is quantised) and write a folder that "
+                                       "--model takes anywhere.")
+    quant.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    quant.add_argument("--group-size", type=int, choices=(0, 32, 64, 128), default=32,
+                       help="inputs per scale (0: one scale per output channel, int8 only)")
+    quant.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
+                       help="format of the token embeddings and output head (groups of 32)")
+    quant.add_argument("--include-vision", action="store_true", help="quantise the vision tower's linears too")
+    quant.add_argument("--output", "-o", required=True, help="folder to write")
+    quant.set_defaults(run=cmd_quantize)
     from .demo.commands import add_demo_parser, add_eval_parser  # the built-in model's demo and evaluation
 
     add_demo_parser(sub, [common])
@@ -253,6 +265,35 @@ def _attach(source: str, pending: list[Any]) -> None:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return
     print(f"(image attached to your next message: {source})", file=sys.stderr)
+
+
+# ---- quantize -----------------------------------------------------------------------------------------
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .loading import Idefics3ForConditionalGeneration, load_processor
+    from .quant import plan, quantize_model, quantized_nbytes
+
+    folder = model_folder(args)
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and output.resolve() != folder.resolve():
+        raise CliError(f"--output {output} exists and is not empty")
+    if output.resolve() == folder.resolve():
+        raise CliError("--output must not be the checkpoint folder itself")
+    processor = load_processor(folder)
+    model = Idefics3ForConditionalGeneration.from_pretrained(folder, backend="torch")
+    if getattr(model, "quantization", None) is not None:
+        raise CliError(f"{folder} is already quantised ({model.quantization.summary()})")
+    dense = quantized_nbytes(model)
+    config = plan(model, args.bits, args.group_size, args.include_vision, args.head_bits)
+    quantize_model(model, config)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    size = quantized_nbytes(model)
+    print(f"{config.summary()}")
+    for name, why in config.dense.items():
+        print(f"  kept dense: {name} ({why})")
+    print(f"weights: {dense / 2**20:.1f} MiB -> {size / 2**20:.1f} MiB ({100 * size / dense:.0f}%), "
+          f"written to {output}")
+    return 0
 
 
 # ---- info ---------------------------------------------------------------------------------------------

@@ -77,6 +77,24 @@ def test_int4_codes_sit_in_llama_cpp_q4_0_blocks():
     assert torch.equal(unpack_int4(packed), codes)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(8, 32), QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(4, 32, True)],
+                         ids=lambda s: s.name)
+def test_an_input_size_the_groups_do_not_divide_is_padded_with_zeros(spec):
+    torch.manual_seed(0)
+    w = torch.randn(8, 132) * 0.05  # 132 inputs: 4.125 groups of 32
+    stored = quantize(w, spec)
+    kp = spec.padded(132)
+    assert kp == (160 if spec.group_size == 32 else 256) and not spec.fits(132)
+    assert stored["scales"].shape == (8, kp // spec.group_size)
+    back = dequantize(spec, **stored, in_features=132)
+    assert back.shape == (8, 132)
+    assert (dequantize(spec, **stored)[:, 132:] == 0).all() or spec.asymmetric  # zeros stay zero (symmetric)
+    layer = QuantLinear(132, 8, spec)
+    layer.set_dense(w)
+    x = torch.randn(3, 132)
+    torch.testing.assert_close(layer(x), x @ back.T)
+
+
 def test_bad_specs_and_shapes_are_refused():
     with pytest.raises(QuantError, match="bits"):
         QuantSpec(3, 32)
@@ -84,8 +102,8 @@ def test_bad_specs_and_shapes_are_refused():
         QuantSpec(4, 48)
     with pytest.raises(QuantError, match="per-channel"):
         QuantSpec(4, 0)
-    with pytest.raises(QuantError, match="multiple of 32"):
-        quantize(torch.randn(4, 48), QuantSpec(4, 32))
+    with pytest.raises(QuantError, match=r"\[4, 0\] matrix"):
+        quantize(torch.randn(4, 0), QuantSpec(4, 32))
     with pytest.raises(QuantError, match="inf or nan"):
         quantize(torch.tensor([[float("nan")] * 32]), QuantSpec(8, 32))
 
@@ -97,7 +115,7 @@ def test_policy_names_every_matrix_and_why_some_stay_dense(dense_folder):
     assert len(text) == 3 * 7  # q k v o gate up down in each of the 3 layers
     assert config.modules["lm_head"] == config.modules["model.text_model.embed_tokens"] == QuantSpec(8, 32)
     assert "model.vision_model.encoder.layers.0.self_attn.q_proj" in config.modules
-    assert "48 inputs" in config.dense["model.vision_model.encoder.layers.0.mlp.fc2"]
+    assert config.modules["model.vision_model.encoder.layers.0.mlp.fc2"] == QuantSpec(4, 32)  # 48 inputs: padded
     without = plan(model, 4, 32)
     assert not any("vision" in n or "connector" in n for n in without.modules)
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))).modules == config.modules

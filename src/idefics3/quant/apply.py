@@ -9,8 +9,8 @@ The policy, stated once here and recorded module by module in every quantised ch
 - with `include_vision`, the vision tower's linears (attention and MLP) and the connector's projection too;
 - norms, biases, the patch embedding (a convolution) and the position embeddings stay dense, in the model's
   dtype: they are small and every token or patch reads them whole;
-- a matrix whose input size the format cannot split (not a multiple of the group size) stays dense and is
-  listed under `dense` with the reason.
+- a matrix whose input size the groups do not divide is stored padded with zero columns (format.py).
+`dense` lists matrices a source chose to keep dense (a GGUF file's F16 tensors, say) with the reason.
 
 Everything goes through `model/replace.py`, the one way features change a model; `Replacements.undo()` puts
 the dense modules back (for a model quantised from dense weights).
@@ -125,10 +125,6 @@ def plan(model: nn.Module, bits: int = 4, group_size: int = 32, include_vision: 
                                  or name.startswith("model.connector.")) and isinstance(module, nn.Linear):
             chosen = spec
         else:
-            continue
-        cols = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
-        if not chosen.fits(cols):
-            config.dense[name] = f"{cols} inputs do not split into groups of {chosen.group(cols)}"
             continue
         config.modules[name] = chosen
     config.source = f"idefics3 quantize (int{bits}, group {group_size or 'per channel'}, head int{head_bits}" + \

@@ -12,6 +12,10 @@ tensor and an int4 one a Q4_0 (or, with mins, Q4_1) tensor, byte for byte apart 
 so GGUF files load without requantising. G is 32 (the default), 64 or 128; a larger G stores fewer scales;
 int8 also takes G = 0, one scale per output channel (scales [N, 1]).
 
+An input size K that the groups (or int4's runs of 32) do not divide is padded: the stored tensors cover
+Kp = K rounded up to a multiple of G (and of 32 for int4) columns, the padding quantised from zeros, and every
+user of the weights reads only the first K columns (the matrix is [N, K]; inputs beyond K count as zero).
+
 Quantising: int8 takes scale = max|w| / 127 per group. int4 tries a few scales per group, max / (-8 + t) for
 small t around 0 with max the signed value of largest magnitude (llama.cpp's Q4_0 choice is t = 0), and keeps
 the one with the least squared error. Codes are computed from the fp16-rounded scale, so what is stored is
@@ -61,19 +65,24 @@ class QuantSpec:
         """The number of inputs that share a scale in a matrix with this many inputs."""
         return self.group_size or in_features
 
+    def padded(self, in_features: int) -> int:
+        """Kp: the stored columns for K inputs (K rounded up to a multiple of the group, and of 32 for int4)."""
+        unit = self.group(in_features)
+        if self.bits == 4:
+            unit = max(unit, BLOCK)  # group sizes are multiples of 32
+        return -(-in_features // unit) * unit
+
     def fits(self, in_features: int) -> bool:
-        """Whether a matrix with this many inputs can take this format (K a multiple of the group size, and
-        of 32 for int4's packed runs)."""
-        return (in_features > 0 and in_features % self.group(in_features) == 0
-                and (self.bits == 8 or in_features % BLOCK == 0))
+        """Whether a matrix with this many inputs takes this format without padding."""
+        return in_features > 0 and self.padded(in_features) == in_features
 
     def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, int]]:
         """The stored tensors and their shapes for an [out, in] matrix."""
-        if not self.fits(in_features):
-            raise QuantError(f"{self.name} needs the input size to be a multiple of {self.group_size or BLOCK}, "
-                             f"got {in_features}")
-        packed = in_features if self.bits == 8 else in_features // 2
-        groups = (out_features, in_features // self.group(in_features))
+        if in_features <= 0 or out_features <= 0:
+            raise QuantError(f"cannot quantise a [{out_features}, {in_features}] matrix")
+        kp = self.padded(in_features)
+        packed = kp if self.bits == 8 else kp // 2
+        groups = (out_features, kp // self.group(in_features))
         out = {"qweight": (out_features, packed), "scales": groups}
         if self.asymmetric:
             out["mins"] = groups
@@ -111,15 +120,18 @@ def _expand(groups: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def dequantize(spec: QuantSpec, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The matrix [N, K] the stored tensors stand for, computed in fp32 and returned in `dtype`."""
-    k = qweight.shape[1] * (1 if spec.bits == 8 else 2)
-    s = _expand(scales, k)  # [N, K]
+               dtype: torch.dtype = torch.float32, in_features: int | None = None) -> torch.Tensor:
+    """The matrix [N, K] the stored tensors stand for (K = in_features, default all stored columns), computed
+    in fp32 and returned in `dtype`."""
+    k = qweight.shape[1] * (1 if spec.bits == 8 else 2)  # Kp
+    s = _expand(scales, k)  # [N, Kp]
     if spec.bits == 8:
         w = qweight.float() * s
     else:
         codes = unpack_int4(qweight).float()  # [N, K]
         w = codes * s + _expand(mins, k) if mins is not None else (codes - 8) * s
+    if in_features is not None and in_features != k:
+        w = w[:, :in_features]  # [N, K]
     return w.to(dtype)
 
 
@@ -128,11 +140,13 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     if w.dim() != 2:
         raise QuantError(f"only matrices are quantised, got a tensor of shape {tuple(w.shape)}")
     n, k = w.shape
-    spec.shapes(n, k)  # checks K
+    spec.shapes(n, k)  # checks the shape
     if not torch.isfinite(w).all():
         raise QuantError("the matrix holds inf or nan values")
-    size = spec.group(k)
-    g = w.detach().float().reshape(n, k // size, size)  # [N, K/G, G]
+    size, kp = spec.group(k), spec.padded(k)
+    w = torch.nn.functional.pad(w.detach().float(), (0, kp - k))  # [N, Kp], zeros after K
+    k = kp
+    g = w.reshape(n, k // size, size)  # [N, Kp/G, G]
     if spec.bits == 8:
         scale = (g.abs().amax(dim=2) / 127).half()  # [N, K/G]
         s = scale.float().unsqueeze(2)

@@ -49,7 +49,7 @@ class _Quantised(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense matrix [N, K] these buffers stand for."""
-        return dequantize(self.spec, self.qweight, self.scales, self.mins, dtype)
+        return dequantize(self.spec, self.qweight, self.scales, self.mins, dtype, self.cols)
 
     def weight_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.quant_tensors().values())
@@ -114,7 +114,8 @@ class QuantEmbedding(_Quantised):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)  # [T]
         rows = {k: t.index_select(0, flat) for k, t in self.quant_tensors().items()}  # each [T, ...]
-        dense = dequantize(self.spec, rows["qweight"], rows["scales"], rows.get("mins"), self.dtype)  # [T, D]
+        dense = dequantize(self.spec, rows["qweight"], rows["scales"], rows.get("mins"), self.dtype,
+                           self.embedding_dim)  # [T, D]
         return dense.reshape(*ids.shape, self.embedding_dim)  # [..., D]
 
     def extra_repr(self) -> str:
