@@ -114,22 +114,23 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return codes.reshape(n, half * 2)
 
 
-def _expand(groups: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, K/G] -> [N, K], each value repeated over its group."""
-    return groups.float().repeat_interleave(k // groups.shape[1], dim=1)
-
-
 def dequantize(spec: QuantSpec, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32, in_features: int | None = None) -> torch.Tensor:
     """The matrix [N, K] the stored tensors stand for (K = in_features, default all stored columns), computed
     in fp32 and returned in `dtype`."""
+    n = qweight.shape[0]
     k = qweight.shape[1] * (1 if spec.bits == 8 else 2)  # Kp
-    s = _expand(scales, k)  # [N, Kp]
+    groups = scales.shape[1]
+    s = scales.float().reshape(n, groups, 1)  # [N, Kp/G, 1], broadcast over each group
     if spec.bits == 8:
-        w = qweight.float() * s
+        w = qweight.reshape(n, groups, k // groups).float() * s  # [N, Kp/G, G]
     else:
-        codes = unpack_int4(qweight).float()  # [N, K]
-        w = codes * s + _expand(mins, k) if mins is not None else (codes - 8) * s
+        codes = unpack_int4(qweight).reshape(n, groups, k // groups).float()  # [N, Kp/G, G]
+        if mins is not None:
+            w = torch.addcmul(mins.float().reshape(n, groups, 1), codes, s)
+        else:
+            w = codes.sub_(8).mul_(s)
+    w = w.reshape(n, k)  # [N, Kp]
     if in_features is not None and in_features != k:
         w = w[:, :in_features]  # [N, K]
     return w.to(dtype)

