@@ -9,6 +9,9 @@ Safe by default: `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bea
 (compared in constant time); `/health` and `/metrics` stay open, as in vLLM. Request bodies over
 `max_body_bytes` are refused with 413 while they are being read, whatever Content-Length claims. CORS is off
 unless origins are given.
+
+`/` is the chat page (static/: plain HTML, CSS and JS, no build step): open, like /health, and left out of the
+schema; it talks to the server only through /v1/models and /v1/chat/completions, as any client does.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .completions import chat_completion, completion, prepare
@@ -42,6 +46,18 @@ from .protocol import (
 )
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+
+# The chat page's files, by the name they are served under (nothing else in static/ is reachable).
+STATIC = Path(__file__).resolve().parent / "static"
+_PAGE_FILES = {"index.html": "text/html; charset=utf-8", "chat.css": "text/css; charset=utf-8",
+               "chat.js": "text/javascript; charset=utf-8"}
+# Script only from the page's own files (no inline script, no event-handler attributes: model text that slipped
+# into the DOM as HTML could not run); images also as the data: / blob: URLs of attached pictures; requests to
+# any http(s) server, as the page can be pointed at another OpenAI-compatible one.
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                 "img-src 'self' data: blob:; connect-src 'self' http: https:; object-src 'none'; base-uri 'none'; "
+                 "form-action 'none'; frame-ancestors 'none'",
+                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 @dataclass
@@ -106,6 +122,13 @@ class BodyLimit:
             await self.app(scope, limited, send)
         except _TooLarge:
             await too_big.response()(scope, receive, send)
+
+
+def page_file(name: str) -> FileResponse:
+    """One of the chat page's files, or 404."""
+    if name not in _PAGE_FILES:
+        raise ApiError(404, f"the chat page has no file '{name}'", None, "not_found")
+    return FileResponse(STATIC / name, media_type=_PAGE_FILES[name], headers=_PAGE_HEADERS)
 
 
 class _TooLarge(HTTPException):
@@ -208,6 +231,14 @@ def build_app(state: ServerState) -> FastAPI:
         if bad:
             raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary (size {size})", "tokens")
         return DetokenizeResponse(prompt=state.processor.tokenizer.decode(body.tokens))
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return page_file("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def chat_page_file(name: str) -> FileResponse:
+        return page_file(name)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema without the 422 it documents for every body: validation errors here are 400s."""
