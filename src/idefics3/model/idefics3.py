@@ -7,6 +7,10 @@ the training loss (finetune/objective.py) and the generation engine's prefill al
 function, `next_token_loss`, scores labelled next tokens for both `forward(labels=...)` and training. A
 `KVCache` with a slot per row is how the generation engine steps sequences of different lengths together.
 
+A text-only model (a GGUF text model loaded without its vision projector) has no vision weights: `TEXT_ONLY` in
+the config's extra keys keeps the vision tower and connector on the meta device and out of `state_dict` and of
+loading, and images raise a clear error instead of running an encoder without weights.
+
 This is the plain network. What users load, `idefics3.Idefics3ForConditionalGeneration` (loading.py), is this
 class plus the model card's conveniences: `from_pretrained` with a kernel backend, `generate`.
 """
@@ -31,6 +35,8 @@ from .text import TextModel
 from .vision import VisionTransformer
 
 IGNORE_INDEX = -100  # a label that is not scored (prompt, image tokens, padding)
+TEXT_ONLY = "text_only"  # config.extra key (config.json): the checkpoint has no vision tower or connector
+_VISION_PREFIXES = ("model.vision_model.", "model.connector.")
 
 # transformers' forward arguments that ask for what this forward does anyway (compat.py)
 _NEUTRAL_FORWARD = {"return_dict": True, "use_cache": ANY, "output_attentions": False,
@@ -87,11 +93,37 @@ class Idefics3(nn.Module):
             self.lm_head.weight = self.model.text_model.embed_tokens.weight
         self.checkpoint_dir: Path | None = None
         self.name_or_path: str = ""
+        if config.extra.get(TEXT_ONLY):
+            self.drop_vision()
+
+    def drop_vision(self) -> None:
+        """Make this a text-only model: the vision tower and connector go to the meta device (no weights) and
+        leave state_dict and loading; images raise (see the module docstring). Recorded in the config."""
+        self.config.extra[TEXT_ONLY] = True
+        self.model.vision_model.to("meta")
+        self.model.connector.to("meta")
+        if getattr(self, "_text_only_hooks", None) is not None:
+            return
+
+        def drop_from_state(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+            for key in [k for k in state if k.startswith(tuple(prefix + p for p in _VISION_PREFIXES))]:
+                del state[key]
+
+        def forgive_missing(module: nn.Module, keys: Any) -> None:
+            keys.missing_keys[:] = [k for k in keys.missing_keys if not k.startswith(_VISION_PREFIXES)]
+
+        self._text_only_hooks = (self.register_state_dict_post_hook(drop_from_state),
+                                 self.register_load_state_dict_post_hook(forgive_missing))
 
     # ---- properties -------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.model.text_model.norm.weight.device
+
+    @property
+    def has_vision(self) -> bool:
+        """False for a text-only model (no vision weights)."""
+        return not self.model.vision_model.post_layernorm.weight.is_meta
 
     @property
     def dtype(self) -> torch.dtype:  # the final norm stays dense in every format, so it names the compute dtype
@@ -104,6 +136,10 @@ class Idefics3(nn.Module):
     def get_image_features(self, pixel_values: torch.Tensor,
                            pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pixels [B, N, 3, H, W] -> image token embeddings [N_real, S_img, D_text] (padding frames dropped)."""
+        if not self.has_vision:
+            raise ValueError(f"{self.name_or_path or 'this model'} was loaded without its vision tower (no mmproj "
+                             "file): it answers text only. To use images, load the model with its vision projector "
+                             "(a GGUF text model with mmproj=<the mmproj .gguf file>)")
         frames, mask = real_frames(pixel_values, pixel_attention_mask)
         vision_dtype = self.model.vision_model.post_layernorm.weight.dtype
         patches = self.model.vision_model(frames.to(vision_dtype), mask)  # [N, S, D_vision]
@@ -136,9 +172,9 @@ class Idefics3(nn.Module):
             raise ValueError("pass either pixel_values or image_hidden_states, not both")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        embeds = self.model.text_model.embed_tokens(input_ids)  # [B, T, D]
-        if pixel_values is not None:
+        if pixel_values is not None:  # first: a text-only model says so before it meets ids it has no rows for
             image_hidden_states = self.get_image_features(pixel_values, pixel_attention_mask)
+        embeds = self.model.text_model.embed_tokens(input_ids)  # [B, T, D]
         if image_hidden_states is not None:
             if isinstance(image_hidden_states, (list, tuple)):
                 image_hidden_states = torch.cat(list(image_hidden_states), dim=0)  # [N, S, D]
