@@ -4,6 +4,10 @@
     processor = load_processor(model.checkpoint_dir, longest_edge=1024)
     text = ask(model, processor, "What is in this image?", images=[image])
 
+A model reference may also be llama.cpp's GGUF text model (a path ending in .gguf) with `mmproj=` its vision
+projector file (None: text only), read by quant/gguf.py into our quantised formats, with the processor from the
+files' metadata (processing/gguf.py); `save_pretrained` of such a model writes a normal quantised folder.
+
 Everything above this module (the CLI, the demo, fine-tuning, the benches and tests) loads and asks through
 it, so a model reference, a dtype name and a device mean the same everywhere. It also defines what users load,
 `Idefics3ForConditionalGeneration`: the network of model/idefics3.py plus the model card's conveniences
@@ -13,6 +17,7 @@ it, so a model reference, a dtype name and a device mean the same everywhere. It
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +28,7 @@ import torch
 from . import DEMO_MODEL
 from .compat import ANY, take_neutral
 from .config import Idefics3Config
-from .device import default_dtype
+from .device import default_dtype, runnable_dtype
 from .dtypes import DEVICES, to_torch_dtype
 from .generation.encoder_cache import EncoderCache
 from .generation.generate import generate
@@ -31,9 +36,20 @@ from .generation.streamer import IncrementalDecoder
 from .hub import resolve_model_path
 from .kernels.backend import Backend, install_backend
 from .model.idefics3 import Idefics3
+from .processing.gguf import processor_from_gguf
 from .processing.processor import Idefics3Processor
-from .quant import QuantConfig, QuantError, parse_quantize, quantize_on_load_hooks, quantized_folder_hooks
-from .weights import LoadHooks
+from .quant import (
+    QuantConfig,
+    QuantEmbedding,
+    QuantError,
+    install_quantized,
+    parse_quantize,
+    quantize_on_load_hooks,
+    quantized_folder_hooks,
+)
+from .quant.apply import EMBED, HEAD
+from .quant.gguf import read_gguf
+from .weights import LoadHooks, no_init, parse_dtype
 
 MODEL_ENV = "IDEFICS3_MODEL"
 
@@ -53,13 +69,14 @@ class Idefics3ForConditionalGeneration(Idefics3):
         super().__init__(config)
         self.backend: Backend | None = None
         self.encoder_cache: EncoderCache | None = EncoderCache()
+        self.gguf_files: tuple[Path, Path | None] | None = None  # (text model, mmproj) when loaded from GGUF
 
     @classmethod
     def from_pretrained(cls, ref: str | Path, dtype: torch.dtype | str | None = None,  # type: ignore[override]
                         device: torch.device | str | None = None, revision: str | None = None, *,
                         torch_dtype: torch.dtype | str | None = None, backend: str = "auto",
                         device_map: str | None = None, quantize: str | QuantConfig | None = None,
-                        include_vision: bool = False, **transformers_args: Any
+                        include_vision: bool = False, mmproj: str | Path | None = None, **transformers_args: Any
                         ) -> Idefics3ForConditionalGeneration:
         """Load a checkpoint folder or Hub id and install the kernel backend ("auto": our CPU kernels where
         they run, "torch": the plain path). dtype (alias torch_dtype): a torch dtype, a name, or "auto" (the
@@ -74,10 +91,32 @@ class Idefics3ForConditionalGeneration(Idefics3):
             device = device_map
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
-        hooks = _quantization_hooks(quantize, include_vision)
-        model = super().from_pretrained(ref, dtype if dtype is not None else torch_dtype, device, revision, hooks)
+        dtype = dtype if dtype is not None else torch_dtype
+        if is_gguf(ref):
+            if quantize is not None or include_vision:
+                raise QuantError(f"{ref} is a GGUF file, quantised as llama.cpp stored it: load it without quantize=")
+            if revision is not None:
+                raise ValueError(f"revision={revision!r} is for Hub repositories; {ref} is a local GGUF file")
+            model = load_gguf(cls, ref, mmproj, dtype, device)
+        else:
+            if mmproj is not None:
+                raise ValueError(f"mmproj= goes with a GGUF text model (a .gguf file), not {str(ref)!r}")
+            hooks = _quantization_hooks(quantize, include_vision)
+            model = super().from_pretrained(ref, dtype, device, revision, hooks)
         model.backend = install_backend(model, backend)
         return model
+
+    def save_pretrained(self, folder: str | Path, max_shard_size: int | str | None = None) -> None:
+        """Write the checkpoint folder; a model loaded from GGUF also gets the processor files of its GGUF
+        metadata and a generation_config.json, so the folder loads like any quantised checkpoint."""
+        super().save_pretrained(folder, max_shard_size)
+        if self.gguf_files is not None:
+            processor_from_gguf(*self.gguf_files).save_pretrained(folder)
+            t = self.config.text_config
+            generation = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+                          "pad_token_id": t.pad_token_id}
+            Path(folder, "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
+                                                              encoding="utf-8")
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         """Prompt + new token ids, like transformers' generate; see `idefics3.generation.generate`."""
@@ -104,13 +143,61 @@ def _quantization_hooks(quantize: str | QuantConfig | None, include_vision: bool
     return hooks
 
 
+def load_gguf(cls: type, text: str | Path, mmproj: str | Path | None = None,
+              dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+    """Build `cls` from llama.cpp's GGUF text model and, optionally, its mmproj vision projector (read_gguf):
+    quantised modules installed on the meta device and filled with the files' blocks as they are, dense tensors
+    converted to `dtype` ("auto"/None: the file's, bf16 for quantised files, fp32 where bf16 does not run), the
+    head tied to the embeddings when the file has no output tensor. Without mmproj the model is text only."""
+    checkpoint = read_gguf(text, mmproj)
+    config = checkpoint.config
+    target = parse_dtype(dtype, config)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None or dtype == "auto":
+        target = runnable_dtype(target, device)
+    with no_init():
+        model = cls(config)
+    quantised = checkpoint.quantization
+    stored: set[str] = set()
+    if quantised.modules:
+        install_quantized(model, quantised)
+        stored = {f"{name}.{leaf}" for name, spec in quantised.modules.items() for leaf in spec.dtypes()}
+    state = {key: tensor.to(device) if key in stored else tensor.to(device=device, dtype=target)
+             for key, tensor in checkpoint.tensors.items()}
+    tied = config.tie_word_embeddings
+    if tied:
+        state.update({HEAD + key[len(EMBED):]: v for key, v in list(state.items()) if key.startswith(EMBED + ".")})
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied and isinstance(getattr(model.lm_head, "weight", None), torch.nn.Parameter):
+        model.lm_head.weight = model.model.text_model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, QuantEmbedding):
+            module.dtype = target
+    model.config.torch_dtype = str(target).removeprefix("torch.")
+    model.checkpoint_dir = None
+    model.name_or_path = str(text)
+    model.gguf_files = checkpoint.files
+    return model.eval()
+
+
 # ---- naming and loading ---------------------------------------------------------------------------------
+def is_gguf(ref: str | os.PathLike | None) -> bool:
+    """Whether a model reference names a GGUF file (llama.cpp's format) rather than a checkpoint folder."""
+    return ref is not None and str(ref).lower().endswith(".gguf")
+
+
 def resolve_model(ref: str | os.PathLike | None = None) -> Path:
-    """The checkpoint folder of `ref`, else of $IDEFICS3_MODEL, else the built-in demo model (Hub ids are
-    fetched through huggingface_hub's cache). Raises FileNotFoundError naming what is missing."""
+    """The checkpoint folder of `ref` (or the file, for a .gguf path), else of $IDEFICS3_MODEL, else the
+    built-in demo model (Hub ids are fetched through huggingface_hub's cache). Raises FileNotFoundError naming
+    what is missing."""
     ref = ref or os.environ.get(MODEL_ENV) or (str(DEMO_MODEL) if DEMO_MODEL.is_dir() else None)
     if not ref:
         raise FileNotFoundError(f"no model given: pass a checkpoint folder or Hub id (or set {MODEL_ENV})")
+    if is_gguf(ref):
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
+        return path
     folder = resolve_model_path(ref)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not an Idefics3 checkpoint: it has no config.json")
@@ -131,11 +218,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None, backend: str = "auto"
-               ) -> Idefics3ForConditionalGeneration:
+               device: str | torch.device | None = None, backend: str = "auto",
+               mmproj: str | os.PathLike | None = None) -> Idefics3ForConditionalGeneration:
     """Load for inference: dtype a torch dtype or name ("bf16", "fp16", "fp32"; default: bf16 on CUDA and on
     CPUs with bf16 instructions, else fp32; "auto": the checkpoint's), device as `pick_device`, and the kernel
-    backend ("auto" or "torch")."""
+    backend ("auto" or "torch"). For a GGUF text model (ref ending in .gguf), mmproj is its vision projector
+    file (None: text only)."""
     folder = resolve_model(ref)
     target = pick_device(device)
     if dtype is None:
@@ -143,12 +231,15 @@ def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype | str | 
     elif dtype != "auto":
         dtype = to_torch_dtype(dtype)
     return Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=target,
-                                                            backend=backend).eval()
+                                                            backend=backend, mmproj=mmproj).eval()
 
 
 def load_processor(ref: str | os.PathLike | None = None, longest_edge: int | None = None,
-                   split: bool = True) -> Idefics3Processor:
-    """The checkpoint's processor; longest_edge (pixels) and split=False lower the image tokens."""
+                   split: bool = True, mmproj: str | os.PathLike | None = None,
+                   tokenizer: str | os.PathLike | None = None) -> Idefics3Processor:
+    """The checkpoint's processor; longest_edge (pixels) and split=False lower the image tokens. For a GGUF
+    text model: the tokenizer and chat template of its metadata (or of the folder `tokenizer`, holding
+    tokenizer.json), the image settings of the mmproj file's (processing/gguf.py)."""
     overrides: dict[str, Any] = {}
     if longest_edge is not None:
         if longest_edge <= 0:
@@ -156,7 +247,12 @@ def load_processor(ref: str | os.PathLike | None = None, longest_edge: int | Non
         overrides["size"] = {"longest_edge": longest_edge}
     if not split:
         overrides["do_image_splitting"] = False
-    return Idefics3Processor.from_pretrained(resolve_model(ref), **overrides)
+    path = resolve_model(ref)
+    if is_gguf(path):
+        return processor_from_gguf(path, mmproj, tokenizer, **overrides)
+    if mmproj is not None or tokenizer is not None:
+        raise ValueError(f"mmproj= and tokenizer= go with a GGUF text model (a .gguf file), not {str(path)!r}")
+    return Idefics3Processor.from_pretrained(path, **overrides)
 
 
 # ---- asking -----------------------------------------------------------------------------------------------
