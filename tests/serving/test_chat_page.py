@@ -221,7 +221,10 @@ def test_images_go_where_they_were_dropped_or_pasted(page, demo):
 def test_a_second_turn_sees_the_first_and_a_reload_keeps_the_conversation(server, page, demo, tmp_path):
     example = scene(2, "count")
     page.set_input_files("#file-input", files=[file_payload(png(example.images[0]))])
-    send(page, example.question)
+    with page.expect_request("**/v1/chat/completions") as request:
+        send(page, example.question)  # typed at once, maybe before the image is read: it must still come first
+    content = request.value.post_data_json["messages"][0]["content"]
+    assert [p.get("text", p["type"]) for p in content] == ["image_url", example.question]
     first = finished(page, n=0).locator(".answer").inner_text().strip()
     assert first == greedy(demo, example.question, example.images)
     follow = "How many shapes are there?"

@@ -520,16 +520,37 @@
     });
   }
 
-  // Images from the file picker, a drop or a paste go in at the caret of the text box used last.
+  // Images from the file picker, a drop or a paste go in at the caret of the text box used last, where the caret
+  // was when they came: text typed while they are read stays before the caret that follows them.
+  // Images still being read: a message sent meanwhile waits for them.
+  const reading = new Set();
+
   async function addFiles(fileList) {
     const files = [...fileList];
     const images = files.filter((f) => f.type.startsWith("image/"));
     const skipped = files.filter((f) => !f.type.startsWith("image/")).map((f) => f.name || "a file");
     notice(skipped.length ? `Not an image, left out: ${skipped.join(", ")}` : "");
     if (!images.length) return;
-    const urls = await Promise.all(images.map(readAsDataUrl));
-    const target = lastSegment && lastSegment.isConnected ? lastSegment : segments().at(-1);
-    const caret = target.selectionStart ?? target.value.length;
+    let target = lastSegment && lastSegment.isConnected ? lastSegment : segments().at(-1);
+    let caret = target.selectionStart ?? target.value.length;
+    const length = target.value.length;
+    const read = Promise.all(images.map(readAsDataUrl));
+    reading.add(read);
+    let urls;
+    try {
+      urls = await read;
+    } catch (err) {
+      notice(`Could not read the image: ${err && err.message}`);
+      return;
+    } finally {
+      reading.delete(read);
+    }
+    if (!target.isConnected) {  // the message was sent meanwhile: the images start the next one
+      target = segments().at(-1);
+      caret = target.value.length;
+    }
+    const typed = Math.max(0, target.value.length - length);
+    caret = Math.min(caret, target.value.length);
     const after = target.value.slice(caret);
     target.value = target.value.slice(0, caret);
     let anchor = target;
@@ -543,7 +564,8 @@
     normalize();
     const focus = rest.isConnected ? rest : segments().at(-1);
     focus.focus();
-    focus.setSelectionRange(0, 0);
+    const at = Math.min(typed, focus.value.length);
+    focus.setSelectionRange(at, at);
     notice(`${images.length} image${images.length > 1 ? "s" : ""} added.`);
   }
 
@@ -662,6 +684,7 @@
   }
 
   async function send() {
+    if (reading.size) await Promise.allSettled([...reading]);  // images picked a moment ago belong to this message
     if (current) {
       notice("An answer is still coming: wait for it or press Stop.");
       return;
