@@ -136,6 +136,9 @@ def test_text_only_answers_text_with_a_tied_quantised_head_and_refuses_images(fi
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="without its vision tower .no mmproj file"):
         model.generate(**image_inputs(processor), max_new_tokens=2)
+    model.to("cpu").to(torch.bfloat16)  # the absent vision tower stays on the meta device
+    assert model.dtype == torch.bfloat16 and model.model.connector.modality_projection.proj.weight.is_meta
+    assert list(model.state_dict()) == list(load_model(files["tied"], dtype="fp32", backend="torch").state_dict())
 
 
 def test_k_quants_are_dequantised_and_quantised_again_with_one_log_line(files, caplog):

@@ -120,6 +120,21 @@ class Idefics3(nn.Module):
     def device(self) -> torch.device:
         return self.model.text_model.norm.weight.device
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Idefics3:
+        """What .to(), .float(), .cuda() run: a text-only model's absent vision tower and connector stay as
+        they are (meta tensors cannot move to a device)."""
+        if self.has_vision:
+            return super()._apply(fn, recurse)
+        modules = self.model._modules
+        saved = dict(modules)
+        for name in ("vision_model", "connector"):
+            del modules[name]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            modules.clear()
+            modules.update(saved)
+
     @property
     def has_vision(self) -> bool:
         """False for a text-only model (no vision weights)."""
