@@ -14,6 +14,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
 from PIL import Image
 
 from checkpoints import SMOLVLM_TOKENIZER, tiny_config
@@ -24,7 +25,7 @@ from idefics3.loading import load_model, load_processor
 from idefics3.model.idefics3 import Idefics3
 from idefics3.processing.gguf import processor_from_gguf
 from idefics3.processing.processor import Idefics3Processor
-from idefics3.quant import QuantLinear, QuantSpec, quantize
+from idefics3.quant import QuantLinear, QuantSpec, dequantize, gguf_tensors, quantize
 from idefics3.quant.gguf import GGUFError, open_gguf, read_gguf
 from quant.gguf_files import write_bare, write_mmproj, write_text
 
@@ -156,6 +157,19 @@ def test_k_quants_are_dequantised_and_quantised_again_with_one_log_line(files, c
             assert torch.equal(checkpoint.tensors[f"{module}.{leaf}"], tensor)
     assert checkpoint.requantised == {f"model.text_model.layers.{i}.mlp.down_proj.weight": k
                                       for i, k in enumerate(("Q4_K", "Q6_K", "Q5_0"))}
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0, T.Q4_1])
+def test_llama_cpp_blocks_are_our_formats_without_requantising(kind):
+    w = np.random.default_rng(1).standard_normal((12, 96)).astype(np.float32)
+    blocks = gguf_quantize(w, kind)
+    ours = gguf_tensors.quantised(blocks, kind, w.shape)
+    spec = gguf_tensors.target_spec(kind)
+    assert torch.equal(dequantize(spec, ours["qweight"], ours["scales"], ours.get("mins")),
+                       torch.from_numpy(gguf_dequantize(blocks, kind)))
+    # a quantised tensor whose module stays dense (a norm, a bias, a position embedding) is dequantised
+    vector = gguf_quantize(w[0], kind)
+    assert torch.equal(gguf_tensors.dense(vector, kind, (96,)), torch.from_numpy(gguf_dequantize(vector, kind)))
 
 
 def test_the_tokenizer_of_the_metadata_equals_the_tokenizer_folder(files):
