@@ -1,13 +1,17 @@
 """The `demo` and `eval` subcommands' parsers, kept free of heavy imports so that `idefics3 --help` stays fast.
 
 `add_demo_parser` / `add_eval_parser` take the CLI's subparsers object and its shared parent parsers (for
---model, --longest-edge, --no-split, --debug); each parser's `run(args)` imports the real work lazily.
+--model, --longest-edge, --no-split, --debug); each parser's `run(args)` imports the real work lazily. `idefics3
+eval` is the evaluation harness's command (idefics3.eval.cli) with the demo's held-out check added as the task
+`shapes`: run when no --task is given, and printed as it always was (accuracy per question type).
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from ..eval.cli import add_eval_parser as add_harness_parser
 
 DEMO_SEED = 7
 DEMO_OUT = "idefics3-demo"
@@ -34,25 +38,20 @@ def add_demo_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> argpars
 
 
 def add_eval_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", parents=parents, help="accuracy per question type on held-out demo-task questions",
-                       description="Ask COUNT held-out questions of the demo task (scenes of shapes and words, "
-                                   "drawn from SEED) and print exact-match accuracy per question type.")
-    p.add_argument("--seed", type=int, default=EVAL_SEED,
-                   help=f"question seed (default {EVAL_SEED}; the built-in model was trained on seed 0)")
-    p.add_argument("--count", type=int, default=EVAL_COUNT, help=f"questions (default {EVAL_COUNT})")
-    p.add_argument("--show-errors", action="store_true", help="print every wrong answer")
-    _device(p)
-    p.set_defaults(run=_run_eval)
-    return p
+    """`idefics3 eval`: the benchmarks, plus `shapes` (the built-in model's held-out check, the default)."""
+    return add_harness_parser(sub, parents, extra_tasks={"shapes": _shapes_task}, legacy="shapes",
+                              help="benchmarks with their official metrics (default: the demo's held-out check)")
+
+
+def _shapes_task(args: argparse.Namespace) -> Any:
+    from .evaluate import ShapesTask
+
+    seed = EVAL_SEED if args.seed is None else args.seed
+    count = EVAL_COUNT if args.count is None else args.count
+    return ShapesTask(seed, count)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .showcase import run_demo
 
     return run_demo(args)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
-
-    return run_eval(args)

@@ -1,25 +1,30 @@
 """Held-out evaluation on the demo task: exact-match accuracy per question type.
 
-    idefics3 eval [--model M] [--seed 1000] [--count 200]   (parser in demo/commands.py)
+    idefics3 eval [--model M] [--seed 1000] [--count 200]       (= idefics3 eval --task shapes ...)
 
-The questions come from `questions.examples(seed, count)` with equal shares of every type; the packaged model
-was trained on seed 0, so any other seed is held out. An answer counts when it equals the expected one after
-trimming spaces and a final full stop, ignoring case. `answer(...)` is the one-question helper that the demo
-command shares (a thin use of `idefics3.ask`).
+`ShapesTask` is the check as a task of the evaluation harness (idefics3.eval): the questions come from
+`questions.examples(seed, count)` with equal shares of every type (the packaged model was trained on seed 0, so
+any other seed is held out), they go through the engine many at a time like any benchmark's, and an answer
+counts when it equals the expected one after trimming spaces and a final full stop, ignoring case. Its table is
+the one `idefics3 eval` always printed: one line per question type, then all of them with the time taken.
+
+`evaluate(...)` asks the same questions one at a time with `idefics3.ask` (the reference the engine's answers are
+tested against, and what bench/demo_eval.py times); `answer(...)` is the one-question helper that the demo
+command shares.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
-from ..loading import ask, load_model, load_processor, resolve_model
+from ..eval.data import MemoryImage
+from ..eval.task import Sample, Scored, Summary, Task
+from ..loading import ask
 from .questions import KINDS, Example, examples
 
 if TYPE_CHECKING:  # the network class, for type hints only
@@ -36,6 +41,49 @@ def answer(model: Idefics3, processor: Any, images: list[Image.Image], question:
            max_new_tokens: int = MAX_NEW_TOKENS) -> str:
     """The model's greedy answer to `question` about `images` (given before the question)."""
     return ask(model, processor, question, images, max_new_tokens=max_new_tokens).strip()
+
+
+def accuracy_lines(rows: Sequence[tuple[str, bool]], seconds: float) -> list[str]:
+    """The table `idefics3 eval` prints: (kind, correct) per question, and the time all of them took."""
+    out = []
+    for kind in KINDS:
+        marks = [ok for k, ok in rows if k == kind]
+        if marks:
+            out.append(f"{kind:<9} {sum(marks):>4}/{len(marks):<4} {100 * sum(marks) / len(marks):6.1f}%")
+    n = len(rows)
+    right = sum(ok for _, ok in rows)
+    out.append(f"{'all':<9} {right:>4}/{n:<4} {100 * right / max(1, n):6.1f}%   "
+               f"({seconds:.1f}s, {1000 * seconds / max(1, n):.0f} ms per question)")
+    return out
+
+
+class ShapesTask(Task):
+    """The demo's held-out questions as a harness task (no data files: the scenes are drawn from the seed)."""
+
+    name, title, metric = "shapes", "demo shapes", "exact match"
+    needs_data = False
+    breakdowns = ("kind",)
+    max_new_tokens = MAX_NEW_TOKENS
+
+    def __init__(self, seed: int = 1000, count: int = 200) -> None:
+        self.seed, self.count = seed, count
+        self.default_split = f"seed{seed}"
+
+    @property
+    def heading(self) -> str:
+        return f"questions: {self.count} from seed {self.seed}"
+
+    def samples(self, files: Sequence[Path], split: str) -> Iterator[Sample]:
+        for i, ex in enumerate(examples(self.seed, self.count)):
+            yield Sample(f"{self.seed}-{i}", i, {"question": ex.question}, [MemoryImage(im) for im in ex.images],
+                         ex.answer, {"kind": ex.kind})
+
+    def score(self, answer: str, sample: Sample) -> Scored:
+        return Scored(float(normalise(answer) == normalise(sample.references)))
+
+    def table_lines(self, summary: Summary, records: Sequence[dict[str, Any]]) -> list[str]:
+        rows = [(r["categories"].get("kind", ""), bool(r.get("score"))) for r in records]
+        return accuracy_lines(rows, summary.seconds or 0.0)
 
 
 @dataclass
@@ -65,21 +113,12 @@ class EvalReport:
 
     def lines(self) -> list[str]:
         """The table `idefics3 eval` prints."""
-        out = []
-        for kind in KINDS:
-            right, total = self.counts(kind)
-            if total:
-                out.append(f"{kind:<9} {right:>4}/{total:<4} {100 * right / total:6.1f}%")
-        total_s = sum(r.seconds for r in self.records)
-        n = len(self.records)
-        out.append(f"{'all':<9} {sum(r.correct for r in self.records):>4}/{n:<4} {100 * self.accuracy():6.1f}%   "
-                   f"({total_s:.1f}s, {1000 * total_s / max(1, n):.0f} ms per question)")
-        return out
+        return accuracy_lines([(r.kind, r.correct) for r in self.records], sum(r.seconds for r in self.records))
 
 
 def evaluate(model: Idefics3, processor: Any, seed: int = 1000, count: int = 200,
              on_record: Callable[[Record], None] | None = None) -> EvalReport:
-    """Ask `count` held-out questions drawn from `seed`; return every answer with its timing."""
+    """Ask `count` held-out questions drawn from `seed`, one at a time; return every answer with its timing."""
     report = EvalReport()
     for ex in examples(seed, count):
         report.records.append(_ask(model, processor, ex))
@@ -89,26 +128,8 @@ def evaluate(model: Idefics3, processor: Any, seed: int = 1000, count: int = 200
 
 
 def _ask(model: Idefics3, processor: Any, ex: Example) -> Record:
+    import time
+
     start = time.perf_counter()
     got = answer(model, processor, ex.images, ex.question)
     return Record(ex.kind, ex.question, ex.answer, got, time.perf_counter() - start)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """`idefics3 eval`: load the model, ask, print one line per type (and the wrong answers if asked)."""
-    if args.count <= 0:
-        raise ValueError(f"--count must be positive, got {args.count}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    folder = resolve_model(args.model)
-    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
-    model = load_model(folder, device=args.device)
-    print(f"model: {folder}\nquestions: {args.count} from seed {args.seed}")
-    report = evaluate(model, processor, args.seed, args.count)
-    if args.show_errors:
-        for r in report.records:
-            if not r.correct:
-                print(f"  [{r.kind}] {r.question} expected {r.expected!r}, got {r.got!r}")
-    for line in report.lines():
-        print(line)
-    return 0

@@ -1,0 +1,135 @@
+"""Answers for many samples at once through the continuous-batching engine, greedy and deterministic.
+
+    backend = EngineBackend(model, processor, batch=8)
+    backend.answer(jobs, on_done)        # on_done(job, answer, None) or on_done(job, None, reason)
+
+A worker thread prepares inputs ahead (images decoded and tiled, prompts tokenized: inputs.py) while the engine
+steps; up to `batch` sequences are in flight and as many more wait, so a finished sequence's slot is refilled at
+the next step. Questions about the same image share its frames (InputBuilder), its encoded features (the
+engine's encoder cache, keyed by frame digest) and, when the prompt starts the same way, the keys and values of
+that prefix (the engine's prefix cache). Decoding is greedy (temperature 0) with the checkpoint's stop tokens,
+so a sample's answer does not depend on what else is in the batch.
+
+A sample whose image cannot be read, or whose prompt cannot be built or does not fit the engine, is reported
+through `on_done` with the reason and the run goes on. Anything else (an error inside a step) propagates: the
+records written so far stay, and `--resume` continues.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generation.encoder_cache import EncoderCache
+from ..generation.engine import Engine
+from ..generation.sampling import SamplingParams
+from ..generation.sequence import Request
+from ..generation.stopping import STOP
+from .data import ImageError
+from .inputs import Built, InputBuilder
+from .task import Prompt, Sample
+
+
+@dataclass
+class Job:
+    sample: Sample
+    prompt: Prompt
+    max_new_tokens: int
+
+
+OnDone = Callable[[Job, "str | None", "str | None"], None]
+
+
+@dataclass
+class _Live:
+    job: Job
+    tokens: list[int] = field(default_factory=list)
+
+
+class EngineBackend:
+    """Generation with the local model. `batch`: sequences in flight at once (the engine's max_batch)."""
+
+    kind = "engine"
+
+    def __init__(self, model: Any, processor: Any, batch: int = 8, max_seq_len: int | None = None) -> None:
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        self.model = model
+        self.processor = processor
+        self.builder = InputBuilder(processor)
+        cache = getattr(model, "encoder_cache", None)
+        self.engine = Engine(model, max_batch=batch, max_seq_len=max_seq_len,
+                             encoder_cache=cache if cache is not None else EncoderCache())
+
+    def _prepare(self, job: Job) -> tuple[Job, Built | None, str | None]:
+        try:
+            return job, self.builder.build(job.prompt, job.sample.images), None
+        except ImageError as err:
+            return job, None, f"image: {err}"
+        except (ValueError, TypeError) as err:
+            return job, None, f"prompt: {err}"
+
+    def answer(self, jobs: Iterable[Job], on_done: OnDone) -> None:
+        engine = self.engine
+        queue_depth = 2 * engine.max_batch
+        source: Iterator[Job] = iter(jobs)
+        pending: deque[Future] = deque()
+        live: dict[int, _Live] = {}
+        pool = ThreadPoolExecutor(1, thread_name_prefix="idefics3-eval-inputs")
+
+        def refill() -> None:
+            while len(pending) < queue_depth:
+                job = next(source, None)
+                if job is None:
+                    return
+                pending.append(pool.submit(self._prepare, job))
+
+        try:
+            refill()
+            while pending or engine.has_work():
+                while pending and len(live) < queue_depth and (pending[0].done() or not engine.has_work()):
+                    job, built, error = pending.popleft().result()
+                    refill()
+                    if error is None:
+                        error = self._add(job, built, live)
+                    if error is not None:
+                        on_done(job, None, error)
+                if engine.has_work():
+                    for event in engine.step():
+                        entry = live[event.seq_id]
+                        entry.tokens.append(event.token_id)
+                        if event.finish_reason is not None:
+                            del live[event.seq_id]
+                            on_done(entry.job, self._decode(entry.tokens, event.finish_reason), None)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for seq_id in list(live):  # interrupted: free the slots of what was in flight
+                engine.abort(seq_id)
+
+    def _add(self, job: Job, built: Built, live: dict[int, _Live]) -> str | None:
+        params = SamplingParams(temperature=0.0, max_new_tokens=job.max_new_tokens)
+        request = Request(built.ids, params, pixel_values=_to(built.pixel_values, self.model),
+                          pixel_attention_mask=_to(built.pixel_attention_mask, self.model),
+                          frame_keys=built.frame_keys)
+        try:
+            seq_id = self.engine.add(request)
+        except ValueError as err:
+            return f"prompt: {err}"
+        live[seq_id] = _Live(job)
+        return None
+
+    def _decode(self, tokens: list[int], reason: str) -> str:
+        if reason == STOP and tokens:
+            tokens = tokens[:-1]  # the stop token itself
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _to(tensor: torch.Tensor | None, model: Any) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    return tensor.to(model.device)
