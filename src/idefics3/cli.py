@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights dtype (default: bf16 on cuda and on CPUs with bf16 instructions, fp16 on mps, "
                           "else fp32)")
     run.add_argument("--device", choices=list(DEVICES), help="default: cuda if available, else cpu")
+    run.add_argument("--mmproj", metavar="FILE", help="the vision projector GGUF of a --model .gguf text model "
+                                                      "(without it a GGUF model answers text only)")
+    run.add_argument("--quantize", metavar="FORMAT", help="quantise the weights while loading: int8, int4, "
+                                                          "int4-g64, int4-g128, int8-channel")
     run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     run.add_argument("--temperature", type=float, metavar="T", help="sample with temperature T (0: greedy)")
     run.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
@@ -75,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip loading the model to show which kernel runs each op")
     info.add_argument("--dtype", choices=SHORT_NAMES, help="weights dtype for the kernel choices (as generate)")
     info.add_argument("--device", choices=list(DEVICES), help="device for the kernel choices (as generate)")
+    info.add_argument("--mmproj", metavar="FILE", help="the vision projector GGUF of a --model .gguf text model")
     info.set_defaults(run=cmd_info)
     quant = sub.add_parser("quantize", parents=[common], help="write an int8 / int4 copy of a checkpoint",
                            description="Quantise a checkpoint's weights (int8, or int4 in groups; see the README's "
@@ -86,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
                        help="format of the token embeddings and output head (groups of 32)")
     quant.add_argument("--include-vision", action="store_true", help="quantise the vision tower's linears too")
+    quant.add_argument("--mmproj", metavar="FILE", help="with a --model .gguf text model: its vision projector GGUF "
+                                                        "(a GGUF pair is converted as it is, without requantising)")
     quant.add_argument("--output", "-o", required=True, help="folder to write")
     quant.set_defaults(run=cmd_quantize)
     from .demo.commands import add_demo_parser, add_eval_parser  # the built-in model's demo and evaluation
@@ -146,8 +153,8 @@ def open_model(args: argparse.Namespace) -> tuple[Path, Any, Any]:
     from .loading import load_model, load_processor
 
     folder = model_folder(args)
-    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
-    model = load_model(folder, dtype=args.dtype, device=args.device)
+    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split, mmproj=args.mmproj)
+    model = load_model(folder, dtype=args.dtype, device=args.device, mmproj=args.mmproj, quantize=args.quantize)
     return folder, processor, model
 
 
@@ -269,17 +276,22 @@ def _attach(source: str, pending: list[Any]) -> None:
 
 # ---- quantize -----------------------------------------------------------------------------------------
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .loading import Idefics3ForConditionalGeneration, load_processor
+    from .loading import Idefics3ForConditionalGeneration, is_gguf, load_processor
     from .quant import plan, quantize_model, quantized_nbytes
 
     folder = model_folder(args)
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and output.resolve() != folder.resolve():
-        raise CliError(f"--output {output} exists and is not empty")
     if output.resolve() == folder.resolve():
         raise CliError("--output must not be the checkpoint folder itself")
-    processor = load_processor(folder)
-    model = Idefics3ForConditionalGeneration.from_pretrained(folder, backend="torch")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CliError(f"--output {output} exists and is not an empty folder")
+    processor = load_processor(folder, mmproj=args.mmproj)
+    model = Idefics3ForConditionalGeneration.from_pretrained(folder, backend="torch", mmproj=args.mmproj)
+    if is_gguf(folder):  # llama.cpp's blocks are our formats already: converted as they are
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+        print(f"{model.quantization.summary()} (from {folder.name}, not requantised); written to {output}")
+        return 0
     if getattr(model, "quantization", None) is not None:
         raise CliError(f"{folder} is already quantised ({model.quantization.summary()})")
     dense = quantized_nbytes(model)
@@ -299,17 +311,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 # ---- info ---------------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import Idefics3Config
-    from .loading import load_processor
+    from .loading import is_gguf, load_model, load_processor
 
     folder = model_folder(args)
-    config = Idefics3Config.from_pretrained(folder)
-    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
-    for line in describe(folder, config, processor):
+    processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split, mmproj=args.mmproj)
+    model = None
+    if is_gguf(folder):  # no config.json nor safetensors to read: the model itself says what it is
+        model = load_model(folder, dtype=args.dtype, device=args.device, mmproj=args.mmproj)
+        config, counts = model.config, module_counts(model)
+    else:
+        config, counts = Idefics3Config.from_pretrained(folder), parameter_counts(folder)
+    for line in describe(folder, config, processor, counts):
         print(line)
-    if args.backend:
-        from .loading import load_model
+    quantization = config.extra.get("quantization_config")
+    if quantization is not None:
+        from .quant import QuantConfig
 
-        model = load_model(folder, dtype=args.dtype, device=args.device)
+        print(f"quantised:   {QuantConfig.from_dict(quantization).summary()} "
+              f"({quantization.get('source', '')})")
+    if args.backend:
+        model = model or load_model(folder, dtype=args.dtype, device=args.device)
         from .device import cpu_description
 
         print(f"kernels:     {cpu_description()}, torch {_torch_version()}, dtype {str(model.dtype)[6:]}")
@@ -324,13 +345,12 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def describe(folder: Path, config: Any, processor: Any) -> list[str]:
-    """The lines `idefics3 info` prints."""
+def describe(folder: Path, config: Any, processor: Any, counts: dict[str, int]) -> list[str]:
+    """The lines `idefics3 info` prints (counts: weights per part, `parameter_counts`)."""
     from PIL import Image
 
     v, t = config.vision_config, config.text_config
     patches = (v.image_size // v.patch_size) ** 2
-    counts = parameter_counts(folder)
     total = sum(counts.values())
     parts = ", ".join(f"{name} {_human(n)}" for name, n in counts.items() if n)
     settings = processor.image_processor
@@ -363,11 +383,21 @@ def parameter_counts(folder: Path) -> dict[str, int]:
 
     from .weights import checkpoint_files, checkpoint_keys, read_headers
 
+    shapes = {key: shape for key, (shape, _) in checkpoint_keys(read_headers(checkpoint_files(folder))).items()}
+    return _count_parts({key: prod(shape) for key, shape in shapes.items()})
+
+
+def module_counts(model: Any) -> dict[str, int]:
+    """Stored values per part of a loaded model (a model read from a GGUF file has no safetensors to count)."""
+    return _count_parts({k: v.numel() for k, v in model.state_dict().items() if not v.is_meta})
+
+
+def _count_parts(sizes: dict[str, int]) -> dict[str, int]:
     counts = {"vision": 0, "connector": 0, "text": 0, "lm_head": 0}
-    for key, (shape, _) in checkpoint_keys(read_headers(checkpoint_files(folder))).items():
+    for key, n in sizes.items():
         part = ("vision" if "vision_model" in key else "connector" if "connector" in key
                 else "lm_head" if key.startswith("lm_head") else "text")
-        counts[part] += prod(shape)
+        counts[part] += n
     return counts
 
 

@@ -219,11 +219,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None, backend: str = "auto",
-               mmproj: str | os.PathLike | None = None) -> Idefics3ForConditionalGeneration:
+               mmproj: str | os.PathLike | None = None, quantize: str | None = None
+               ) -> Idefics3ForConditionalGeneration:
     """Load for inference: dtype a torch dtype or name ("bf16", "fp16", "fp32"; default: bf16 on CUDA and on
     CPUs with bf16 instructions, else fp32; "auto": the checkpoint's), device as `pick_device`, and the kernel
     backend ("auto" or "torch"). For a GGUF text model (ref ending in .gguf), mmproj is its vision projector
-    file (None: text only)."""
+    file (None: text only). quantize: "int8" / "int4" / ... quantises a dense checkpoint while loading."""
     folder = resolve_model(ref)
     target = pick_device(device)
     if dtype is None:
@@ -231,7 +232,8 @@ def load_model(ref: str | os.PathLike | None = None, dtype: torch.dtype | str | 
     elif dtype != "auto":
         dtype = to_torch_dtype(dtype)
     return Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=target,
-                                                            backend=backend, mmproj=mmproj).eval()
+                                                            backend=backend, mmproj=mmproj,
+                                                            quantize=quantize).eval()
 
 
 def load_processor(ref: str | os.PathLike | None = None, longest_edge: int | None = None,

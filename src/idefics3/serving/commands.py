@@ -42,6 +42,9 @@ def add_serve_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                      help="on SIGTERM, how long running requests may take to finish")
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", choices=SHORT_NAMES)
+    eng.add_argument("--mmproj", metavar="FILE", help="the vision projector GGUF of a --model .gguf text model")
+    eng.add_argument("--quantize", metavar="FORMAT", help="quantise the weights while loading: int8, int4, "
+                                                          "int4-g64, int4-g128, int8-channel")
     eng.add_argument("--device", choices=list(DEVICES))
     eng.add_argument("--max-batch", type=int, default=16, help="sequences in flight at once")
     eng.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer per sequence (default: 4096 "
@@ -73,7 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         allowed_local_path=args.allowed_local_media_path, timeout=args.media_timeout,
                         max_bytes=int(args.max_image_mb * 2**20))
     options = ServeOptions(
-        model=args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+        model=args.model, mmproj=args.mmproj, quantize=args.quantize, host=args.host, port=args.port,
+        served_model_name=args.served_model_name,
         api_key=args.api_key if args.api_key is not None else os.environ.get("IDEFICS3_API_KEY"),
         dtype=args.dtype, device=args.device, longest_edge=args.longest_edge, split=not args.no_split,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_prefill_chunk=args.max_prefill_chunk or None,

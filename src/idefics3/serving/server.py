@@ -32,6 +32,8 @@ logger = logging.getLogger("idefics3.serving")
 @dataclass
 class ServeOptions:
     model: str | None = None
+    mmproj: str | None = None  # the vision projector of a GGUF text model
+    quantize: str | None = None  # quantise a dense checkpoint while loading ("int8", "int4", ...)
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None
@@ -67,8 +69,8 @@ def load(state: ServerState, options: ServeOptions) -> None:
     """Load model, processor and engine into the state (on a background thread); the state becomes "ok"."""
     try:
         folder = resolve_model(options.model)
-        model = load_model(folder, options.dtype, options.device)
-        processor = load_processor(folder, options.longest_edge, options.split)
+        model = load_model(folder, options.dtype, options.device, mmproj=options.mmproj, quantize=options.quantize)
+        processor = load_processor(folder, options.longest_edge, options.split, mmproj=options.mmproj)
         slots = options.max_batch // 2 if options.prefix_cache_slots is None else options.prefix_cache_slots
         engine = Engine(model, max_batch=options.max_batch, max_seq_len=options.max_seq_len,
                         max_prefill_chunk=options.max_prefill_chunk, encoder_cache=model.encoder_cache,
