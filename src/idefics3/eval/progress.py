@@ -59,7 +59,7 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.done:
             self._draw(time.monotonic())
             if self.tty:
                 self.stream.write("\n")

@@ -114,7 +114,7 @@ class OCRBench(Task):
     def add_metrics(self, summary: Summary, scored: Sequence[dict[str, Any]]) -> None:
         hits = sum(r["score"] for r in scored)
         summary.metrics["final_score"] = hits  # OCRBench's "Final Score (Total 1000)" on the full set
-        summary.metrics["text_recognition"] = sum(r["score"] for r in scored
+        summary.metrics["recognition_score"] = sum(r["score"] for r in scored
                                                   if r.get("categories", {}).get("question_type") in RECOGNITION)
 
 
