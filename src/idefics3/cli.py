@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mmproj", metavar="FILE", help="the vision projector GGUF of a --model .gguf text model "
                                                       "(without it a GGUF model answers text only)")
     run.add_argument("--quantize", metavar="FORMAT", help="quantise the weights while loading: int8, int4, "
-                                                          "int4-g64, int4-g128, int8-channel")
+                                                          "int4-g64, int4-g128, int4-asym, int8-channel")
     run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N")
     run.add_argument("--temperature", type=float, metavar="T", help="sample with temperature T (0: greedy)")
     run.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling")
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inputs per scale (0: one scale per output channel, int8 only)")
     quant.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
                        help="format of the token embeddings and output head (groups of 32)")
+    quant.add_argument("--asymmetric", action="store_true",
+                       help="int4 with a minimum per group as well as a scale (llama.cpp's Q4_1: 5 bits per weight "
+                            "instead of 4.5, closer to the original)")
     quant.add_argument("--include-vision", action="store_true", help="quantise the vision tower's linears too")
     quant.add_argument("--mmproj", metavar="FILE", help="with a --model .gguf text model: its vision projector GGUF "
                                                         "(a GGUF pair is converted as it is, without requantising)")
@@ -295,7 +298,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if getattr(model, "quantization", None) is not None:
         raise CliError(f"{folder} is already quantised ({model.quantization.summary()})")
     dense = quantized_nbytes(model)
-    config = plan(model, args.bits, args.group_size, args.include_vision, args.head_bits)
+    if args.asymmetric and args.bits != 4:
+        raise CliError("--asymmetric is an int4 format (use it with --bits 4)")
+    config = plan(model, args.bits, args.group_size, args.include_vision, args.head_bits, args.asymmetric)
     quantize_model(model, config)
     model.save_pretrained(output)
     processor.save_pretrained(output)

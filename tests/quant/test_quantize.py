@@ -19,6 +19,7 @@ from idefics3.quant import (
     QuantSpec,
     dequantize,
     dequantize_model,
+    parse_quantize,
     plan,
     quantize,
     quantize_model,
@@ -95,6 +96,15 @@ def test_an_input_size_the_groups_do_not_divide_is_padded_with_zeros(spec):
     torch.testing.assert_close(layer(x), x @ back.T)
 
 
+def test_format_names_parse_to_specs():
+    assert parse_quantize("int4") == QuantSpec(4, 32)
+    assert parse_quantize("INT8-channel") == QuantSpec(8, 0)
+    assert parse_quantize("int4-asym-g128") == QuantSpec(4, 128, asymmetric=True)
+    for bad in ("int3", "int4-g48", "int8-asym", "int4-g", "int4-channel", "fp8"):
+        with pytest.raises(QuantError, match=repr(bad)):
+            parse_quantize(bad)
+
+
 def test_bad_specs_and_shapes_are_refused():
     with pytest.raises(QuantError, match="bits"):
         QuantSpec(3, 32)
@@ -121,7 +131,7 @@ def test_policy_names_every_matrix_and_why_some_stay_dense(dense_folder):
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))).modules == config.modules
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int4-g64", "int8-channel"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int4-g64", "int8-channel", "int4-asym"])
 def test_quantised_model_equals_its_dequantised_weights_and_its_folder_round_trips(tmp_path, dense_folder, name):
     ids = torch.randint(0, 49000, (2, 17), generator=torch.Generator().manual_seed(1))
     quantised = load(dense_folder, quantize=name)

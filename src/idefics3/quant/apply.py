@@ -90,29 +90,35 @@ class QuantConfig:
         return ", ".join(parts) + (f"; {len(self.dense)} matrices kept dense" if self.dense else "")
 
 
-def parse_quantize(value: str | QuantConfig | None) -> tuple[int, int] | QuantConfig | None:
-    """A `quantize=` argument: None, a QuantConfig, or "int8" / "int4" / "int4-g64" / "int8-channel"
-    -> (bits, group_size)."""
+FORMATS_HELP = "int8, int8-channel, int8-g64, int4, int4-g64, int4-g128, int4-asym (with per-group minimums)"
+
+
+def parse_quantize(value: str | QuantConfig | None) -> QuantSpec | QuantConfig | None:
+    """A `quantize=` argument: None, a QuantConfig, or a format name ("int8", "int4", "int4-g64",
+    "int8-channel", "int4-asym", "int4-asym-g128") -> the QuantSpec of the decoder's linears."""
     if value is None or isinstance(value, QuantConfig):
         return value
-    text = str(value).strip().lower()
-    bits_text, _, group_text = text.partition("-")
-    if bits_text not in ("int8", "int4"):
-        raise QuantError(f"unknown quantisation {value!r} (use int8, int4, int4-g64, int4-g128 or int8-channel)")
-    bits = int(bits_text[3:])
-    if not group_text:
-        return bits, 32
-    if group_text == "channel":
-        return bits, 0
-    if group_text.startswith("g") and group_text[1:].isdigit():
-        return bits, int(group_text[1:])
-    raise QuantError(f"unknown quantisation {value!r} (use int8, int4, int4-g64, int4-g128 or int8-channel)")
+    parts = str(value).strip().lower().split("-")
+    bits, group, asymmetric = {"int8": 8, "int4": 4}.get(parts[0]), 32, False
+    rest = parts[1:]
+    if rest[:1] == ["asym"]:
+        asymmetric, rest = True, rest[1:]
+    if rest == ["channel"]:
+        group, rest = 0, []
+    elif len(rest) == 1 and rest[0].startswith("g") and rest[0][1:].isdigit():
+        group, rest = int(rest[0][1:]), []
+    if bits is None or rest:
+        raise QuantError(f"unknown quantisation {value!r} (use {FORMATS_HELP})")
+    try:
+        return QuantSpec(bits, group, asymmetric)
+    except QuantError as e:
+        raise QuantError(f"quantisation {value!r}: {e}") from None
 
 
 def plan(model: nn.Module, bits: int = 4, group_size: int = 32, include_vision: bool = False,
-         head_bits: int = 8) -> QuantConfig:
-    """The QuantConfig of the policy above for this model."""
-    spec = QuantSpec(bits, group_size)
+         head_bits: int = 8, asymmetric: bool = False) -> QuantConfig:
+    """The QuantConfig of the policy above for this model (asymmetric: int4 with per-group minimums)."""
+    spec = QuantSpec(bits, group_size, asymmetric)
     head = QuantSpec(head_bits, 32)
     config = QuantConfig()
     for name, module in model.named_modules():
@@ -127,7 +133,7 @@ def plan(model: nn.Module, bits: int = 4, group_size: int = 32, include_vision: 
         else:
             continue
         config.modules[name] = chosen
-    config.source = f"idefics3 quantize (int{bits}, group {group_size or 'per channel'}, head int{head_bits}" + \
+    config.source = f"idefics3 quantize ({spec.name}, head int{head_bits}" + \
         (", vision included)" if include_vision else ")")
     return config
 

@@ -64,8 +64,7 @@ def quantize_on_load_hooks(quantize_arg: str | QuantConfig, include_vision: bool
         if isinstance(parsed, QuantConfig):
             qconfig = parsed
         else:
-            bits, group = parsed
-            qconfig = plan(model, bits, group, include_vision, head_bits)
+            qconfig = plan(model, parsed.bits, parsed.group_size, include_vision, head_bits, parsed.asymmetric)
         install_quantized(model, qconfig)
         chosen["config"] = qconfig
 

@@ -44,7 +44,7 @@ def add_serve_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     eng.add_argument("--dtype", choices=SHORT_NAMES)
     eng.add_argument("--mmproj", metavar="FILE", help="the vision projector GGUF of a --model .gguf text model")
     eng.add_argument("--quantize", metavar="FORMAT", help="quantise the weights while loading: int8, int4, "
-                                                          "int4-g64, int4-g128, int8-channel")
+                                                          "int4-g64, int4-g128, int4-asym, int8-channel")
     eng.add_argument("--device", choices=list(DEVICES))
     eng.add_argument("--max-batch", type=int, default=16, help="sequences in flight at once")
     eng.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer per sequence (default: 4096 "
