@@ -115,10 +115,7 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
     v, t = model.config.vision_config, model.config.text_config
     attention_reason = cpu_attention.unsupported_reason(dtype, device, v.hidden_size // v.num_attention_heads)
     vision_dtype = model.model.vision_model.post_layernorm.weight.dtype
-    if model.model.vision_model.post_layernorm.weight.is_meta:  # a text-only model (model/idefics3.py)
-        result.choose("vision layers", TORCH, "no vision tower (text only)")
-        result.choose("vision attention", TORCH, "no vision tower (text only)")
-    elif vision_dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+    if vision_dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         result.choose("vision layers", TORCH, f"oneDNN fused linears need fp32 or bf16 with oneDNN ({vision_dtype})")
         result.choose("vision attention", TORCH, "the vision layers are not fused")
     else:
@@ -165,8 +162,9 @@ def _choose_decode(result: Backend, model: nn.Module, dtype: torch.dtype) -> Non
         result.choose("decode", TORCH, reason)
         return
     variant = cpu_decode.variant_for(dtype)
+    parts = cpu_decode.DecoderParts.of(model)
     no_amx = "fp32 weights" if dtype != torch.bfloat16 else \
-        cpu_decode.amx_reason(cpu_decode.load_library(variant), variant)
+        cpu_decode.amx_reason(cpu_decode.load_library(variant), variant, quantised=parts.quantised)
     plan = calibrate.decode(model, result.derived, variant, amx=no_amx is None)
     if not plan.kernel:
         result.choose("decode", TORCH, plan.reason)
@@ -175,7 +173,8 @@ def _choose_decode(result: Backend, model: nn.Module, dtype: torch.dtype) -> Non
     isa = {("avx512", True): "AVX512-BF16", ("avx512", False): "AVX-512 FMA"}.get(
         (variant, dtype == torch.bfloat16), "AVX2 + FMA, bf16 widened" if dtype == torch.bfloat16 else "AVX2 + FMA")
     amx = {0: "", 1: "; every step on AMX tiles", 2: "; batches on AMX tiles"}[plan.amx_rows]
-    result.choose("decode", f"fused C++ decode step ({isa}{amx})",
+    weights = "" if not parts.quantised else f"; weights {parts.formats()}, dequantised in registers"
+    result.choose("decode", f"fused C++ decode step ({isa}{amx}{weights})",
                   f"{plan.reason}" + (f"; no AMX: {no_amx}" if no_amx and dtype == torch.bfloat16 else ""))
 
 

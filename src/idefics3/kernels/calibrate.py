@@ -215,8 +215,10 @@ def decode(model: nn.Module, derived: DerivedWeights, variant: str, amx: bool) -
     if not calibrating():
         return DecodePlan(True, 2 if amx else 0, f"{ENV_CALIBRATE}=0: not measured")
     t = model.config.text_config
+    formats = cpu_decode.DecoderParts.of(model).formats()  # "dense", or the quantised formats: timed apart
     shape = (t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
-             t.num_key_value_heads, t.head_dim, t.vocab_size, model.model.text_model.norm.weight.dtype, variant)
+             t.num_key_value_heads, t.head_dim, t.vocab_size, model.model.text_model.norm.weight.dtype, variant,
+             formats)
     trial = _DecodeTrial(model, derived, variant)
     one = compare(("decode", *shape), lambda: trial.kernel(1), lambda: trial.plain(1),
                   "one decode step of 1 row", plain_name="plain")

@@ -6,6 +6,8 @@
 // OpenMP parallel region: every matrix is streamed once and each weight load serves all R rows of the
 // batch, which is what makes batch 8 nearly as cheap as batch 1. At batch 1 the matrices are the model's
 // own row-major tensors (shared with the plain path); bf16 batches read packed copies (packed_tile).
+// Quantised matrices (int8, int4: cpu_decode_quant.h) are streamed as stored, at batch 1 and in batches, and
+// dequantised in registers; a model with any of them never takes packed copies or AMX tiles.
 //
 // Numerics follow the plain PyTorch path: fp32 accumulation everywhere, RMSNorm and softmax in fp32,
 // and in bf16 the values are rounded to bf16 at the same points where the plain path stores a bf16
@@ -146,6 +148,20 @@ inline void gemv_tile(const typename A::T* W, int64_t N, int64_t K, int64_t t, c
 }
 
 inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
+
+#include "cpu_decode_quant.h"  // QuantInput, QuantScratch, quant_rows: int8 / int4 weights
+
+// Tile t of y = x W^T for a dense or quantised W (`in`: x as the quantised products read it, prepared this step
+// where W is quantised).
+template <class A, class Emit>
+inline void weight_tile(const Weight& W, int64_t N, int64_t K, int64_t t, const typename A::T* x,
+                        const QuantInput& in, int64_t R, const Emit& emit) {
+  if (W.dense()) {
+    gemv_tile<A>(static_cast<const typename A::T*>(W.data), N, K, t, x, R, emit);
+    return;
+  }
+  quant_rows(W, t * NR, std::min(N, t * NR + NR), in, R, emit);
+}
 
 // ---- batched bf16 decode on packed weights ------------------------------------------------------------------
 // At batch > 1 the row-major dot products above load a whole x vector per weight vector (8 loads per 8
@@ -370,15 +386,16 @@ inline void gate_up_amx(const uint16_t* Wg, const uint16_t* Wu, int64_t K, const
 
 // y = x W^T inside the caller's parallel region (an orphaned `omp for`): for bf16 batches on AMX tiles when
 // given `pairs` (scratch for x in AMX's layout, made here unless `pairs_ready`), else on the packed copy Wp when
-// `packed`, else row-major.
+// `packed`, else row-major (dense or quantised W; `in` as for weight_tile). AMX and packed: dense models only.
 template <class A, class Emit>
-inline void linear(bool packed, const void* W, const uint16_t* Wp, int64_t N, int64_t K, const typename A::T* x,
-                   int64_t R, const Emit& emit, uint16_t* pairs = nullptr, bool pairs_ready = false) {
+inline void linear(bool packed, const Weight& W, const uint16_t* Wp, int64_t N, int64_t K, const typename A::T* x,
+                   const QuantInput& in, int64_t R, const Emit& emit, uint16_t* pairs = nullptr,
+                   bool pairs_ready = false) {
   if constexpr (std::is_same<A, BF16>::value) {
 #ifdef IDEFICS3_HAVE_AMX
     if (pairs != nullptr) {
       if (!pairs_ready) amx::to_pairs(x, R, K, pairs);
-      linear_amx(static_cast<const uint16_t*>(W), N, K, x, pairs, R, emit);
+      linear_amx(static_cast<const uint16_t*>(W.data), N, K, x, pairs, R, emit);
       return;
     }
 #endif
@@ -389,7 +406,7 @@ inline void linear(bool packed, const void* W, const uint16_t* Wp, int64_t N, in
     }
   }
 #pragma omp for schedule(static)
-  for (int64_t t = 0; t < tiles(N); ++t) gemv_tile<A>(static_cast<const typename A::T*>(W), N, K, t, x, R, emit);
+  for (int64_t t = 0; t < tiles(N); ++t) weight_tile<A>(W, N, K, t, x, in, R, emit);
 }
 
 template <class A>
@@ -408,19 +425,21 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
   std::vector<float> h(R * D), y(R * D), qkv(R * NQKV), gate(R * I), up(R * I), scores(R * H * max_len);
   std::vector<T> x(R * std::max(D, H * hd)), att(R * NQ), act(R * I);
   const int64_t tq = tiles(NQ), tk = tiles(NK), t_attn = tq + 2 * tk;
+  // the inputs of quantised matrices in the forms their products read, made once per input and step
+  QuantScratch quant(R, std::max({D, NQ, I}), m.quantised);
   // grouped attention: a supported group and head size, and R * Hkv work items that split evenly or
   // are plenty for the threads (at batch 1 on several threads, head by head balances better)
   // packed copies serve batches of bf16 rows (at batch 1 the row-major stream is the faster one)
 #ifdef IDEFICS3_HAVE_AMX
-  const bool amx = std::is_same<A, BF16>::value && m.amx_min_rows > 0 && R >= m.amx_min_rows && D % 32 == 0 &&
-                   NQ % 32 == 0 && I % 32 == 0;
+  const bool amx = std::is_same<A, BF16>::value && !m.quantised && m.amx_min_rows > 0 && R >= m.amx_min_rows &&
+                   D % 32 == 0 && NQ % 32 == 0 && I % 32 == 0;
   std::vector<uint16_t> pairs(amx ? (R + 15) / 16 * std::min<int64_t>(R, 16) * std::max({D, NQ, I}) : 0);
   uint16_t* pairs_p = amx ? pairs.data() : nullptr;  // x in AMX's layout: the B tiles
 #else
   const bool amx = false;
   uint16_t* pairs_p = nullptr;
 #endif
-  const bool packed = !amx && std::is_same<A, BF16>::value && R >= 2 && m.plm_head != nullptr;
+  const bool packed = !amx && !m.quantised && std::is_same<A, BF16>::value && R >= 2 && m.plm_head != nullptr;
   const bool grouped = group >= 2 && group <= 4 && hd <= 128 && H == group * Hkv &&
                        ((R * Hkv) % n_threads == 0 || R * Hkv >= 4 * int64_t(n_threads));
 
@@ -431,12 +450,11 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
     if (amx) amx::configure(int(std::min<int64_t>(R, amx::MAXB)));
 #endif
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      const T* e = static_cast<const T*>(m.embed) + ids[r] * D;
-      for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::to_f(e[i]);
-    }
+    for (int64_t r = 0; r < R; ++r) embed_row<A>(m, ids[r], &h[r * D]);
     for (int64_t l = 0; l < m.n_layers; ++l) {
       const Layer& L = m.layers[l];
+      const bool quant_qkv = !(L.wq.dense() && L.wk.dense() && L.wv.dense()), quant_gu = !(L.wg.dense() && L.wu.dense());
+      const QuantInput in_x = quant.view(D), in_att = quant.view(NQ), in_act = quant.view(I);
       T* kc = static_cast<T*>(L.kc);
       T* vc = static_cast<T*>(L.vc);
       // the keys and values pair idx = (kv head, row) reads: its own slot's, and below `shared` those of the
@@ -449,26 +467,28 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
       };
       // the previous layer's MLP residual, then this layer's input norm
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; ++r)
+      for (int64_t r = 0; r < R; ++r) {
         add_then_norm<A>(&h[r * D], l > 0 ? &y[r * D] : nullptr, static_cast<const T*>(L.ln1), D, m.eps, &x[r * D]);
+        if (quant_qkv) quant.prepare_row<A>(x.data(), D, r);
+      }
       // q, k, v: one loop over the tiles of the three matrices (or of their packed stack)
       if (amx) {
-        linear<A>(false, L.wq, nullptr, NQ, D, x.data(), R, Sink<A>{qkv.data(), NQKV, Store::Round}, pairs_p);
+        linear<A>(false, L.wq, nullptr, NQ, D, x.data(), in_x, R, Sink<A>{qkv.data(), NQKV, Store::Round}, pairs_p);
         // k and v read the pairs q just made of the same x
-        linear<A>(false, L.wk, nullptr, NK, D, x.data(), R, Sink<A>{qkv.data() + NQ, NQKV, Store::Round}, pairs_p,
-                  true);
-        linear<A>(false, L.wv, nullptr, NK, D, x.data(), R, Sink<A>{qkv.data() + NQ + NK, NQKV, Store::Round},
+        linear<A>(false, L.wk, nullptr, NK, D, x.data(), in_x, R, Sink<A>{qkv.data() + NQ, NQKV, Store::Round},
                   pairs_p, true);
+        linear<A>(false, L.wv, nullptr, NK, D, x.data(), in_x, R,
+                  Sink<A>{qkv.data() + NQ + NK, NQKV, Store::Round}, pairs_p, true);
       } else if (packed) {
-        linear<A>(true, nullptr, L.pqkv, NQKV, D, x.data(), R, Sink<A>{qkv.data(), NQKV, Store::Round});
+        linear<A>(true, Weight{}, L.pqkv, NQKV, D, x.data(), in_x, R, Sink<A>{qkv.data(), NQKV, Store::Round});
       } else {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < t_attn; ++t) {
-          const T* W = static_cast<const T*>(t < tq ? L.wq : t < tq + tk ? L.wk : L.wv);
+          const Weight& W = t < tq ? L.wq : t < tq + tk ? L.wk : L.wv;
           const int64_t base = t < tq ? 0 : t < tq + tk ? NQ : NQ + NK;
           const int64_t tt = t < tq ? t : t < tq + tk ? t - tq : t - tq - tk;
           const Sink<A> emit{qkv.data() + base, NQKV, Store::Round};
-          gemv_tile<A>(W, base == 0 ? NQ : NK, D, tt, x.data(), R, emit);
+          weight_tile<A>(W, base == 0 ? NQ : NK, D, tt, x.data(), in_x, R, emit);
         }
       }
       // RoPE on q and k heads; k and v go into the cache at (slot, head, position)
@@ -542,10 +562,16 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
             A::store16(&att[r * NQ + head * hd + d], _mm512_maskz_loadu_ps(lanes(hd - d), o + d), lanes(hd - d));
         }
       }
-      linear<A>(packed, L.wo, L.po, D, NQ, att.data(), R, Sink<A>{y.data(), D, Store::Keep}, pairs_p);
+      if (!L.wo.dense()) {
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; ++r)
+        for (int64_t r = 0; r < R; ++r) quant.prepare_row<A>(att.data(), NQ, r);
+      }
+      linear<A>(packed, L.wo, L.po, D, NQ, att.data(), in_att, R, Sink<A>{y.data(), D, Store::Keep}, pairs_p);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
         add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(L.ln2), D, m.eps, &x[r * D]);
+        if (quant_gu) quant.prepare_row<A>(x.data(), D, r);
+      }
       // gate and up for 16 columns (4 row-major tiles, one packed tile of the interleaved gate|up, or one AMX
       // block of each), then SiLU(gate) * up for those columns
 #ifdef IDEFICS3_HAVE_AMX
@@ -557,7 +583,7 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
         const int64_t n0 = 16 * t, count = std::min<int64_t>(16, I - n0);
         if constexpr (std::is_same<A, BF16>::value) {
 #ifdef IDEFICS3_HAVE_AMX
-          if (amx) gate_up_amx<A>(static_cast<const T*>(L.wg) + n0 * D, static_cast<const T*>(L.wu) + n0 * D, D,
+          if (amx) gate_up_amx<A>(static_cast<const T*>(L.wg.data) + n0 * D, static_cast<const T*>(L.wu.data) + n0 * D, D,
                                   pairs_p, R, n0, Sink<A>{gate.data(), I, Store::Round},
                                   Sink<A>{up.data(), I, Store::Round});
 #endif
@@ -569,18 +595,25 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
         if (!packed && !amx) {
           const Sink<A> emit_g{gate.data(), I, Store::Round}, emit_u{up.data(), I, Store::Round};
           for (int64_t tt = 4 * t; tt < std::min(tiles(I), 4 * t + 4); ++tt) {
-            gemv_tile<A>(static_cast<const T*>(L.wg), I, D, tt, x.data(), R, emit_g);
-            gemv_tile<A>(static_cast<const T*>(L.wu), I, D, tt, x.data(), R, emit_u);
+            weight_tile<A>(L.wg, I, D, tt, x.data(), in_x, R, emit_g);
+            weight_tile<A>(L.wu, I, D, tt, x.data(), in_x, R, emit_u);
           }
         }
         for (int64_t r = 0; r < R; ++r) silu_times<A>(&gate[r * I + n0], &up[r * I + n0], count, &act[r * I + n0]);
       }
-      linear<A>(packed, L.wd, L.pd, D, I, act.data(), R, Sink<A>{y.data(), D, Store::Keep}, pairs_p);
+      if (!L.wd.dense()) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; ++r) quant.prepare_row<A>(act.data(), I, r);
+      }
+      linear<A>(packed, L.wd, L.pd, D, I, act.data(), in_act, R, Sink<A>{y.data(), D, Store::Keep}, pairs_p);
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r)
+    for (int64_t r = 0; r < R; ++r) {
       add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(m.norm), D, m.eps, &x[r * D]);
-    linear<A>(packed, m.lm_head, m.plm_head, V, D, x.data(), R, Sink<A>{logits, V, Store::Cast}, pairs_p);
+      if (!m.lm_head.dense()) quant.prepare_row<A>(x.data(), D, r);
+    }
+    linear<A>(packed, m.lm_head, m.plm_head, V, D, x.data(), quant.view(D), R,
+              Sink<A>{logits, V, Store::Cast}, pairs_p);
 #ifdef IDEFICS3_HAVE_AMX
     if (amx) amx::release();
 #endif

@@ -15,8 +15,15 @@ matrices and the lm_head (as much memory again as those weights: 270 MB for Smol
 they take at most half the memory available), kept in the backend's `DerivedWeights` store (so counted and
 shared by later decoders), on which batches run 1.8x faster (cpu_decode.cpp, packed_tile). On CPUs with AMX
 the backend may instead run batches on AMX tiles over the model's own weights (`use_amx`), which needs no copy.
+
+Quantised weights: each matrix (q, k, v, o, gate, up, down, the head) and the embedding table may be dense in
+the model's dtype or a `QuantLinear` / `QuantEmbedding` (int8, int4, int4 with minimums, any group size of
+quant/format.py). The kernel streams the stored codes and dequantises them in registers (cpu_decode_quant.h,
+cpu_decode_quant_avx2.h), at batch 1 and in batches, so a step reads half (int8) or about a third (int4) of
+the bytes of bf16. Packed copies and AMX tiles are for dense bf16 weights: a quantised model gets neither.
 A decoder is bound to the tensors it saw when built: the backend builds one per engine, and
-`unsupported_reason` refuses a model whose decoder linears are not plain (LoRA, say).
+`unsupported_reason` refuses a model whose decoder linears are neither plain nn.Linear nor QuantLinear (LoRA,
+say), or have a bias.
 
 The source is compiled once per machine (build.py), in the variant of this machine's ISA level
 (`variant_for`): cpu_decode.cpp needs AVX-512 (F, BW, VL, DQ), plus AVX512-BF16 for bf16 weights;
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,8 @@ from ..config import TextConfig
 from ..device import cpu_isa
 from ..model.kv_cache import KVCache
 from ..model.text import TextModel
+from ..quant.format import QuantError, QuantSpec, check_tensors
+from ..quant.modules import QuantEmbedding, QuantLinear
 from .build import AMX_CFLAGS, AVX2_CFLAGS, CFLAGS, ENV_SWITCH, compile_library, kernels_enabled
 from .derived import DerivedWeights
 
@@ -51,6 +61,23 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # attention is specialised per
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# The tables idefics3_decoder_create reads (cpu_decode_model.h): a weight is (data, scales, mins, kind, group,
+# stored columns); a layer row is ln1, ln2, k cache, v cache, then the weights of _PROJECTIONS. The library
+# reports its own.
+ABI_VERSION = 2
+WEIGHT_FIELDS = 6
+LAYER_FIELDS = 4 + len(_PROJECTIONS) * WEIGHT_FIELDS
+_DENSE, _INT8, _INT4, _INT4_MINS = 0, 1, 2, 3  # cpu_decode_model.h's WeightKind
+
+
+def _sources_digest(source: Path) -> str:
+    """A digest of a build's source and the headers beside it: part of the library's name, so that a changed
+    header builds a new library (torch's extension builder watches only the listed source) and two source
+    versions never overwrite each other's build."""
+    digest = hashlib.blake2b(digest_size=4)
+    for path in [source, *sorted(source.parent.glob("*.h"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def variant_for(dtype: torch.dtype) -> str | None:
@@ -67,10 +94,16 @@ def variant_for(dtype: torch.dtype) -> str | None:
 def load_library(variant: str = "avx512") -> ctypes.CDLL | str:
     """The compiled kernel library of one variant with its signatures declared, or why it could not be built."""
     source, cflags, optional = VARIANTS[variant]
-    lib = compile_library(f"idefics3_cpu_decode_{variant}", source, cflags, optional)
+    lib = compile_library(f"idefics3_cpu_decode_{variant}_{_sources_digest(source)}", source, cflags, optional)
     if isinstance(lib, str):
         return lib
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.idefics3_decoder_abi.argtypes = [ptr]
+    abi = (ctypes.c_int64 * 3)()
+    lib.idefics3_decoder_abi(abi)
+    if tuple(abi) != (ABI_VERSION, LAYER_FIELDS, WEIGHT_FIELDS):
+        return (f"the kernel library {source.name} takes tables of version {tuple(abi)}, this module passes "
+                f"{(ABI_VERSION, LAYER_FIELDS, WEIGHT_FIELDS)}")
     lib.idefics3_decoder_create.restype = ptr
     lib.idefics3_decoder_create.argtypes = [ctypes.c_int, *[i64] * 9, ctypes.c_float, ptr, ptr, ptr, ptr]
     lib.idefics3_decoder_destroy.argtypes = [ptr]
@@ -83,8 +116,11 @@ def load_library(variant: str = "avx512") -> ctypes.CDLL | str:
     return lib
 
 
-def amx_reason(lib: ctypes.CDLL, variant: str) -> str | None:
-    """Why batched bf16 steps cannot run on AMX tiles here, or None when they can."""
+def amx_reason(lib: ctypes.CDLL, variant: str, quantised: bool = False) -> str | None:
+    """Why batched bf16 steps cannot run on AMX tiles here (for a model with `quantised` matrices: never, the
+    tiles multiply dense bf16 weights), or None when they can."""
+    if quantised:
+        return "the weights are quantised (AMX tiles run dense bf16 weights)"
     if variant != "avx512" or cpu_isa() != "amx":
         return f"the ISA level is {cpu_isa()}, not amx"
     state = lib.idefics3_amx_init()
@@ -111,6 +147,22 @@ class DecoderParts:
     @property
     def device(self) -> torch.device:
         return self.text.norm.weight.device
+
+    @property
+    def quantised(self) -> bool:
+        """Whether any matrix the kernel reads (decoder linears, head, embedding) is quantised."""
+        return any(isinstance(m, (QuantLinear, QuantEmbedding)) for _, m in _matrices(self))
+
+    def formats(self) -> str:
+        """How the matrices are stored, for descriptions and calibration keys: "dense", or e.g.
+        "decoder int4-g32, lm_head int8-g32, embed_tokens int8-g32" (each part "dense" or its formats)."""
+        if not self.quantised:
+            return "dense"
+        groups: dict[str, list[nn.Module]] = {"decoder": [], "lm_head": [], "embed_tokens": []}
+        for name, module in _matrices(self):
+            groups[name if name in groups else "decoder"].append(module)
+        return ", ".join(f"{part} {'+'.join(sorted({_format_name(m) for m in modules}))}"
+                         for part, modules in groups.items())
 
 
 def machine_reason(dtype: torch.dtype, device: torch.device) -> str | None:
@@ -139,8 +191,18 @@ def unsupported_reason(parts: DecoderParts, cache: KVCache | None = None) -> str
     if t.head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {t.head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
     for name, module in _linears(parts):
-        if type(module) is not nn.Linear or module.bias is not None:
-            return f"{name} is a {type(module).__name__}, not a plain nn.Linear without bias"
+        if type(module) not in (nn.Linear, QuantLinear) or module.bias is not None:
+            return f"{name} is a {type(module).__name__}, not a plain nn.Linear or QuantLinear without bias"
+    embed = parts.text.embed_tokens
+    if type(embed) not in (nn.Embedding, QuantEmbedding):
+        return f"embed_tokens is a {type(embed).__name__}, not an nn.Embedding or QuantEmbedding"
+    if isinstance(embed, QuantEmbedding) and embed.dtype != dtype:
+        return f"embed_tokens gives {embed.dtype} rows, the model is {dtype}"
+    for name, module in _matrices(parts):
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            reason = _quant_reason(name, module)
+            if reason is not None:
+                return reason
     for name, w in _tensors(parts):
         if w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous():
             return f"{name} is not a contiguous {dtype} CPU tensor"
@@ -156,19 +218,59 @@ def unsupported_reason(parts: DecoderParts, cache: KVCache | None = None) -> str
     return None
 
 
+def _quant_reason(name: str, module: QuantLinear | QuantEmbedding) -> str | None:
+    """Why the kernel cannot read this quantised module's tensors (CPU, contiguous, the spec's dtypes and
+    shapes), or None."""
+    tensors = module.quant_tensors()
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors.values()):
+        return f"{name}'s quantised tensors are not contiguous CPU tensors"
+    try:
+        check_tensors(module.spec, (module.rows, module.cols), tensors, name)
+    except QuantError as err:
+        return str(err)
+    return None
+
+
 def _linears(parts: DecoderParts) -> list[tuple[str, nn.Module]]:
     layers = parts.text.layers
     out = [(f"layers.{i}.{p}", layer.get_submodule(p)) for i, layer in enumerate(layers) for p in _PROJECTIONS]
     return out + [("lm_head", parts.lm_head)]
 
 
+def _matrices(parts: DecoderParts) -> list[tuple[str, nn.Module]]:
+    """The decoder linears, the head and the embedding table: every matrix the kernel reads."""
+    return _linears(parts) + [("embed_tokens", parts.text.embed_tokens)]
+
+
+def _format_name(module: nn.Module) -> str:
+    return module.spec.name if isinstance(module, (QuantLinear, QuantEmbedding)) else "dense"
+
+
 def _tensors(parts: DecoderParts) -> list[tuple[str, torch.Tensor]]:
+    """The dense tensors the kernel reads in the model's dtype: norms and the matrices that are not quantised."""
     text = parts.text
-    out = [("embed_tokens", text.embed_tokens.weight), ("norm", text.norm.weight)]
+    out = [("norm", text.norm.weight)]
     for i, layer in enumerate(text.layers):
         out += [(f"layers.{i}.input_layernorm", layer.input_layernorm.weight),
                 (f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm.weight)]
-    return out + [(name, m.weight) for name, m in _linears(parts)]
+    return out + [(name, m.weight) for name, m in _matrices(parts) if not isinstance(m, (QuantLinear, QuantEmbedding))]
+
+
+def _kind(spec: QuantSpec) -> int:
+    return _INT8 if spec.bits == 8 else _INT4_MINS if spec.asymmetric else _INT4
+
+
+def weight_fields(module: nn.Module) -> tuple[list[int], list[torch.Tensor]]:
+    """A matrix as the kernel's Weight (data, scales, mins, kind, group, stored columns: K padded as
+    quant/format.py pads it) and the tensors those addresses are in (to be kept referenced while the kernel may
+    read them)."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        tensors = list(module.quant_tensors().values())
+        mins = module.mins.data_ptr() if module.mins is not None else 0
+        stored = module.qweight.shape[1] * (2 if module.spec.bits == 4 else 1)  # Kp
+        return ([module.qweight.data_ptr(), module.scales.data_ptr(), mins, _kind(module.spec),
+                 module.spec.group(module.cols), stored], tensors)
+    return [module.weight.data_ptr(), 0, 0, _DENSE, 0, module.weight.shape[1]], [module.weight]
 
 
 def available_memory() -> int | None:
@@ -208,25 +310,33 @@ class CpuDecoder:
                  variant: str = "avx512") -> None:
         t = parts.config
         text = parts.text
-        per_layer = []
-        for i, layer in enumerate(text.layers):
-            a, m = layer.self_attn, layer.mlp
-            per_layer.append([layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                              a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight,
-                              m.up_proj.weight, m.down_proj.weight, cache.k[i], cache.v[i]])
         # the tensors stay referenced here, so the addresses below stay valid as long as this object lives
-        self._tensors = [w for row in per_layer for w in row] + [text.embed_tokens.weight, text.norm.weight,
-                                                                 parts.lm_head.weight]
-        ptrs = torch.tensor([[w.data_ptr() for w in row] for row in per_layer], dtype=torch.int64)  # [L, 11]
-        self._lib, self._ptrs = lib, ptrs
+        self._tensors: list[torch.Tensor] = [text.norm.weight]
+        rows = []
+        for i, layer in enumerate(text.layers):
+            norms_and_cache = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, cache.k[i],
+                               cache.v[i]]
+            self._tensors += norms_and_cache
+            row = [w.data_ptr() for w in norms_and_cache]
+            for name in _PROJECTIONS:
+                fields, tensors = weight_fields(layer.get_submodule(name))
+                row += fields
+                self._tensors += tensors
+            rows.append(row)
+        table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), LAYER_FIELDS)  # [L, LAYER_FIELDS]
+        embed, embed_tensors = weight_fields(text.embed_tokens)
+        head, head_tensors = weight_fields(parts.lm_head)
+        self._tensors += embed_tensors + head_tensors
+        embed_t, head_t = torch.tensor(embed, dtype=torch.int64), torch.tensor(head, dtype=torch.int64)  # [5] each
+        self._lib, self._ptrs = lib, (table, embed_t, head_t)
         self.dtype = parts.dtype
+        self.quantised = parts.quantised
         self.vocab_size, self.max_batch, self.max_seq_len = t.vocab_size, cache.max_batch, cache.max_seq_len
         self.rotary = text.rotary
         handle = lib.idefics3_decoder_create(
             _DTYPES[self.dtype], t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
             t.num_key_value_heads, t.head_dim, t.vocab_size, cache.max_batch, cache.max_seq_len, t.rms_norm_eps,
-            ptrs.data_ptr(), text.embed_tokens.weight.data_ptr(), text.norm.weight.data_ptr(),
-            parts.lm_head.weight.data_ptr())
+            table.data_ptr(), embed_t.data_ptr(), text.norm.weight.data_ptr(), head_t.data_ptr())
         self._handle = handle
         weakref.finalize(self, lib.idefics3_decoder_destroy, handle)
         self._parts, self._derived = parts, derived
@@ -234,7 +344,8 @@ class CpuDecoder:
         self._packed: list[torch.Tensor] | None = None
         self.variant = variant
         self.amx_rows = 0  # bf16 steps of at least this many rows run on AMX tiles (0: never); see use_amx
-        self._can_pack = variant == "avx512" and self.dtype == torch.bfloat16 and all(
+        # packed copies are of dense bf16 matrices: a quantised model streams its codes at every batch size
+        self._can_pack = variant == "avx512" and self.dtype == torch.bfloat16 and not self.quantised and all(
             k % 2 == 0 for k in (t.hidden_size, t.num_attention_heads * t.head_dim, t.intermediate_size))
         if self._can_pack:  # copies as large as the decoder's matrices: only where they fit easily
             need = sum(m.weight.numel() * 2 for _, m in _linears(parts))
@@ -243,7 +354,10 @@ class CpuDecoder:
 
     def use_amx(self, min_rows: int) -> None:
         """Run bf16 steps of `min_rows` rows or more on AMX tiles over the model's own weights (0: never). Where
-        AMX serves every batch of two or more, no packed copies are made. Call only where `amx_reason` is None."""
+        AMX serves every batch of two or more, no packed copies are made. Call only where `amx_reason` is None
+        and the model is not quantised."""
+        if self.quantised:
+            raise ValueError("AMX tiles multiply dense bf16 weights; this model's are quantised")
         if self.dtype != torch.bfloat16 or amx_reason(self._lib, self.variant) is not None:
             raise ValueError("AMX tiles need bf16 weights and a CPU, compiler and OS that give them")
         self.amx_rows = min_rows

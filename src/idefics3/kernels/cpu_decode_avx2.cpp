@@ -14,7 +14,8 @@
 // the plain path stores a bf16 tensor (norm output, projections, RoPE, residual stream, SiLU*up, logits). The
 // activations that feed the matrix products are kept as fp32 holding those rounded values (so only weights
 // need widening), in the lane order in which a bf16 weight vector widens (to_matrix_order). The weight stream
-// is prefetched in software (PFD), which makes up for the narrower loads.
+// is prefetched in software (PFD), which makes up for the narrower loads. Quantised matrices (int8, int4:
+// cpu_decode_quant_avx2.h) are streamed as stored and dequantised in registers.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -161,14 +162,29 @@ inline void gemv_tile(const typename A::T* W, int64_t N, int64_t K, int64_t t, c
 
 inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
 
+#include "cpu_decode_quant_avx2.h"  // QuantInput, QuantScratch, quant_row_times_batch: int8 / int4 weights
+
 template <class A>
 using Sink = ScalarSink<A>;  // cpu_decode_model.h: outputs stored per element
 
+// Tile t of y = x W^T for a dense or quantised W (`in`: x as the quantised products read it, prepared this step
+// where W is quantised).
+template <class A, class Emit>
+inline void weight_tile(const Weight& W, int64_t N, int64_t K, int64_t t, const float* x, const QuantInput& in,
+                        int64_t R, const Emit& emit) {
+  if (W.dense()) {
+    gemv_tile<A>(static_cast<const typename A::T*>(W.data), N, K, t, x, R, emit);
+    return;
+  }
+  for (int64_t n = t * NR; n < std::min(N, t * NR + NR); ++n) quant_row_times_batch(W, n, in, R, emit);
+}
+
 // y = x W^T inside the caller's parallel region (an orphaned `omp for`).
 template <class A, class Emit>
-inline void linear(const void* W, int64_t N, int64_t K, const float* x, int64_t R, const Emit& emit) {
+inline void linear(const Weight& W, int64_t N, int64_t K, const float* x, const QuantInput& in, int64_t R,
+                   const Emit& emit) {
 #pragma omp for schedule(static)
-  for (int64_t t = 0; t < tiles(N); ++t) gemv_tile<A>(static_cast<const typename A::T*>(W), N, K, t, x, R, emit);
+  for (int64_t t = 0; t < tiles(N); ++t) weight_tile<A>(W, N, K, t, x, in, R, emit);
 }
 
 // RMSNorm of one row in fp32: out = round(w * round(h * rsqrt(mean(h^2) + eps))), kept as fp32 in matrix order.
@@ -373,29 +389,33 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
   std::vector<float> h(R * D), y(R * D), x(R * D), qkv(R * NQKV), att(R * NQ), gate(R * I), up(R * I),
       act(R * I), scores(R * H * max_len);
   const int64_t tq = tiles(NQ), tk = tiles(NK), t_attn = tq + 2 * tk;
+  // the inputs of quantised matrices in the forms their products read, made once per input and step
+  QuantScratch quant(R, std::max({D, NQ, I}), m.quantised);
 
 #pragma omp parallel num_threads(n_threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      const T* e = static_cast<const T*>(m.embed) + ids[r] * D;
-      for (int64_t i = 0; i < D; ++i) h[r * D + i] = A::to_f(e[i]);
-    }
+    for (int64_t r = 0; r < R; ++r) embed_row<A>(m, ids[r], &h[r * D]);
     for (int64_t l = 0; l < m.n_layers; ++l) {
       const Layer& L = m.layers[l];
+      const bool quant_qkv = !(L.wq.dense() && L.wk.dense() && L.wv.dense()), quant_gu = !(L.wg.dense() && L.wu.dense());
+      const QuantInput in_x = quant.view(D), in_att = quant.view(NQ), in_act = quant.view(I);
       T* kc = static_cast<T*>(L.kc);
       T* vc = static_cast<T*>(L.vc);
       // the previous layer's MLP residual, then this layer's input norm
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; ++r)
+      for (int64_t r = 0; r < R; ++r) {
         add_then_norm<A>(&h[r * D], l > 0 ? &y[r * D] : nullptr, static_cast<const T*>(L.ln1), D, m.eps, &x[r * D]);
+        if (quant_qkv) quant.prepare_row<A>(x.data(), D, r);
+      }
       // q, k, v: one loop over the tiles of the three matrices
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < t_attn; ++t) {
-        const T* W = static_cast<const T*>(t < tq ? L.wq : t < tq + tk ? L.wk : L.wv);
+        const Weight& W = t < tq ? L.wq : t < tq + tk ? L.wk : L.wv;
         const int64_t base = t < tq ? 0 : t < tq + tk ? NQ : NQ + NK;
         const int64_t tt = t < tq ? t : t < tq + tk ? t - tq : t - tq - tk;
-        gemv_tile<A>(W, base == 0 ? NQ : NK, D, tt, x.data(), R, Sink<A>{qkv.data() + base, NQKV, Store::Round});
+        weight_tile<A>(W, base == 0 ? NQ : NK, D, tt, x.data(), in_x, R,
+                       Sink<A>{qkv.data() + base, NQKV, Store::Round});
       }
       // RoPE on q and k heads; k and v go into the cache at (slot, head, position)
 #pragma omp for schedule(static)
@@ -425,27 +445,39 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
         for (int64_t d = 0; d < hd; ++d) att[r * NQ + head * hd + d] = A::round(o[d]);
         A::to_matrix_order(&att[r * NQ + head * hd], hd);  // hd is a multiple of 16: the row's own blocks
       }
-      linear<A>(L.wo, D, NQ, att.data(), R, Sink<A>{y.data(), D, Store::Keep});
+      if (!L.wo.dense()) {
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; ++r)
+        for (int64_t r = 0; r < R; ++r) quant.prepare_row<A>(att.data(), NQ, r);
+      }
+      linear<A>(L.wo, D, NQ, att.data(), in_att, R, Sink<A>{y.data(), D, Store::Keep});
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
         add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(L.ln2), D, m.eps, &x[r * D]);
+        if (quant_gu) quant.prepare_row<A>(x.data(), D, r);
+      }
       // gate and up for 16 columns (4 tiles of each), then SiLU(gate) * up for those columns
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < (I + 15) / 16; ++t) {
         const int64_t n0 = 16 * t, count = std::min<int64_t>(16, I - n0);
         const Sink<A> emit_g{gate.data(), I, Store::Round}, emit_u{up.data(), I, Store::Round};
         for (int64_t tt = 4 * t; tt < std::min(tiles(I), 4 * t + 4); ++tt) {
-          gemv_tile<A>(static_cast<const T*>(L.wg), I, D, tt, x.data(), R, emit_g);
-          gemv_tile<A>(static_cast<const T*>(L.wu), I, D, tt, x.data(), R, emit_u);
+          weight_tile<A>(L.wg, I, D, tt, x.data(), in_x, R, emit_g);
+          weight_tile<A>(L.wu, I, D, tt, x.data(), in_x, R, emit_u);
         }
         for (int64_t r = 0; r < R; ++r) silu_times<A>(&gate[r * I + n0], &up[r * I + n0], count, &act[r * I + n0]);
       }
-      linear<A>(L.wd, D, I, act.data(), R, Sink<A>{y.data(), D, Store::Keep});
+      if (!L.wd.dense()) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; ++r) quant.prepare_row<A>(act.data(), I, r);
+      }
+      linear<A>(L.wd, D, I, act.data(), in_act, R, Sink<A>{y.data(), D, Store::Keep});
     }
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r)
+    for (int64_t r = 0; r < R; ++r) {
       add_then_norm<A>(&h[r * D], &y[r * D], static_cast<const T*>(m.norm), D, m.eps, &x[r * D]);
-    linear<A>(m.lm_head, V, D, x.data(), R, Sink<A>{logits_p, V, Store::Cast});
+      if (!m.lm_head.dense()) quant.prepare_row<A>(x.data(), D, r);
+    }
+    linear<A>(m.lm_head, V, D, x.data(), quant.view(D), R, Sink<A>{logits_p, V, Store::Cast});
   }
 }
 

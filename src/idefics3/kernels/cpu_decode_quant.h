@@ -1,0 +1,344 @@
+// Quantised matrix products of cpu_decode.cpp (AVX-512): y = x W^T with W stored as int8 or int4 codes and fp16
+// scales (cpu_decode_model.h's Weight, quant/format.py's layouts), the codes streamed once per step and
+// dequantised in registers, never in memory.
+//
+// Why: a decode step reads every weight once, so its time is the bytes it streams; int8 halves them against
+// bf16, int4 (with the int8 head of the package's policy) cuts them to a third. Dequantising a matrix into a
+// dense copy every step (the plain path) reads the codes, writes and reads the copy again: slower than bf16.
+//
+// How: x in fp32 (a bf16 model's activations widened once per step and input, prepare_row), and per code vector
+// - int8: 16 codes sign-extended to int32 (vpmovsxbd) and converted (vcvtdq2ps);
+// - int4: 16 bytes, one run of 32 inputs, zero-extended to 16 dwords (vpmovzxbd): the low nibbles (and 15) are
+//   inputs 0-15 of the run, the high nibbles (shift right 4) inputs 16-31; both converted (vcvtdq2ps);
+// then FMA with x into partial sums per group, and one FMA per group by its scale. int4 codes are taken as
+// c in 0..15: W = s (c - 8) gives y = sum_g s_g (x_g . c_g) - 8 s_g X_g, and with minimums W = s c + m gives
+// sum_g s_g (x_g . c_g) + m_g X_g, where X_g is the sum of x over group g, made once per step and input
+// (prepare_row) and shared by every matrix row: one FMA per 16 groups.
+// Measured on a Xeon (Sapphire Rapids class) this beats unpacking to bf16 for vdpbf16ps (vpermw lookups) and
+// vpermps lookups: those take 2-3 cycles each there, and/shift/convert one or half a cycle.
+// At batch 1 four matrix rows go together (each x load feeds four rows, one reduction for the four, four
+// independent chains); in batches each unpacked code vector feeds up to RB batch rows. Scales (and mins) are
+// converted 16 at a time and broadcast from memory. The code stream is prefetched PREFETCH_BYTES ahead, as the
+// dense one is.
+//
+// Numerics: fp32 accumulation; for fp32 models the result differs from the plain path's (dequantise, then
+// F.linear) only by the order of fp32 roundings. For bf16 models x is the same bf16 values, but the weights are
+// exact (the plain path rounds each dequantised weight to bf16): within bf16's tolerance.
+//
+// Not a standalone header: cpu_decode.cpp includes it inside its anonymous namespace after the element traits,
+// lanes(), RB and PREFETCH_BYTES.
+
+#pragma once
+
+// One matrix input x [R, K] in the forms the quantised products read (made by prepare_row, row by row), each
+// row zero-padded to XS = K rounded up to 128 (the stored columns Kp of any matrix over these inputs fit in it).
+struct QuantInput {
+  const float* x = nullptr;     // [R, XS] fp32
+  const float* x4 = nullptr;    // [R, XS] fp32 in int4 order (see int4_order)
+  const float* sums = nullptr;  // [R, SS] sums of x over groups of 32, then of 64, then of 128, up to XS
+  int64_t K = 0, XS = 0, SS = 0;
+  const float* group_sums(int64_t r, int64_t G) const {
+    return sums + r * SS + (G == 32 ? 0 : G == 64 ? XS / 32 : XS / 32 + XS / 64);
+  }
+};
+
+inline int64_t padded_inputs(int64_t K) { return (K + 127) / 128 * 128; }
+inline int64_t group_sums_size(int64_t XS) { return XS / 32 + XS / 64 + XS / 128; }
+
+// x in the order int4_block reads it. 32 bytes of codes (two runs of 32 inputs) zero-extended to words are 16
+// dwords, dword j holding bytes 2j and 2j+1 of the runs (j < 8: the first run, p = 2 (j % 8) its byte); its
+// four nibbles are four vectors of codes: A (bits 0-3: input p), B (bits 4-7, taken as 16 c: input p + 16),
+// C (bits 16-19, taken as 65536 c: input p + 1), D (bits 20-23: input p + 17). Each 64 inputs become the 16 x
+// values of A, then of B divided by 16, of C divided by 65536, of D: exact powers of two, so that no code needs
+// shifting into place (values that would become subnormal are 0: their products are far below any rounding).
+inline void int4_order(const float* x, int64_t K, float* out) {
+  const __m512i j = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i base = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(j, 3), 5),
+                                        _mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(7)), 1));
+  const int offsets[4] = {0, 16, 1, 17};
+  const float scales[4] = {1.f, 1.f / 16, 1.f / 65536, 1.f};
+  for (int64_t c = 0; c < padded_inputs(K); c += 64)
+    for (int v = 0; v < 4; ++v) {
+      const __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(int(c) + offsets[v]));
+      const __mmask16 in = _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(int(K)));
+      __m512 val = _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, idx, x, 4), _mm512_set1_ps(scales[v]));
+      val = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(val), _mm512_set1_ps(1.17549435e-38f), _CMP_GE_OQ), val);
+      _mm512_storeu_ps(out + c + 16 * v, val);
+    }
+}
+
+// Scratch for the QuantInput of every matrix input of a step (one at a time: x, att or act), R rows of at most
+// kmax inputs.
+struct QuantScratch {
+  std::vector<float> xf, x4, sums;
+  QuantScratch(int64_t R, int64_t kmax, bool used)
+      : xf(used ? R * padded_inputs(kmax) : 0), x4(used ? R * padded_inputs(kmax) : 0),
+        sums(used ? R * group_sums_size(padded_inputs(kmax)) : 0) {}
+  // The view for an input of K values per row.
+  QuantInput view(int64_t K) {
+    QuantInput in;
+    in.K = K, in.XS = padded_inputs(K), in.SS = group_sums_size(in.XS);
+    in.x = xf.data(), in.x4 = x4.data(), in.sums = sums.data();
+    return in;
+  }
+  // Fill row r of `view(K)` from row r of x [R, K].
+  template <class A>
+  void prepare_row(const typename A::T* x, int64_t K, int64_t r) {
+    const int64_t XS = padded_inputs(K);
+    float* f = xf.data() + r * XS;
+    for (int64_t k = 0; k < XS; k += 16) {
+      const __mmask16 m = k < K ? lanes(K - k) : __mmask16(0);
+      _mm512_storeu_ps(f + k, A::load16(x + r * K + k, m));
+    }
+    int4_order(f, K, x4.data() + r * XS);
+    float* s = sums.data() + r * group_sums_size(XS);
+    const int64_t n32 = XS / 32, n64 = XS / 64;
+    for (int64_t b = 0; b < n32; ++b)
+      s[b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(f + 32 * b), _mm512_loadu_ps(f + 32 * b + 16)));
+    for (int64_t b = 0; b < n64; ++b) s[n32 + b] = s[2 * b] + s[2 * b + 1];
+    for (int64_t b = 0; b < XS / 128; ++b) s[n32 + n64 + b] = s[n32 + 2 * b] + s[n32 + 2 * b + 1];
+  }
+};
+
+// 16 fp16 values from p (n of them, the rest 0) as fp32.
+inline __m512 halves16(const uint16_t* p, int64_t n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p));
+}
+
+inline void prefetch_ahead(const void* p) {
+  if (PREFETCH_BYTES > 0) _mm_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
+}
+
+// The sums of the lanes of 4 vectors.
+inline void reduce4(const __m512* v, float* out) {
+  const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+  const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));  // a row per block
+  u = _mm512_add_ps(u, _mm512_shuffle_ps(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+  u = _mm512_add_ps(u, _mm512_shuffle_ps(u, u, _MM_SHUFFLE(2, 3, 0, 1)));
+  _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u)));
+}
+
+// out[i * rb + r] = sums of acc[i][r].
+template <int nw, int rb>
+inline void reduce_block(const __m512 (&acc)[nw][rb], float* out) {
+  if constexpr (nw == 4 && rb == 1) {
+    const __m512 v[4] = {acc[0][0], acc[1][0], acc[2][0], acc[3][0]};
+    reduce4(v, out);
+  } else {
+    for (int i = 0; i < nw; ++i)
+      for (int r = 0; r < rb; ++r) out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]);
+  }
+}
+
+// Where a block of nw matrix rows starts: codes q (rows qs bytes apart), scales sc and mins mn (rows gs groups
+// apart; mn null without minimums).
+struct RowBlock {
+  const void* q;
+  int64_t qs;
+  const uint16_t *sc, *mn;
+  int64_t gs;
+};
+
+// The scales of the groups g0 .. g0+n-1 of the nw rows into s[i][0..16); with `corr`, acc[i][r] also takes each
+// group's offset times the group's x sum (mins m, or -8 s for int4 without mins).
+template <int nw, int rb>
+inline void group_scales(const RowBlock& w, int64_t g0, int64_t n, bool corr, const QuantInput& in, int64_t r0,
+                         int64_t G, float (&s)[nw][16], __m512 (&acc)[nw][rb]) {
+  for (int i = 0; i < nw; ++i) {
+    const __m512 S = halves16(w.sc + i * w.gs + g0, n);
+    _mm512_storeu_ps(s[i], S);
+    if (corr) {
+      const __m512 c = w.mn ? halves16(w.mn + i * w.gs + g0, n) : _mm512_mul_ps(S, _mm512_set1_ps(-8.f));
+      for (int r = 0; r < rb; ++r)
+        acc[i][r] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(lanes(n), in.group_sums(r0 + r, G) + g0), acc[i][r]);
+    }
+  }
+}
+
+// t[i][r] += codes (16 int8 at q + i * qs) . x[r] (16 values, rows xs apart), for the nw rows and rb batch rows;
+// m: the lanes to take (all but at the end of a row whose per-channel scale spans a K off 16).
+template <int nw, int rb, bool masked = false>
+inline void int8_step(const int8_t* q, int64_t qs, const float* x, int64_t xs, __m512 (&t)[nw][rb],
+                      __mmask16 m = 0xffff) {
+  __m512 xv[rb];
+  for (int r = 0; r < rb; ++r) xv[r] = masked ? _mm512_maskz_loadu_ps(m, x + r * xs) : _mm512_loadu_ps(x + r * xs);
+  for (int i = 0; i < nw; ++i) {
+    const __m128i b = masked ? _mm_maskz_loadu_epi8(m, q + i * qs) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * qs));
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    for (int r = 0; r < rb; ++r) t[i][r] = _mm512_fmadd_ps(c, xv[r], t[i][r]);
+  }
+}
+
+// out[i * rb + r] = W[row i] . x[r0 + r] for nw int8 rows of K stored codes (scales per G: 32, 64, 128, or K with
+// any K).
+template <int nw, int rb>
+inline void int8_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput& in, int64_t r0, float* out) {
+  const int8_t* q = static_cast<const int8_t*>(w.q);
+  const float* x = in.x + r0 * in.XS;
+  const int64_t xs = in.XS;
+  __m512 acc[nw][rb];
+  for (int i = 0; i < nw; ++i)
+    for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_setzero_ps();
+  if (G == K) {  // one scale per row (any K): the sums first, the scale at the end
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      if ((k & 63) == 0)
+        for (int i = 0; i < nw; ++i) prefetch_ahead(q + i * w.qs + k);
+      int8_step<nw, rb>(q + k, w.qs, x + k, xs, acc);
+      int8_step<nw, rb>(q + k + 16, w.qs, x + k + 16, xs, acc);
+    }
+    for (; k < K; k += 16) int8_step<nw, rb, true>(q + k, w.qs, x + k, xs, acc, lanes(K - k));
+    for (int i = 0; i < nw; ++i) {
+      const __m512 sv = _mm512_set1_ps(half_to_float(w.sc[i * w.gs]));
+      for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_mul_ps(acc[i][r], sv);
+    }
+    reduce_block<nw, rb>(acc, out);
+    return;
+  }
+  const int64_t groups = K / G;
+  alignas(64) float s[nw][16];
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t n = std::min<int64_t>(16, groups - g0);
+    group_scales<nw, rb>(w, g0, n, false, in, r0, G, s, acc);
+    for (int64_t g = 0; g < n; ++g) {
+      const int64_t k0 = (g0 + g) * G;
+      __m512 t[nw][rb];
+      for (int i = 0; i < nw; ++i)
+        for (int r = 0; r < rb; ++r) t[i][r] = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k0 + G; k += 32) {  // G: a multiple of 32
+        if ((k & 63) == 0)
+          for (int i = 0; i < nw; ++i) prefetch_ahead(q + i * w.qs + k);
+        int8_step<nw, rb>(q + k, w.qs, x + k, xs, t);
+        int8_step<nw, rb>(q + k + 16, w.qs, x + k + 16, xs, t);
+      }
+      for (int i = 0; i < nw; ++i) {
+        const __m512 sv = _mm512_set1_ps(s[i][g]);
+        for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_fmadd_ps(t[i][r], sv, acc[i][r]);
+      }
+    }
+  }
+  reduce_block<nw, rb>(acc, out);
+}
+
+// t[i][r] += the 64 codes of two runs (32 bytes at q + i * qs; the first run's 16 only when `one`) . x[r] (in
+// int4 order, rows xs apart), for the nw rows and rb batch rows. Lanes 0-7 of t take the first run, 8-15 the
+// second.
+template <int nw, int rb>
+inline void int4_step(const uint8_t* q, int64_t qs, bool one, const float* x4, int64_t xs, __m512 (&t)[nw][rb]) {
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 xv[rb][4];
+  for (int r = 0; r < rb; ++r)
+    for (int v = 0; v < 4; ++v) xv[r][v] = _mm512_loadu_ps(x4 + r * xs + 16 * v);
+  for (int i = 0; i < nw; ++i) {
+    const uint8_t* p = q + i * qs;
+    const __m256i bytes = one ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m512i w = _mm512_cvtepu8_epi16(bytes);
+    const __m512 a = _mm512_permutexvar_ps(w, table);  // the low 4 bits of each dword
+    const __m512 b = _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xf0)));
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xf0000)));
+    const __m512 d = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 20));
+    for (int r = 0; r < rb; ++r) {
+      t[i][r] = _mm512_fmadd_ps(a, xv[r][0], t[i][r]);
+      t[i][r] = _mm512_fmadd_ps(b, xv[r][1], t[i][r]);
+      t[i][r] = _mm512_fmadd_ps(c, xv[r][2], t[i][r]);
+      t[i][r] = _mm512_fmadd_ps(d, xv[r][3], t[i][r]);
+    }
+  }
+}
+
+// As int8_block for nw int4 rows (K/2 stored bytes each, Q4_0 runs; G: 32, 64 or 128; with or without mins), x in
+// int4 order. Groups of 32 take two scales per 64 inputs (lanes 0-7 and 8-15 of the sums), larger ones one per G / 64
+// steps.
+template <int nw, int rb>
+inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput& in, int64_t r0, float* out) {
+  const uint8_t* q = static_cast<const uint8_t*>(w.q);
+  const float* x4 = in.x4 + r0 * in.XS;
+  __m512 acc[nw][rb];
+  for (int i = 0; i < nw; ++i)
+    for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_setzero_ps();
+  const int64_t groups = K / G, runs = K / 32;
+  alignas(64) float s[nw][16];
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t n = std::min<int64_t>(16, groups - g0);
+    group_scales<nw, rb>(w, g0, n, true, in, r0, G, s, acc);
+    if (G == 32) {
+      __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      for (int64_t b = g0; b < g0 + n; b += 2) {  // runs b, b + 1 (b even: g0 is a multiple of 16)
+        if ((b & 3) == 0)
+          for (int i = 0; i < nw; ++i) prefetch_ahead(q + i * w.qs + 16 * b);
+        __m512 t[nw][rb];
+        for (int i = 0; i < nw; ++i)
+          for (int r = 0; r < rb; ++r) t[i][r] = _mm512_setzero_ps();
+        int4_step<nw, rb>(q + 16 * b, w.qs, b + 1 == runs, x4 + 32 * b, in.XS, t);
+        for (int i = 0; i < nw; ++i) {
+          const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_load_ps(s[i]));
+          for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_fmadd_ps(t[i][r], sv, acc[i][r]);
+        }
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(2));
+      }
+      continue;
+    }
+    for (int64_t g = 0; g < n; ++g) {
+      __m512 t[nw][rb];
+      for (int i = 0; i < nw; ++i)
+        for (int r = 0; r < rb; ++r) t[i][r] = _mm512_setzero_ps();
+      for (int64_t k = (g0 + g) * G; k < (g0 + g + 1) * G; k += 64) {
+        if ((k & 127) == 0)
+          for (int i = 0; i < nw; ++i) prefetch_ahead(q + i * w.qs + k / 2);
+        int4_step<nw, rb>(q + k / 2, w.qs, false, x4 + k, in.XS, t);
+      }
+      for (int i = 0; i < nw; ++i) {
+        const __m512 sv = _mm512_set1_ps(s[i][g]);
+        for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_fmadd_ps(t[i][r], sv, acc[i][r]);
+      }
+    }
+  }
+  reduce_block<nw, rb>(acc, out);
+}
+
+// f(std::integral_constant<int, rb>) for a runtime rb in 1..8.
+template <class F>
+inline void with_rows(int rb, const F& f) {
+  switch (rb) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Rows n0 .. n1-1 of a quantised W [N, K] against all R rows of the prepared input: emit(r, n, value). A batch
+// block of one row takes the matrix rows four at a time, of two rows two at a time, else one at a time. All Kp
+// stored columns are read (the inputs past K are zeros).
+template <class Emit>
+inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput& in, int64_t R, const Emit& emit) {
+  const int64_t K = W.cols, G = W.group, groups = K / G, qs = W.kind == kInt8 ? K : K / 2;
+  const auto block = [&](int64_t n) {
+    return RowBlock{static_cast<const uint8_t*>(W.data) + n * qs, qs, W.scales + n * groups,
+                    W.kind == kInt4Mins ? W.mins + n * groups : nullptr, groups};
+  };
+  const auto run = [&](auto nw_c, auto rb_c, int64_t n, int64_t r0) {
+    constexpr int nw = decltype(nw_c)::value, rb = decltype(rb_c)::value;
+    float out[nw * rb];
+    if (W.kind == kInt8) int8_block<nw, rb>(block(n), K, G, in, r0, out);
+    else int4_block<nw, rb>(block(n), K, G, in, r0, out);
+    for (int i = 0; i < nw; ++i)
+      for (int r = 0; r < rb; ++r) emit(r0 + r, n + i, out[i * rb + r]);
+  };
+  using one = std::integral_constant<int, 1>;
+  for (int64_t r0 = 0; r0 < R; r0 += RB) {
+    const int rb = int(std::min<int64_t>(RB, R - r0));
+    int64_t n = n0;
+    if (rb == 1)
+      for (; n + 4 <= n1; n += 4) run(std::integral_constant<int, 4>{}, one{}, n, r0);
+    if (rb == 2)
+      for (; n + 2 <= n1; n += 2) run(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, n, r0);
+    for (; n < n1; ++n) with_rows(rb, [&](auto rb_c) { run(one{}, rb_c, n, r0); });
+  }
+}

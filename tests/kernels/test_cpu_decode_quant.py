@@ -1,0 +1,251 @@
+"""The fused CPU decode step on quantised weights (cpu_decode_quant.h, cpu_decode_quant_avx2.h) against the plain path.
+
+Tiny random models (test_cpu_decode.py's shapes) quantised by the package's policy (quant/apply.py `plan`): every
+format the kernel streams (int8 in groups of 32 and 64 and per output channel, int4 in groups of 32, 64 and 128,
+int4 with minimums, an int4 or int8 head, tied and untied heads, inputs the groups do not divide, which
+quant/format.py stores padded with zero columns, dense projections beside quantised ones), on each build this CPU
+runs (the AVX-512 one, and the AVX2 one with the machine made to stop at AVX2). The plain path dequantises each
+matrix and runs F.linear (QuantLinear.forward), so fp32 logits must agree to float rounding and give the same
+greedy tokens, bf16 within the model's tolerance (teacher-forced). Also: a batch equals its rows decoded one by
+one, the shared-prompt mechanism, out-of-range inputs, what is refused (biases, other embedding dtypes, strided
+tensors), that a quantised model never gets packed copies or AMX tiles, and how the backend names and keys its
+formats.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from idefics3 import Engine
+from idefics3.device import cpu_flags, isa_flags
+from idefics3.kernels import calibrate, cpu_decode
+from idefics3.kernels.backend import install_backend
+from idefics3.kernels.cpu_decode import CpuDecoder, DecoderParts
+from idefics3.kernels.derived import DerivedWeights
+from idefics3.quant import QuantLinear, QuantSpec
+from idefics3.quant.apply import plan, quantize_model
+from inputs import engine_tokens
+from kernels.test_cpu_decode import check_out_of_range_inputs, check_shared_prompt, plain_step, prefill, tiny_model
+
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= isa_flags()
+BF16 = AVX512 and "avx512_bf16" in isa_flags()
+AVX2 = {"avx2", "fma", "f16c"} <= cpu_flags()
+TOL = {torch.float32: 2e-5, torch.bfloat16: 0.03}  # of the largest logit / cache value
+
+# name: (shape, text overrides, bits, group size, head bits, int4 with minimums, projections kept dense)
+FORMATS = {
+    "int8-g32": ("gqa-hd16", {"intermediate_size": 96}, 8, 32, 8, False, ()),
+    # MLP 56: down_proj's 56 inputs end in a part of a vector under one per-channel scale
+    "int8-channel": ("gqa-hd16", {}, 8, 0, 8, False, ()),
+    # down_proj's 56 inputs stored as 64 (zero columns)
+    "int8-g64-padded": ("gqa-hd16", {}, 8, 64, 8, False, ()),
+    # MLP 96: down_proj's last run of 32 inputs has no partner in its pair of runs
+    "int4-g32": ("gqa-hd16", {"intermediate_size": 96}, 4, 32, 8, False, ()),
+    "int4-g64-tied": ("mha-hd64-tied", {"intermediate_size": 128}, 4, 64, 8, False, ()),
+    "int4-g128-tied": ("mha-hd64-tied", {"intermediate_size": 256}, 4, 128, 8, False, ()),
+    # hidden 64 and MLP 96 stored as 128 columns
+    "int4-g128-padded": ("gqa-hd16", {"intermediate_size": 96}, 4, 128, 8, False, ()),
+    # with minimums the padding's codes are not zero weights: the inputs past K must count as zero
+    "int4-asym-g32-padded": ("gqa-hd16", {}, 4, 32, 8, True, ()),
+    "int4-g32-head4": ("gqa-hd16", {"intermediate_size": 96}, 4, 32, 4, False, ()),
+    "int4-asym-g64-head4-tied": ("mha-hd64-tied", {"intermediate_size": 128}, 4, 64, 4, True, ()),
+    "int4-g32-mixed": ("gqa-hd16", {"intermediate_size": 96}, 4, 32, 8, False, ("q_proj", "v_proj", "up_proj")),
+}
+ISAS = ["avx512", "avx2"]
+
+
+def quantised_model(name: str, dtype: torch.dtype, seed: int = 0):
+    shape, text, bits, group, head_bits, asymmetric, dense = FORMATS[name]
+    model = tiny_model(shape, dtype, seed=seed, **text)
+    config = plan(model, bits, group, head_bits=head_bits)
+    config.modules = {k: QuantSpec(4, s.group_size, True) if asymmetric and s.bits == 4 and ".layers." in k else s
+                      for k, s in config.modules.items() if k.rsplit(".", 1)[-1] not in dense}
+    quantize_model(model, config)
+    return model
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """The build under test ("avx512" or "avx2", the machine made to stop at AVX2 for the latter), built."""
+    from idefics3 import device
+
+    if request.param == "avx512" and not AVX512:
+        pytest.skip("the CPU lacks AVX-512")
+    if request.param == "avx2":
+        if not AVX2:
+            pytest.skip("the CPU lacks AVX2, FMA or F16C")
+        monkeypatch.setenv("IDEFICS3_CPU_ISA", "avx2")
+    device.cpu_has_bf16.cache_clear()
+    lib = cpu_decode.load_library(request.param)
+    if isinstance(lib, str):
+        pytest.fail(f"the {request.param} decode kernel did not build: {lib}", pytrace=False)
+    yield request.param
+    monkeypatch.delenv("IDEFICS3_CPU_ISA", raising=False)
+    device.cpu_has_bf16.cache_clear()
+
+
+def needs(isa: str, dtype: torch.dtype) -> None:
+    if isa == "avx512" and dtype == torch.bfloat16 and not BF16:
+        pytest.skip("the CPU lacks AVX512-BF16")
+
+
+def make_decoder(model, cache, isa: str) -> CpuDecoder:
+    parts = DecoderParts.of(model)
+    assert cpu_decode.unsupported_reason(parts, cache) is None
+    assert cpu_decode.variant_for(parts.dtype) == isa
+    return CpuDecoder(parts, cache, cpu_decode.load_library(isa), DerivedWeights(), isa)
+
+
+def compare(model, isa: str, lengths: list[int], slots: list[int] | None, max_batch: int, steps: int = 3) -> None:
+    """Decode with the kernel and the plain path side by side from copies of one prefilled cache."""
+    dtype = model.model.text_model.norm.weight.dtype
+    with torch.inference_mode():
+        cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
+        fast_cache = copy.deepcopy(cache)
+        decoder = make_decoder(model, fast_cache, isa)
+        slot_t = None if slots is None else torch.tensor(slots)
+        fast_ids = ids
+        for _ in range(steps):
+            ref = plain_step(model, cache, ids, pos, slot_t).float()  # [R, 1, V]
+            got = decoder(fast_ids, pos, slot_t, int(pos.max()) + 1).float()
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+            if dtype == torch.float32:
+                assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            ids = ref.argmax(-1)  # [R, 1]; bf16 is teacher-forced with the plain path's tokens
+            fast_ids = got.argmax(-1) if dtype == torch.float32 else ids
+            pos = pos + 1
+        rows = torch.arange(len(lengths)) if slots is None else torch.tensor(slots)
+        for k, fk in zip(cache.k + cache.v, fast_cache.k + fast_cache.v):
+            written, fast = k[rows].float(), fk[rows].float()
+            assert (written - fast).abs().max() <= TOL[dtype] * written.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_matches_plain_path(isa, name, dtype):
+    needs(isa, dtype)
+    model = quantised_model(name, dtype)
+    assert DecoderParts.of(model).quantised
+    compare(model, isa, lengths=[5, 11, 2], slots=[2, 0, 3], max_batch=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_one_without_slots(isa, dtype):
+    needs(isa, dtype)
+    compare(quantised_model("int4-g32", dtype), isa, lengths=[7], slots=None, max_batch=1, steps=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["int8-g32", "int4-asym-g32-padded", "int4-g128-tied"])
+def test_batch_equals_its_rows(isa, name, dtype):
+    """Nine rows in one step (more than one block of batch rows per weight load in both builds) give each row's
+    logits as a step of that row alone does."""
+    needs(isa, dtype)
+    model = quantised_model(name, dtype)
+    lengths, slots = [3, 1, 4, 1, 5, 9, 2, 6, 5], [8, 1, 0, 7, 2, 6, 3, 5, 4]
+    with torch.inference_mode():
+        cache, ids, pos = prefill(model, lengths, slots, max_batch=9)
+        slot_t = torch.tensor(slots)
+        together = make_decoder(model, copy.deepcopy(cache), isa)(ids, pos, slot_t, int(pos.max()) + 1).float()
+        alone = make_decoder(model, cache, isa)
+        for r in range(len(lengths)):
+            one = alone(ids[r:r + 1], pos[r:r + 1], slot_t[r:r + 1], int(pos[r]) + 1).float()
+            scale = one.abs().max()
+            tol = 1e-5 if dtype == torch.float32 else 0.01  # summation order; bf16: one rounding of a logit
+            assert (together[r] - one[0]).abs().max() <= tol * scale
+            if dtype == torch.float32:
+                assert torch.equal(together[r].argmax(-1), one[0].argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shared_prompt_is_read_from_its_slot(isa, dtype):
+    needs(isa, dtype)
+    model = quantised_model("int4-asym-g32-padded", dtype)
+    check_shared_prompt(model, lambda cache: make_decoder(model, cache, isa), rows=6,
+                        tol=1e-5 if dtype == torch.float32 else 0.03)
+
+
+def test_out_of_range_inputs_raise(isa):
+    model = quantised_model("int4-g32", torch.float32)
+    check_out_of_range_inputs(make_decoder(model, model.make_cache(2, 16), isa))
+
+
+def test_no_packed_copies_or_amx(isa):
+    """Packed copies and AMX tiles are for dense bf16 weights: a quantised model streams its codes at every batch
+    size, and says why it takes neither."""
+    needs(isa, torch.bfloat16)
+    model = quantised_model("int4-g32", torch.bfloat16)
+    with torch.inference_mode():
+        cache, ids, pos = prefill(model, [4, 6], [0, 1], max_batch=2)
+        decoder = make_decoder(model, cache, isa)
+        decoder(ids, pos, None, int(pos.max()) + 1)
+        assert decoder.quantised and decoder._packed is None and not decoder._can_pack
+        with pytest.raises(ValueError, match="quantised"):
+            decoder.use_amx(1)
+    lib = cpu_decode.load_library(isa)
+    assert "quantised" in cpu_decode.amx_reason(lib, isa, quantised=True)
+
+
+# ---- what the Python side accepts, names and keys: no particular build needed beyond the machine's own ----------
+def test_unsupported_quantised_modules_fall_back(library):
+    model = quantised_model("int4-g32", torch.float32)
+    cache = model.make_cache(1, 8)
+    reason = cpu_decode.unsupported_reason
+    assert reason(DecoderParts.of(model), cache) is None
+    biased = copy.deepcopy(model)
+    layer = biased.model.text_model.layers[0].self_attn
+    q = QuantLinear(layer.q_proj.in_features, layer.q_proj.out_features, layer.q_proj.spec, bias=True)
+    q.set_quantised(layer.q_proj.quant_tensors())
+    layer.q_proj = q
+    assert "q_proj" in reason(DecoderParts.of(biased), cache)
+    other_dtype = copy.deepcopy(model)
+    other_dtype.model.text_model.embed_tokens.dtype = torch.bfloat16
+    assert "embed_tokens" in reason(DecoderParts.of(other_dtype), cache)
+    strided = copy.deepcopy(model)
+    mlp = strided.model.text_model.layers[1].mlp
+    mlp.up_proj.scales = mlp.up_proj.scales.t().contiguous().t()  # same values, not contiguous
+    assert "up_proj" in reason(DecoderParts.of(strided), cache)
+
+
+def test_formats_name_each_part(library):
+    dense = tiny_model("gqa-hd16", torch.float32)
+    assert not DecoderParts.of(dense).quantised and DecoderParts.of(dense).formats() == "dense"
+    parts = DecoderParts.of(quantised_model("int4-g32-head4", torch.float32))
+    assert parts.formats() == "decoder int4-g32, lm_head int4-g32, embed_tokens int4-g32"
+    mixed = DecoderParts.of(quantised_model("int4-g32-mixed", torch.float32))
+    assert mixed.formats() == "decoder dense+int4-g32, lm_head int8-g32, embed_tokens int8-g32"
+
+
+def test_backend_uses_the_kernel_and_keys_calibration_by_format(library, monkeypatch):
+    """The backend takes the kernel for a quantised model (named with its formats in describe()); a calibration
+    verdict measured on one format is not reused for another of the same shapes."""
+    model = quantised_model("int4-g32", torch.float32)
+    backend = install_backend(model)  # IDEFICS3_CALIBRATE=0 in the tests: the kernel wherever it runs
+    assert "int4-g32" in backend.choices["decode"].impl
+    assert isinstance(backend.decoder_for(model, model.make_cache(1, 16)), CpuDecoder)
+    keys = []
+    monkeypatch.setenv("IDEFICS3_CALIBRATE", "1")
+    monkeypatch.setattr(calibrate, "compare", lambda parts, *a, **k: keys.append(parts) or calibrate.Verdict(True, ""))
+    for name in ("int4-g32", "int8-g32"):
+        calibrate.decode(quantised_model(name, torch.float32), DerivedWeights(), "avx512", amx=False)
+    calibrate.decode(tiny_model("gqa-hd16", torch.float32, intermediate_size=96), DerivedWeights(), "avx512",
+                     amx=False)
+    assert len({key for key in keys}) == 3 and all(key[0] == "decode" for key in keys)
+
+
+def test_engine_fast_and_plain_decode_agree(library):
+    model = quantised_model("int4-asym-g32-padded", torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (4, 9, 6)]
+
+    def run(fast: bool) -> list[list[int]]:
+        engine = Engine(model, max_batch=2, max_seq_len=64, eos_token_ids=[0], fast_decode=fast,
+                        backend=install_backend(model))
+        assert (engine.fast_decoder is not None) == fast
+        return engine_tokens(engine, prompts, max_new_tokens=7)
+
+    assert run(True) == run(False)
