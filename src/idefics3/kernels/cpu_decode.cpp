@@ -220,22 +220,18 @@ inline int64_t packed_tiles(int64_t n) { return (n + PT - 1) / PT; }
 
 
 // Where a matrix product's outputs go (cpu_decode_model.h's ScalarSink: per element, for the row-major path),
-// and per row of up to 32 columns for the packed and AMX paths (vectorised rounding and stores).
+// and per row of up to 32 columns for the packed, AMX and quantised paths (vectorised rounding and stores).
 template <class A>
 struct Sink : ScalarSink<A> {
-  void row(int64_t r, int64_t n0, const float* v, int count) const {  // bf16 models only (packed path)
+  void row(int64_t r, int64_t n0, const float* v, int count) const {
     const auto [dst, stride, how] = static_cast<const ScalarSink<A>&>(*this);
     for (int c = 0; c < count; c += 16) {
       const __mmask16 k = lanes(count - c);
       const __m512 x = _mm512_maskz_loadu_ps(k, v + c);
-      if (how == Store::Keep) {
-        _mm512_mask_storeu_ps(static_cast<float*>(dst) + r * stride + n0 + c, k, x);
-      } else if (how == Store::Round) {
-        _mm512_mask_storeu_ps(static_cast<float*>(dst) + r * stride + n0 + c, k, _mm512_castsi512_ps(round_bf16_bits(x)));
-      } else {
-        const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16_bits(x), 16));
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + r * stride + n0 + c, k, h);
-      }
+      if (how == Store::Cast)
+        A::store16(static_cast<typename A::T*>(dst) + r * stride + n0 + c, x, k);
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(dst) + r * stride + n0 + c, k, how == Store::Round ? A::round16(x) : x);
     }
   }
 };

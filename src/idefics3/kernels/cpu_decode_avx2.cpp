@@ -162,7 +162,7 @@ inline void gemv_tile(const typename A::T* W, int64_t N, int64_t K, int64_t t, c
 
 inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
 
-#include "cpu_decode_quant_avx2.h"  // QuantInput, QuantScratch, quant_row_times_batch: int8 / int4 weights
+#include "cpu_decode_quant_avx2.h"  // QuantInput, QuantScratch, quant_rows: int8 / int4 weights
 
 template <class A>
 using Sink = ScalarSink<A>;  // cpu_decode_model.h: outputs stored per element
@@ -176,7 +176,7 @@ inline void weight_tile(const Weight& W, int64_t N, int64_t K, int64_t t, const 
     gemv_tile<A>(static_cast<const typename A::T*>(W.data), N, K, t, x, R, emit);
     return;
   }
-  for (int64_t n = t * NR; n < std::min(N, t * NR + NR); ++n) quant_row_times_batch(W, n, in, R, emit);
+  quant_rows(W, t * NR, std::min(N, t * NR + NR), in, R, emit);
 }
 
 // y = x W^T inside the caller's parallel region (an orphaned `omp for`).

@@ -140,18 +140,25 @@ struct RowBlock {
   int64_t gs;
 };
 
-// The scales of the groups g0 .. g0+n-1 of the nw rows into s[i][0..16); with `corr`, acc[i][r] also takes each
-// group's offset times the group's x sum (mins m, or -8 s for int4 without mins).
+// The scales of the groups g0 .. g0+n-1 of the nw rows as fp32, S[i] (the rest 0).
+template <int nw>
+inline void group_scales(const RowBlock& w, int64_t g0, int64_t n, __m512 (&S)[nw]) {
+  for (int i = 0; i < nw; ++i) S[i] = halves16(w.sc + i * w.gs + g0, n);
+}
+
+// For int4: off[i][r] += each group's offset coefficient times the group's x sum: with mins, m X into the sums
+// themselves (acc); without, s X into off, which the caller multiplies by -8 at the end.
 template <int nw, int rb>
-inline void group_scales(const RowBlock& w, int64_t g0, int64_t n, bool corr, const QuantInput& in, int64_t r0,
-                         int64_t G, float (&s)[nw][16], __m512 (&acc)[nw][rb]) {
+inline void group_offsets(const RowBlock& w, int64_t g0, int64_t n, const __m512 (&S)[nw], const QuantInput& in,
+                          int64_t r0, int64_t G, __m512 (&acc)[nw][rb], __m512 (&off)[nw][rb]) {
+  __m512 X[rb];
+  for (int r = 0; r < rb; ++r) X[r] = _mm512_maskz_loadu_ps(lanes(n), in.group_sums(r0 + r, G) + g0);
   for (int i = 0; i < nw; ++i) {
-    const __m512 S = halves16(w.sc + i * w.gs + g0, n);
-    _mm512_storeu_ps(s[i], S);
-    if (corr) {
-      const __m512 c = w.mn ? halves16(w.mn + i * w.gs + g0, n) : _mm512_mul_ps(S, _mm512_set1_ps(-8.f));
-      for (int r = 0; r < rb; ++r)
-        acc[i][r] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(lanes(n), in.group_sums(r0 + r, G) + g0), acc[i][r]);
+    if (w.mn) {
+      const __m512 M = halves16(w.mn + i * w.gs + g0, n);
+      for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_fmadd_ps(M, X[r], acc[i][r]);
+    } else {
+      for (int r = 0; r < rb; ++r) off[i][r] = _mm512_fmadd_ps(S[i], X[r], off[i][r]);
     }
   }
 }
@@ -200,7 +207,9 @@ inline void int8_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
   alignas(64) float s[nw][16];
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int64_t n = std::min<int64_t>(16, groups - g0);
-    group_scales<nw, rb>(w, g0, n, false, in, r0, G, s, acc);
+    __m512 S[nw];
+    group_scales<nw>(w, g0, n, S);
+    for (int i = 0; i < nw; ++i) _mm512_store_ps(s[i], S[i]);  // broadcast from memory, group by group
     for (int64_t g = 0; g < n; ++g) {
       const int64_t k0 = (g0 + g) * G;
       __m512 t[nw][rb];
@@ -255,14 +264,16 @@ template <int nw, int rb>
 inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput& in, int64_t r0, float* out) {
   const uint8_t* q = static_cast<const uint8_t*>(w.q);
   const float* x4 = in.x4 + r0 * in.XS;
-  __m512 acc[nw][rb];
+  __m512 acc[nw][rb], off[nw][rb];
   for (int i = 0; i < nw; ++i)
-    for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int r = 0; r < rb; ++r) acc[i][r] = off[i][r] = _mm512_setzero_ps();
   const int64_t groups = K / G, runs = K / 32;
   alignas(64) float s[nw][16];
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int64_t n = std::min<int64_t>(16, groups - g0);
-    group_scales<nw, rb>(w, g0, n, true, in, r0, G, s, acc);
+    __m512 S[nw];
+    group_scales<nw>(w, g0, n, S);
+    group_offsets<nw, rb>(w, g0, n, S, in, r0, G, acc, off);
     if (G == 32) {
       __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
       for (int64_t b = g0; b < g0 + n; b += 2) {  // runs b, b + 1 (b even: g0 is a multiple of 16)
@@ -273,13 +284,14 @@ inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
           for (int r = 0; r < rb; ++r) t[i][r] = _mm512_setzero_ps();
         int4_step<nw, rb>(q + 16 * b, w.qs, b + 1 == runs, x4 + 32 * b, in.XS, t);
         for (int i = 0; i < nw; ++i) {
-          const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_load_ps(s[i]));
+          const __m512 sv = _mm512_permutexvar_ps(idx, S[i]);
           for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_fmadd_ps(t[i][r], sv, acc[i][r]);
         }
         idx = _mm512_add_epi32(idx, _mm512_set1_epi32(2));
       }
       continue;
     }
+    for (int i = 0; i < nw; ++i) _mm512_store_ps(s[i], S[i]);  // broadcast from memory, group by group
     for (int64_t g = 0; g < n; ++g) {
       __m512 t[nw][rb];
       for (int i = 0; i < nw; ++i)
@@ -295,6 +307,9 @@ inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
       }
     }
   }
+  if (!w.mn)
+    for (int i = 0; i < nw; ++i)
+      for (int r = 0; r < rb; ++r) acc[i][r] = _mm512_fmadd_ps(off[i][r], _mm512_set1_ps(-8.f), acc[i][r]);
   reduce_block<nw, rb>(acc, out);
 }
 
@@ -328,8 +343,12 @@ inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput
     float out[nw * rb];
     if (W.kind == kInt8) int8_block<nw, rb>(block(n), K, G, in, r0, out);
     else int4_block<nw, rb>(block(n), K, G, in, r0, out);
-    for (int i = 0; i < nw; ++i)
-      for (int r = 0; r < rb; ++r) emit(r0 + r, n + i, out[i * rb + r]);
+    if constexpr (rb == 1) {
+      emit.row(r0, n, out, nw);  // vectorised rounding and store of the nw columns
+    } else {
+      for (int i = 0; i < nw; ++i)
+        for (int r = 0; r < rb; ++r) emit(r0 + r, n + i, out[i * rb + r]);
+    }
   };
   using one = std::integral_constant<int, 1>;
   for (int64_t r0 = 0; r0 < R; r0 += RB) {

@@ -2,17 +2,19 @@
 // codes and fp16 scales (cpu_decode_model.h's Weight, quant/format.py's layouts), the codes streamed once per
 // step and dequantised in registers, as cpu_decode_quant.h does with AVX-512 (see there for why).
 //
-// How, per output row and block of up to RB batch rows (each unpacked weight vector serves every batch row):
-// - int8: 8 codes sign-extended to int32 and converted to fp32, FMA with fp32 x, one scale per group applied to
-//   the group's partial sums;
-// - int4: 8 bytes of a run of 32 inputs zero-extended to 8 dwords: the low nibbles (and 15) are inputs j..j+7 of
-//   the run, the high nibbles (shift right 4) inputs 16+j..; converted to fp32 and multiplied with fp32 x by FMA.
-//   The codes are taken as c in 0..15: W = s (c - 8) gives y = sum_g s_g (x_g . c_g) - 8 s_g X_g, and with
-//   minimums W = s c + m gives sum_g s_g (x_g . c_g) + m_g X_g, X_g the sum of x over group g, made once per step
-//   and row (prepare_row) and shared by every matrix row.
-// x is fp32 holding the values rounded to the model's dtype, in natural order here (the dense products read a
-// bf16 model's activations in "matrix order", which prepare_row undoes). Scales are converted 8 at a time. The
-// weight stream is prefetched PFD bytes ahead, as the dense one is.
+// How: x in fp32 (prepare_row makes its copies once per step and input), and per code vector
+// - int8: 8 codes sign-extended to int32 (vpmovsxbd) and converted (vcvtdq2ps);
+// - int4: the 16 bytes of a run of 32 inputs zero-extended to words (vpmovzxbw) are 8 dwords, dword j holding
+//   bytes 2j and 2j+1; its nibbles are four vectors of codes with no shift but one: A (bits 0-3: input 2j),
+//   B (bits 4-7, taken as 16 c: input 2j + 16), C (bits 16-19, taken as 65536 c: input 2j + 1), D (shifted down
+//   from bits 20-23: input 2j + 17), each converted (vcvtdq2ps), against x arranged to match (int4_order: x / 16
+//   for B, x / 65536 for C, exact powers of two);
+// then FMA with x into partial sums per group, and one FMA per group by its scale (broadcast from memory). int4
+// codes are taken as c in 0..15: W = s (c - 8) gives y = sum_g s_g (x_g . c_g) + s_g (-8 X_g), and with minimums
+// W = s c + m gives sum_g s_g (x_g . c_g) + m_g X_g, X_g the sum of x over group g, made once per step and input
+// (prepare_row, also as -8 X_g) and shared by every matrix row: one FMA per 8 groups.
+// At batch 1 four matrix rows go together (each x load feeds four rows); in batches each unpacked code vector
+// feeds up to RB batch rows. The code stream is prefetched PFD bytes ahead, as the dense one is.
 //
 // Numerics as cpu_decode_quant.h: fp32 accumulation; for fp32 models only the order of fp32 roundings differs
 // from the plain path's, for bf16 models also the plain path's rounding of each dequantised weight to bf16.
@@ -26,176 +28,258 @@
 // row zero-padded to XS = K rounded up to 128 (the stored columns Kp of any matrix over these inputs fit in it).
 struct QuantInput {
   const float* x = nullptr;     // [R, XS] fp32 in natural order
-  const float* sums = nullptr;  // [R, SS] sums of x over groups of 32, then of 64, then of 128, up to XS
+  const float* x4 = nullptr;    // [R, XS] fp32 in int4 order (int4_order)
+  const float* sums = nullptr;  // [R, 2 SS]: sums of x over groups of 32, then of 64, then of 128, up to XS; then
+                                // the same times -8
   int64_t K = 0, XS = 0, SS = 0;
-  const float* group_sums(int64_t r, int64_t G) const {
-    return sums + r * SS + (G == 32 ? 0 : G == 64 ? XS / 32 : XS / 32 + XS / 64);
+  const float* group_sums(int64_t r, int64_t G, bool times_minus_8) const {
+    return sums + r * 2 * SS + (times_minus_8 ? SS : 0) + (G == 32 ? 0 : G == 64 ? XS / 32 : XS / 32 + XS / 64);
   }
 };
 
 inline int64_t padded_inputs(int64_t K) { return (K + 127) / 128 * 128; }
 inline int64_t group_sums_size(int64_t XS) { return XS / 32 + XS / 64 + XS / 128; }
 
+// x (natural order, zero past K, XS values) in the order int4_block reads it: per run of 32 inputs, the 8 x values
+// of A, then of B divided by 16, of C divided by 65536, of D (see the header comment); values that would become
+// subnormal are 0 (their products are far below any rounding).
+inline void int4_order(const float* x, int64_t XS, float* out) {
+  for (int64_t b = 0; b < XS; b += 32)
+    for (int j = 0; j < 8; ++j) {
+      const float v[4] = {x[b + 2 * j], x[b + 2 * j + 16] * (1.f / 16), x[b + 2 * j + 1] * (1.f / 65536),
+                          x[b + 2 * j + 17]};
+      for (int q = 0; q < 4; ++q) out[b + 8 * q + j] = std::fabs(v[q]) < 1.17549435e-38f ? 0.f : v[q];
+    }
+}
+
 // Scratch for the QuantInput of every matrix input of a step (one at a time: x, att or act), R rows of at most
 // kmax inputs.
 struct QuantScratch {
-  std::vector<float> xf, sums;
+  std::vector<float> xf, x4, sums;
   QuantScratch(int64_t R, int64_t kmax, bool used)
-      : xf(used ? R * padded_inputs(kmax) : 0), sums(used ? R * group_sums_size(padded_inputs(kmax)) : 0) {}
+      : xf(used ? R * padded_inputs(kmax) : 0), x4(used ? R * padded_inputs(kmax) : 0),
+        sums(used ? R * 2 * group_sums_size(padded_inputs(kmax)) : 0) {}
   QuantInput view(int64_t K) {
     QuantInput in;
-    in.K = K, in.XS = padded_inputs(K), in.SS = group_sums_size(in.XS), in.x = xf.data(), in.sums = sums.data();
+    in.K = K, in.XS = padded_inputs(K), in.SS = group_sums_size(in.XS);
+    in.x = xf.data(), in.x4 = x4.data(), in.sums = sums.data();
     return in;
   }
   // Fill row r of `view(K)` from row r of x [R, K] (in matrix order).
   template <class A>
   void prepare_row(const float* x, int64_t K, int64_t r) {
-    const int64_t XS = padded_inputs(K);
+    const int64_t XS = padded_inputs(K), SS = group_sums_size(XS);
     float* f = xf.data() + r * XS;
     std::memcpy(f, x + r * K, K * sizeof(float));
     std::memset(f + K, 0, (XS - K) * sizeof(float));
     A::to_matrix_order(f, K);  // swaps the same quarters back: natural order
-    float* s = sums.data() + r * group_sums_size(XS);
+    int4_order(f, XS, x4.data() + r * XS);
+    float* s = sums.data() + r * 2 * SS;
     const int64_t n32 = XS / 32, n64 = XS / 64;
     for (int64_t b = 0; b < n32; ++b)
       s[b] = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(f + 32 * b), _mm256_loadu_ps(f + 32 * b + 8)),
                                 _mm256_add_ps(_mm256_loadu_ps(f + 32 * b + 16), _mm256_loadu_ps(f + 32 * b + 24))));
     for (int64_t b = 0; b < n64; ++b) s[n32 + b] = s[2 * b] + s[2 * b + 1];
     for (int64_t b = 0; b < XS / 128; ++b) s[n32 + n64 + b] = s[n32 + 2 * b] + s[n32 + 2 * b + 1];
+    for (int64_t i = 0; i < SS; ++i) s[SS + i] = -8.f * s[i];
   }
 };
 
-// n (at most 8) fp16 values from p as fp32 into out.
-inline void halves8(const uint16_t* p, int64_t n, float* out) {
-  if (n == 8) {
-    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+// 8 fp16 values from p (n of them, the rest 0) as fp32.
+inline __m256 halves8(const uint16_t* p, int64_t n) {
+  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(h, p, n * sizeof(uint16_t));
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
+}
+
+// 8 floats from p (n of them, the rest 0).
+inline __m256 floats8(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  alignas(32) float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(v, p, n * sizeof(float));
+  return _mm256_load_ps(v);
+}
+
+inline void prefetch_ahead(const void* p) { _mm_prefetch(static_cast<const char*>(p) + PFD, _MM_HINT_T0); }
+
+// Where a block of nw matrix rows starts: codes q (rows qs bytes apart), scales sc and mins mn (rows gs groups
+// apart; mn null without minimums).
+struct RowBlock {
+  const void* q;
+  int64_t qs;
+  const uint16_t *sc, *mn;
+  int64_t gs;
+};
+
+// out[i * rb + r] = sums of acc[i][r].
+template <int nw, int rb>
+inline void reduce_block(const __m256 (&acc)[nw][rb], float* out) {
+  if constexpr (nw * rb == 4) {  // four at once: two rounds of hadd and the two halves
+    __m256 v[4];
+    for (int k = 0; k < 4; ++k) v[k] = acc[k / rb][k % rb];
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  } else {
+    for (int i = 0; i < nw; ++i)
+      for (int r = 0; r < rb; ++r) out[i * rb + r] = hsum(acc[i][r]);
+  }
+}
+
+// The scales of the groups g0 .. g0+n-1 (n <= 8) of the nw rows as fp32 into s[i].
+template <int nw>
+inline void group_scales(const RowBlock& w, int64_t g0, int64_t n, float (&s)[nw][8]) {
+  for (int i = 0; i < nw; ++i) _mm256_store_ps(s[i], halves8(w.sc + i * w.gs + g0, n));
+}
+
+// t[i][r] += codes (8 int8 at q + i * qs) . x[r] (8 values, rows xs apart), for the nw rows and rb batch rows.
+template <int nw, int rb>
+inline void int8_step(const int8_t* q, int64_t qs, const float* x, int64_t xs, __m256 (&t)[nw][rb]) {
+  for (int i = 0; i < nw; ++i) {
+    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i * qs))));
+    for (int r = 0; r < rb; ++r) t[i][r] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + r * xs), t[i][r]);
+  }
+}
+
+// out[i * rb + r] = W[row i] . x[r0 + r] for nw int8 rows of K stored codes (scales per G: 32, 64, 128, or K with
+// any K).
+template <int nw, int rb>
+inline void int8_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput& in, int64_t r0, float* out) {
+  const int8_t* q = static_cast<const int8_t*>(w.q);
+  const float* x = in.x + r0 * in.XS;
+  const int64_t xs = in.XS;
+  __m256 acc[nw][rb];
+  for (int i = 0; i < nw; ++i)
+    for (int r = 0; r < rb; ++r) acc[i][r] = _mm256_setzero_ps();
+  if (G == K) {  // one scale per row (any K): the sums first, the scale at the end
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      if ((k & 63) == 0)
+        for (int i = 0; i < nw; ++i) prefetch_ahead(q + i * w.qs + k);
+      int8_step<nw, rb>(q + k, w.qs, x + k, xs, acc);
+    }
+    if (k < K) {  // the last K % 8 codes, through a zero-padded copy (x is zero past K)
+      alignas(16) int8_t tail[nw][16] = {};
+      for (int i = 0; i < nw; ++i) std::memcpy(tail[i], q + i * w.qs + k, K - k);
+      int8_step<nw, rb>(tail[0], 16, x + k, xs, acc);
+    }
+    for (int i = 0; i < nw; ++i) {
+      const __m256 sv = _mm256_set1_ps(half_to_float(w.sc[i * w.gs]));
+      for (int r = 0; r < rb; ++r) acc[i][r] = _mm256_mul_ps(acc[i][r], sv);
+    }
+    reduce_block<nw, rb>(acc, out);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(p[i]);
-}
-
-inline __m256 int8x8(const int8_t* p) {  // 8 codes as fp32
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// out[r] = W[n] . x[r] for r < rb: int8 codes q [K] (stored columns), scales sc [K / G] (G: 32, 64, 128, or K
-// with any K), fp32 x (rows xs apart).
-template <int rb>
-inline void int8_dot(const int8_t* q, const uint16_t* sc, int64_t K, int64_t G, const float* x, int64_t xs,
-                     float* out) {
-  constexpr int nt = rb <= 2 ? 2 : 1;
-  __m256 acc[rb];
-  float tails[rb];
-  for (int r = 0; r < rb; ++r) acc[r] = _mm256_setzero_ps(), tails[r] = 0.f;
   const int64_t groups = K / G;
-  float s8[8];
+  alignas(32) float s[nw][8];
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t n = std::min<int64_t>(8, groups - g0);
-    halves8(sc + g0, n, s8);
+    group_scales<nw>(w, g0, n, s);
     for (int64_t g = 0; g < n; ++g) {
-      const int64_t k0 = (g0 + g) * G, k1 = k0 + G;
-      __m256 t[rb][nt];
-      for (int r = 0; r < rb; ++r)
-        for (int a = 0; a < nt; ++a) t[r][a] = _mm256_setzero_ps();
-      int64_t k = k0;
-      for (; k + 8 * nt <= k1; k += 8 * nt) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + k) + PFD, _MM_HINT_T0);
-        for (int a = 0; a < nt; ++a) {
-          const __m256 w = int8x8(q + k + 8 * a);
-          for (int r = 0; r < rb; ++r) t[r][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * xs + k + 8 * a), t[r][a]);
-        }
+      const int64_t k0 = (g0 + g) * G;
+      __m256 t[nw][rb];
+      for (int i = 0; i < nw; ++i)
+        for (int r = 0; r < rb; ++r) t[i][r] = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k0 + G; k += 32) {  // G: a multiple of 32
+        for (int i = 0; i < nw; ++i) prefetch_ahead(q + i * w.qs + k);
+        for (int h = 0; h < 32; h += 8) int8_step<nw, rb>(q + k + h, w.qs, x + k + h, xs, t);
       }
-      for (; k + 8 <= k1; k += 8) {
-        const __m256 w = int8x8(q + k);
-        for (int r = 0; r < rb; ++r) t[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * xs + k), t[r][0]);
-      }
-      float tail[rb];  // per-channel scales over a K that is not a multiple of 8
-      for (int r = 0; r < rb; ++r) tail[r] = 0.f;
-      for (; k < k1; ++k)
-        for (int r = 0; r < rb; ++r) tail[r] += float(q[k]) * x[r * xs + k];
-      const __m256 s = _mm256_set1_ps(s8[g]);
-      for (int r = 0; r < rb; ++r) {
-        __m256 sum = t[r][0];
-        for (int a = 1; a < nt; ++a) sum = _mm256_add_ps(sum, t[r][a]);
-        acc[r] = _mm256_fmadd_ps(sum, s, acc[r]);
-        tails[r] += tail[r] * s8[g];
+      for (int i = 0; i < nw; ++i) {
+        const __m256 sv = _mm256_broadcast_ss(&s[i][g]);
+        for (int r = 0; r < rb; ++r) acc[i][r] = _mm256_fmadd_ps(t[i][r], sv, acc[i][r]);
       }
     }
   }
-  for (int r = 0; r < rb; ++r) out[r] = hsum(acc[r]) + tails[r];
+  reduce_block<nw, rb>(acc, out);
 }
 
-// out[r] = W[n] . x[r] for batch rows r0 .. r0+rb-1: int4 codes q [K/2] (stored columns, Q4_0 runs), scales sc
-// [K/G], mins mn [K/G] or null.
-template <int rb>
-inline void int4_dot(const uint8_t* q, const uint16_t* sc, const uint16_t* mn, int64_t K, int64_t G,
-                     const QuantInput& in, int64_t r0, float* out) {
-  const float* x = in.x + r0 * in.XS;
+// As int8_block for nw int4 rows (K/2 stored bytes each, Q4_0 runs; G: 32, 64 or 128; with or without mins), x in
+// int4 order.
+template <int nw, int rb>
+inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput& in, int64_t r0, float* out) {
+  const uint8_t* q = static_cast<const uint8_t*>(w.q);
+  const float* x4 = in.x4 + r0 * in.XS;
   const int64_t xs = in.XS;
-  const __m256i nibble = _mm256_set1_epi32(15);
-  __m256 acc[rb];
-  float corr[rb];  // sum_g (m_g, or -8 s_g) X_g
-  for (int r = 0; r < rb; ++r) acc[r] = _mm256_setzero_ps(), corr[r] = 0.f;
+  __m256 acc[nw][rb];
+  for (int i = 0; i < nw; ++i)
+    for (int r = 0; r < rb; ++r) acc[i][r] = _mm256_setzero_ps();
   const int64_t groups = K / G, runs = G / 32;
-  float s8[8], m8[8];
+  alignas(32) float s[nw][8];
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t n = std::min<int64_t>(8, groups - g0);
-    halves8(sc + g0, n, s8);
-    if (mn) halves8(mn + g0, n, m8);
+    group_scales<nw>(w, g0, n, s);
+    for (int r = 0; r < rb; ++r) {  // the offsets: m X, or s (-8 X), for 8 groups at once
+      const __m256 X = floats8(in.group_sums(r0 + r, G, w.mn == nullptr) + g0, n);
+      for (int i = 0; i < nw; ++i) {
+        const __m256 c = w.mn ? halves8(w.mn + i * w.gs + g0, n) : _mm256_load_ps(s[i]);
+        acc[i][r] = _mm256_fmadd_ps(c, X, acc[i][r]);
+      }
+    }
     for (int64_t g = 0; g < n; ++g) {
-      __m256 lo_sum[rb], hi_sum[rb];
-      for (int r = 0; r < rb; ++r) lo_sum[r] = hi_sum[r] = _mm256_setzero_ps();
+      __m256 t[nw][rb];
+      for (int i = 0; i < nw; ++i)
+        for (int r = 0; r < rb; ++r) t[i][r] = _mm256_setzero_ps();
       for (int64_t b = (g0 + g) * runs; b < (g0 + g + 1) * runs; ++b) {
-        if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + 16 * b) + PFD, _MM_HINT_T0);
-        for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h+7 of the run: inputs 8h.. (low) and 16+8h.. (high)
-          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * b + 8 * h)));
-          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, nibble));
-          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        if ((b & 3) == 0)
+          for (int i = 0; i < nw; ++i) prefetch_ahead(q + i * w.qs + 16 * b);
+        for (int i = 0; i < nw; ++i) {
+          const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * w.qs + 16 * b)));
+          const __m256 a = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xf)));
+          const __m256 bb = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xf0)));
+          const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xf0000)));
+          const __m256 d = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 20));
           for (int r = 0; r < rb; ++r) {
-            lo_sum[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * xs + 32 * b + 8 * h), lo_sum[r]);
-            hi_sum[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * xs + 32 * b + 16 + 8 * h), hi_sum[r]);
+            const float* xr = x4 + r * xs + 32 * b;
+            t[i][r] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xr), t[i][r]);
+            t[i][r] = _mm256_fmadd_ps(bb, _mm256_loadu_ps(xr + 8), t[i][r]);
+            t[i][r] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xr + 16), t[i][r]);
+            t[i][r] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xr + 24), t[i][r]);
           }
         }
       }
-      const __m256 s = _mm256_set1_ps(s8[g]);
-      const float coef = mn ? m8[g] : -8.f * s8[g];
-      for (int r = 0; r < rb; ++r) {
-        acc[r] = _mm256_fmadd_ps(_mm256_add_ps(lo_sum[r], hi_sum[r]), s, acc[r]);
-        corr[r] += coef * in.group_sums(r0 + r, G)[g0 + g];
+      for (int i = 0; i < nw; ++i) {
+        const __m256 sv = _mm256_broadcast_ss(&s[i][g]);
+        for (int r = 0; r < rb; ++r) acc[i][r] = _mm256_fmadd_ps(t[i][r], sv, acc[i][r]);
       }
     }
   }
-  for (int r = 0; r < rb; ++r) out[r] = hsum(acc[r]) + corr[r];
+  reduce_block<nw, rb>(acc, out);
 }
 
-// Row n of a quantised W [N, K] against all R rows of the prepared input: emit(r, n, value). All Kp stored
-// columns are read (the inputs past K are zeros).
+// Rows n0 .. n1-1 of a quantised W [N, K] against all R rows of the prepared input: emit(r, n, value). A batch
+// block of one row takes the matrix rows four at a time, of two rows two at a time, else one at a time. All Kp
+// stored columns are read (the inputs past K are zeros).
 template <class Emit>
-inline void quant_row_times_batch(const Weight& W, int64_t n, const QuantInput& in, int64_t R, const Emit& emit) {
-  const int64_t K = W.cols, G = W.group, groups = K / G;
-  const uint16_t* sc = W.scales + n * groups;
-  const uint16_t* mn = W.kind == kInt4Mins ? W.mins + n * groups : nullptr;
-  const int8_t* q8 = static_cast<const int8_t*>(W.data) + n * K;
-  const uint8_t* q4 = static_cast<const uint8_t*>(W.data) + n * (K / 2);
-  float out[RB];
+inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput& in, int64_t R, const Emit& emit) {
+  const int64_t K = W.cols, G = W.group, groups = K / G, qs = W.kind == kInt8 ? K : K / 2;
+  const auto block = [&](int64_t n) {
+    return RowBlock{static_cast<const uint8_t*>(W.data) + n * qs, qs, W.scales + n * groups,
+                    W.kind == kInt4Mins ? W.mins + n * groups : nullptr, groups};
+  };
+  const auto run = [&](auto nw_c, auto rb_c, int64_t n, int64_t r0) {
+    constexpr int nw = decltype(nw_c)::value, rb = decltype(rb_c)::value;
+    float out[nw * rb];
+    if (W.kind == kInt8) int8_block<nw, rb>(block(n), K, G, in, r0, out);
+    else int4_block<nw, rb>(block(n), K, G, in, r0, out);
+    for (int i = 0; i < nw; ++i)
+      for (int r = 0; r < rb; ++r) emit(r0 + r, n + i, out[i * rb + r]);
+  };
+  using one = std::integral_constant<int, 1>;
+  using two = std::integral_constant<int, 2>;
   for (int64_t r0 = 0; r0 < R; r0 += RB) {
     const int rb = int(std::min<int64_t>(RB, R - r0));
-    const float* x = in.x + r0 * in.XS;
-    if (W.kind == kInt8) {
+    int64_t n = n0;
+    if (rb == 1)
+      for (; n + 4 <= n1; n += 4) run(std::integral_constant<int, 4>{}, one{}, n, r0);
+    if (rb == 2)
+      for (; n + 2 <= n1; n += 2) run(two{}, two{}, n, r0);
+    for (; n < n1; ++n) {
       switch (rb) {
-        case 4: int8_dot<4>(q8, sc, K, G, x, in.XS, out); break;
-        case 3: int8_dot<3>(q8, sc, K, G, x, in.XS, out); break;
-        case 2: int8_dot<2>(q8, sc, K, G, x, in.XS, out); break;
-        default: int8_dot<1>(q8, sc, K, G, x, in.XS, out); break;
-      }
-    } else {
-      switch (rb) {
-        case 4: int4_dot<4>(q4, sc, mn, K, G, in, r0, out); break;
-        case 3: int4_dot<3>(q4, sc, mn, K, G, in, r0, out); break;
-        case 2: int4_dot<2>(q4, sc, mn, K, G, in, r0, out); break;
-        default: int4_dot<1>(q4, sc, mn, K, G, in, r0, out); break;
+        case 4: run(one{}, std::integral_constant<int, 4>{}, n, r0); break;
+        case 3: run(one{}, std::integral_constant<int, 3>{}, n, r0); break;
+        case 2: run(one{}, two{}, n, r0); break;
+        default: run(one{}, one{}, n, r0); break;
       }
     }
-    for (int r = 0; r < rb; ++r) emit(r0 + r, n, out[r]);
   }
 }
