@@ -7,9 +7,9 @@ quant/format.py stores padded with zero columns, dense projections beside quanti
 runs (the AVX-512 one, and the AVX2 one with the machine made to stop at AVX2). The plain path dequantises each
 matrix and runs F.linear (QuantLinear.forward), so fp32 logits must agree to float rounding and give the same
 greedy tokens, bf16 within the model's tolerance (teacher-forced). Also: a batch equals its rows decoded one by
-one, the shared-prompt mechanism, out-of-range inputs, what is refused (biases, other embedding dtypes, strided
-tensors), that a quantised model never gets packed copies or AMX tiles, and how the backend names and keys its
-formats.
+one, the shared-prompt mechanism, out-of-range inputs, what is refused (biases, other embedding dtypes, other
+shapes, strided tensors), that a quantised model never gets packed copies or AMX tiles, and how the backend names
+and keys its formats.
 """
 
 from __future__ import annotations
@@ -205,6 +205,9 @@ def test_unsupported_quantised_modules_fall_back(library):
     other_dtype = copy.deepcopy(model)
     other_dtype.model.text_model.embed_tokens.dtype = torch.bfloat16
     assert "embed_tokens" in reason(DecoderParts.of(other_dtype), cache)
+    wrong = copy.deepcopy(model)  # a k_proj of another shape than the config's kv heads give
+    wrong.model.text_model.layers[0].self_attn.k_proj = QuantLinear(64, 48, QuantSpec(4, 32))
+    assert "k_proj is [48, 64]" in reason(DecoderParts.of(wrong), cache)
     strided = copy.deepcopy(model)
     mlp = strided.model.text_model.layers[1].mlp
     mlp.up_proj.scales = mlp.up_proj.scales.t().contiguous().t()  # same values, not contiguous

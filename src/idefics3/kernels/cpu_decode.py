@@ -199,6 +199,9 @@ def unsupported_reason(parts: DecoderParts, cache: KVCache | None = None) -> str
     if isinstance(embed, QuantEmbedding) and embed.dtype != dtype:
         return f"embed_tokens gives {embed.dtype} rows, the model is {dtype}"
     for name, module in _matrices(parts):
+        shape, expected = _shape(module), _expected_shape(name, t)
+        if shape != expected:
+            return f"{name} is [{shape[0]}, {shape[1]}]; the config says [{expected[0]}, {expected[1]}]"
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             reason = _quant_reason(name, module)
             if reason is not None:
@@ -235,6 +238,23 @@ def _linears(parts: DecoderParts) -> list[tuple[str, nn.Module]]:
     layers = parts.text.layers
     out = [(f"layers.{i}.{p}", layer.get_submodule(p)) for i, layer in enumerate(layers) for p in _PROJECTIONS]
     return out + [("lm_head", parts.lm_head)]
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """[N, K] of a matrix module (out, in; for embeddings rows, dim)."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        return module.rows, module.cols
+    return tuple(module.weight.shape)
+
+
+def _expected_shape(name: str, t: TextConfig) -> tuple[int, int]:
+    """[N, K] the kernel reads for the matrix `name` of _matrices."""
+    d, nq, nk = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    leaf = name.rsplit(".", 1)[-1]
+    return {"q_proj": (nq, d), "k_proj": (nk, d), "v_proj": (nk, d), "o_proj": (d, nq),
+            "gate_proj": (t.intermediate_size, d), "up_proj": (t.intermediate_size, d),
+            "down_proj": (d, t.intermediate_size), "lm_head": (t.vocab_size, d),
+            "embed_tokens": (t.vocab_size, d)}[leaf]
 
 
 def _matrices(parts: DecoderParts) -> list[tuple[str, nn.Module]]:
@@ -327,7 +347,7 @@ class CpuDecoder:
         embed, embed_tensors = weight_fields(text.embed_tokens)
         head, head_tensors = weight_fields(parts.lm_head)
         self._tensors += embed_tensors + head_tensors
-        embed_t, head_t = torch.tensor(embed, dtype=torch.int64), torch.tensor(head, dtype=torch.int64)  # [5] each
+        embed_t, head_t = (torch.tensor(f, dtype=torch.int64) for f in (embed, head))  # [WEIGHT_FIELDS] each
         self._lib, self._ptrs = lib, (table, embed_t, head_t)
         self.dtype = parts.dtype
         self.quantised = parts.quantised
