@@ -53,18 +53,13 @@ def dense_model(dtype: torch.dtype) -> Idefics3ForConditionalGeneration:
 
 
 def formatted(dense: Idefics3ForConditionalGeneration, fmt: str) -> Idefics3ForConditionalGeneration:
-    """The dense model itself, or a quantised copy in `fmt` ("int8", "int4", "int4-g128", "int4-asym", ...)."""
+    """The dense model itself, or a quantised copy in `fmt` (a quantize= name: "int8", "int4", "int4-g128",
+    "int4-asym", ...) by the package's policy."""
     if fmt == "dense":
         return dense
     model = copy.deepcopy(dense)
-    asym = fmt.endswith("-asym")
-    bits, group = parse_quantize(fmt.removesuffix("-asym"))
-    config = plan(model, bits, group)
-    if asym:
-        for name, spec in config.modules.items():
-            if spec.bits == 4:
-                config.modules[name] = type(spec)(4, spec.group_size, True)
-    quantize_model(model, config)
+    spec = parse_quantize(fmt)
+    quantize_model(model, plan(model, spec.bits, spec.group_size, asymmetric=spec.asymmetric))
     return model
 
 

@@ -224,15 +224,15 @@ inline int64_t packed_tiles(int64_t n) { return (n + PT - 1) / PT; }
 template <class A>
 struct Sink : ScalarSink<A> {
   void row(int64_t r, int64_t n0, const float* v, int count) const {
+    for (int c = 0; c < count; c += 16) lanes16(r, n0 + c, _mm512_maskz_loadu_ps(lanes(count - c), v + c), lanes(count - c));
+  }
+  // The lanes k of x as the outputs (r, n0 ..) (from a register: no round trip through memory).
+  void lanes16(int64_t r, int64_t n0, __m512 x, __mmask16 k) const {
     const auto [dst, stride, how] = static_cast<const ScalarSink<A>&>(*this);
-    for (int c = 0; c < count; c += 16) {
-      const __mmask16 k = lanes(count - c);
-      const __m512 x = _mm512_maskz_loadu_ps(k, v + c);
-      if (how == Store::Cast)
-        A::store16(static_cast<typename A::T*>(dst) + r * stride + n0 + c, x, k);
-      else
-        _mm512_mask_storeu_ps(static_cast<float*>(dst) + r * stride + n0 + c, k, how == Store::Round ? A::round16(x) : x);
-    }
+    if (how == Store::Cast)
+      A::store16(static_cast<typename A::T*>(dst) + r * stride + n0, x, k);
+    else
+      _mm512_mask_storeu_ps(static_cast<float*>(dst) + r * stride + n0, k, how == Store::Round ? A::round16(x) : x);
   }
 };
 

@@ -343,8 +343,8 @@ inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput
     float out[nw * rb];
     if (W.kind == kInt8) int8_block<nw, rb>(block(n), K, G, in, r0, out);
     else int4_block<nw, rb>(block(n), K, G, in, r0, out);
-    if constexpr (rb == 1) {
-      emit.row(r0, n, out, nw);  // vectorised rounding and store of the nw columns
+    if constexpr (rb == 1 && nw == 4) {  // vectorised rounding and store of the 4 columns, loaded as stored
+      emit.lanes16(r0, n, _mm512_castps128_ps512(_mm_loadu_ps(out)), 0xf);
     } else {
       for (int i = 0; i < nw; ++i)
         for (int r = 0; r < rb; ++r) emit(r0 + r, n + i, out[i * rb + r]);
