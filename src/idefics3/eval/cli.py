@@ -160,7 +160,7 @@ def _backend(args: argparse.Namespace, settings: Any, world: Any) -> tuple[Calla
     def open_local() -> Any:
         import torch
 
-        from ..loading import Idefics3ForConditionalGeneration, load_model, load_processor, pick_device
+        from ..loading import load_model, load_processor
         from .runner import EngineBackend
 
         if args.threads:
@@ -169,11 +169,7 @@ def _backend(args: argparse.Namespace, settings: Any, world: Any) -> tuple[Calla
         if device is None and world.size > 1 and torch.cuda.is_available():
             device = f"cuda:{world.local_rank}"
         processor = load_processor(folder, longest_edge=args.longest_edge, split=not args.no_split)
-        if args.quantize:
-            model = Idefics3ForConditionalGeneration.from_pretrained(
-                folder, dtype=args.dtype, device=pick_device(device), quantize=args.quantize).eval()
-        else:
-            model = load_model(folder, dtype=args.dtype, device=device)
+        model = load_model(folder, dtype=args.dtype, device=device, quantize=args.quantize)
         quant = getattr(model, "quantization", None)
         run["model"].update(dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
                             quantization=quant.summary() if quant is not None else None)
