@@ -47,11 +47,13 @@ DOCVQA = pa.schema([("questionId", pa.string()), ("question", pa.string()), ("qu
                     ("data_split", pa.string())])
 
 
-def docvqa(root: Path, n: int = 10, bad: int | None = None) -> Path:
+def docvqa(root: Path, n: int = 10, bad: int | None = None, long: int | None = None) -> Path:
+    """`bad`: the row whose image is not an image; `long`: the row whose question outgrows any context."""
     rows = []
     for i in range(n):
         doc = i // 3  # three questions per page: the same image bytes
-        rows.append({"questionId": str(1000 + i), "question": f"What is written in box {i}?",
+        question = "Why " * 3000 + "?" if i == long else f"What is written in box {i}?"
+        rows.append({"questionId": str(1000 + i), "question": question,
                      "question_types": ["form"] if i % 2 else ["layout", "table/list"],
                      "image": image_cell(b"not an image" if i == bad else picture(doc)), "docId": doc,
                      "ucsf_document_id": f"doc{doc}", "ucsf_document_page_no": "1",

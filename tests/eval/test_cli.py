@@ -28,7 +28,7 @@ def jsonl(path):
 
 def test_every_layout_end_to_end(tmp_path, capsys):
     root = data_root(tmp_path / "data")
-    docvqa(root / FOLDERS["docvqa"], n=10, bad=4)  # one undecodable page
+    docvqa(root / FOLDERS["docvqa"], n=10, bad=4, long=7)  # one undecodable page, one question too long
     out = tmp_path / "out"
     code, stdout, stderr = run(capsys, "--task", ",".join(WRITERS), "--data-root", str(root), "-o", str(out))
     assert code == 0, stderr
@@ -45,11 +45,12 @@ def test_every_layout_end_to_end(tmp_path, capsys):
         assert result["prompt"]["version"] == "lmms-eval/v1" and result["idefics3"]["version"]
         assert result["time"]["started"] and result["generation"]["max_new_tokens"] == 3
     assert not list(out.glob("*.part*.jsonl"))  # merged
-    bad = jsonl(out / "docvqa-validation.jsonl")[4]
+    bad, long = jsonl(out / "docvqa-validation.jsonl")[4], jsonl(out / "docvqa-validation.jsonl")[7]
     assert bad["error"].startswith("image: cannot decode") and bad["score"] is None
+    assert long["error"].startswith("prompt: the prompt has") and "max_seq_len" in long["error"]
     result = json.loads((out / "docvqa-validation.json").read_text())
-    assert result["failed"] == 1 and result["errors"] == {"image": 1} and result["scored"] == 9
-    assert "failed 1 (image 1)" in stdout
+    assert result["failed"] == 2 and result["errors"] == {"image": 1, "prompt": 1} and result["scored"] == 8
+    assert "failed 2 (image 1, prompt 1)" in stdout
     mathvista = json.loads((out / "mathvista-testmini.json").read_text())
     assert {"fallback_share", "unparsed_share"} <= set(mathvista["metrics"])
     mmstar = json.loads((out / "mmstar-val.json").read_text())

@@ -121,7 +121,8 @@ def _run_task(task: Task, settings: Settings, get_backend: Callable[[], Any], ru
         return None
     order = {s.id: s.index for s in samples}
     records = [r for r in store.merge(order) if r["id"] in order]
-    return _finish(task, split, samples, records, files, settings, store, run, elapsed, len(mine) * world.size)
+    answered = sum(1 for r in records if r["id"] not in done)  # by every rank in this run
+    return _finish(task, split, samples, records, files, settings, store, run, elapsed, answered)
 
 
 def _record(task: Task, job: Job, answer: str | None, error: str | None) -> dict[str, Any]:

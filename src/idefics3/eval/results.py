@@ -13,7 +13,7 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,3 @@ def breakdown_lines(result: TaskResult, limit: int = 40) -> list[str]:
         if len(groups) > limit:
             lines.append(f"  ... {len(groups) - limit} more in the results JSON")
     return lines
-
-
-def summary_dict(summary: Summary) -> dict[str, Any]:
-    return asdict(summary)
