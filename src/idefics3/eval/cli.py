@@ -34,7 +34,7 @@ def add_eval_parser(sub: Any, parents: list[argparse.ArgumentParser],
                                    "folder or the Hugging Face cache) with the official metrics; the engine answers "
                                    "many questions at once. Writes a results JSON and one JSON line per sample.")
     p.add_argument("--task", metavar="NAMES", help=f"comma-separated: {', '.join(names)}"
-                   + (f" (default: the {legacy} check, printed as before)" if legacy else ""))
+                   + (f" (default: {legacy}, printed as that check always was)" if legacy else ""))
     where = p.add_argument_group("data")
     where.add_argument("--data", metavar="FOLDER", help="the folder of one task's parquet files (a Hub snapshot)")
     where.add_argument("--data-root", metavar="ROOT", help="a folder holding one folder per task (DocVQA, textvqa, "
@@ -67,9 +67,9 @@ def add_eval_parser(sub: Any, parents: list[argparse.ArgumentParser],
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     out.add_argument("--show-errors", action="store_true", help="print every wrong answer")
     if extra_tasks:
-        demo = p.add_argument_group("built-in demo task (shapes)")
-        demo.add_argument("--seed", type=int, help="question seed")
-        demo.add_argument("--count", type=int, help="questions")
+        demo = p.add_argument_group("added tasks (shapes: the built-in model's held-out check)")
+        demo.add_argument("--seed", type=int, help="question seed (default 1000; the built-in model trained on 0)")
+        demo.add_argument("--count", type=int, help="questions (default 200)")
     p.set_defaults(run=lambda args: run_eval(args, extra_tasks or {}, legacy))
     return p
 
