@@ -323,9 +323,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = None
     if is_gguf(folder):  # no config.json nor safetensors to read: the model itself says what it is
         model = load_model(folder, dtype=args.dtype, device=args.device, mmproj=args.mmproj)
-        config, counts = model.config, module_counts(model)
+        config = model.config
+        counts = _count_parts({k: v.numel() for k, v in model.state_dict().items() if not v.is_meta}, config)
     else:
-        config, counts = Idefics3Config.from_pretrained(folder), parameter_counts(folder)
+        config = Idefics3Config.from_pretrained(folder)
+        counts = parameter_counts(folder, config)
     for line in describe(folder, config, processor, counts):
         print(line)
     quantization = config.extra.get("quantization_config")
@@ -382,24 +384,27 @@ def describe(folder: Path, config: Any, processor: Any, counts: dict[str, int]) 
     ]
 
 
-def parameter_counts(folder: Path) -> dict[str, int]:
+def parameter_counts(folder: Path, config: Any) -> dict[str, int]:
     """Parameters per part, read from the safetensors headers (no weights loaded)."""
     from math import prod
 
     from .weights import checkpoint_files, checkpoint_keys, read_headers
 
     shapes = {key: shape for key, (shape, _) in checkpoint_keys(read_headers(checkpoint_files(folder))).items()}
-    return _count_parts({key: prod(shape) for key, shape in shapes.items()})
+    return _count_parts({key: prod(shape) for key, shape in shapes.items()}, config)
 
 
-def module_counts(model: Any) -> dict[str, int]:
-    """Stored values per part of a loaded model (a model read from a GGUF file has no safetensors to count)."""
-    return _count_parts({k: v.numel() for k, v in model.state_dict().items() if not v.is_meta})
-
-
-def _count_parts(sizes: dict[str, int]) -> dict[str, int]:
+def _count_parts(sizes: dict[str, int], config: Any) -> dict[str, int]:
+    """Parameters per part from stored tensor sizes: a quantised matrix counts its weights (two per int4
+    byte, padding aside), not its scales."""
+    modules = (config.extra.get("quantization_config") or {}).get("modules", {})
     counts = {"vision": 0, "connector": 0, "text": 0, "lm_head": 0}
     for key, n in sizes.items():
+        module, _, leaf = key.rpartition(".")
+        if module in modules and leaf in ("scales", "mins"):
+            continue
+        if module in modules and leaf == "qweight" and modules[module].get("bits") == 4:
+            n *= 2
         part = ("vision" if "vision_model" in key else "connector" if "connector" in key
                 else "lm_head" if key.startswith("lm_head") else "text")
         counts[part] += n
