@@ -236,9 +236,6 @@ inline void int8_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
 template <int nw, int rb>
 inline void int4_step(const uint8_t* q, int64_t qs, bool one, const float* x4, int64_t xs, __m512 (&t)[nw][rb]) {
   const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 xv[rb][4];
-  for (int r = 0; r < rb; ++r)
-    for (int v = 0; v < 4; ++v) xv[r][v] = _mm512_loadu_ps(x4 + r * xs + 16 * v);
   for (int i = 0; i < nw; ++i) {
     const uint8_t* p = q + i * qs;
     const __m256i bytes = one ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
@@ -248,11 +245,12 @@ inline void int4_step(const uint8_t* q, int64_t qs, bool one, const float* x4, i
     const __m512 b = _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xf0)));
     const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xf0000)));
     const __m512 d = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 20));
-    for (int r = 0; r < rb; ++r) {
-      t[i][r] = _mm512_fmadd_ps(a, xv[r][0], t[i][r]);
-      t[i][r] = _mm512_fmadd_ps(b, xv[r][1], t[i][r]);
-      t[i][r] = _mm512_fmadd_ps(c, xv[r][2], t[i][r]);
-      t[i][r] = _mm512_fmadd_ps(d, xv[r][3], t[i][r]);
+    for (int r = 0; r < rb; ++r) {  // x from L1 at each use (at rb 8 all of it would not fit in registers)
+      const float* xr = x4 + r * xs;
+      t[i][r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), t[i][r]);
+      t[i][r] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16), t[i][r]);
+      t[i][r] = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 32), t[i][r]);
+      t[i][r] = _mm512_fmadd_ps(d, _mm512_loadu_ps(xr + 48), t[i][r]);
     }
   }
 }
