@@ -5,7 +5,9 @@ Workload: the text decoder of SmolVLM-256M (hidden 576, MLP 1536, 30 layers, 9 h
 package's policy (quant/apply.py `plan`: decoder linears in the asked format, embeddings and the tied head int8
 in groups of 32); a cache holding --position random keys and values per row; then --steps decode steps of one
 token per row through the fused kernel (`CpuDecoder`), timed one by one, each format taking turns A B C A B C
-(these machines are shared: only ratios measured together are trusted). No checkpoint is written, the vision
+(these machines are shared: only ratios measured together are trusted); each turn starts with --warmup untimed
+steps, so that a format is timed as it runs alone and not while refilling the caches the other formats' turns
+evicted (this CPU's L3 holds most of an int4 model, little of a bf16 one). No checkpoint is written, the vision
 tower is never run.
 
 Printed: the CPU and its ISA, the copy bandwidth; per format and batch: median ms per step (and the best), tokens/s,
@@ -14,7 +16,7 @@ GB/s at the median and that as a fraction of the copy bandwidth (read + write, m
 speed-up over the first format. IDEFICS3_CPU_ISA=avx2 measures the AVX2 build. Usage:
 
     python bench/quant_decode_micro.py [--formats dense,int8,int4] [--batches 1,8] [--rounds 5] [--steps 16]
-                                       [--position 64] [--dtype bf16] [--threads 2]
+                                       [--warmup 4] [--position 64] [--dtype bf16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each turn")
     ap.add_argument("--position", type=int, default=64)
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=2)
@@ -128,6 +131,8 @@ def main() -> None:
                 s.step()
             for _ in range(args.rounds):
                 for fmt, s in steppers.items():
+                    for _ in range(args.warmup):
+                        s.step()
                     for _ in range(args.steps):
                         t = time.perf_counter()
                         s.step()
