@@ -240,6 +240,17 @@ def test_backend_uses_the_kernel_and_keys_calibration_by_format(library, monkeyp
     assert len({key for key in keys}) == 3 and all(key[0] == "decode" for key in keys)
 
 
+def test_model_quantised_after_its_backend_decodes_without_amx(library):
+    """A backend chosen for dense weights (AMX for batches, say) gives a model quantised since a decoder on the
+    quantised weights, without AMX."""
+    model = tiny_model("gqa-hd16", torch.bfloat16 if BF16 else torch.float32, intermediate_size=96)
+    backend = install_backend(model)
+    backend.decode_amx_rows = 2
+    quantize_model(model, plan(model, 4, 32))
+    decoder = backend.decoder_for(model, model.make_cache(2, 16))
+    assert isinstance(decoder, CpuDecoder) and decoder.quantised and decoder.amx_rows == 0
+
+
 def test_engine_fast_and_plain_decode_agree(library):
     model = quantised_model("int4-asym-g32-padded", torch.float32)
     gen = torch.Generator().manual_seed(3)

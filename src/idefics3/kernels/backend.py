@@ -75,7 +75,7 @@ class Backend:
             return None
         variant = cpu_decode.variant_for(parts.dtype)
         decoder = cpu_decode.CpuDecoder(parts, cache, cpu_decode.load_library(variant), self.derived, variant)
-        if self.decode_amx_rows:
+        if self.decode_amx_rows and not decoder.quantised:  # AMX was chosen for dense weights quantised since
             decoder.use_amx(self.decode_amx_rows)
         return decoder
 
