@@ -10,6 +10,7 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -64,6 +65,7 @@ struct Weight {
   int32_t kind = kDense;
   int32_t group = 0;  // G, inputs per scale: 32, 64, 128 or K (int8 per output channel)
   int64_t cols = 0;   // Kp, the stored columns
+  int64_t groups = 0;  // Kp / G, scales per row (computed here: no division per row block in the kernels)
   bool dense() const { return kind == kDense; }
 };
 
@@ -71,26 +73,28 @@ constexpr int kWeightFields = 6;  // a Weight in the tables Python passes: data,
 
 inline Weight weight_from(const int64_t* f) {
   return Weight{reinterpret_cast<const void*>(f[0]), reinterpret_cast<const uint16_t*>(f[1]),
-                reinterpret_cast<const uint16_t*>(f[2]), int32_t(f[3]), int32_t(f[4]), f[5]};
+                reinterpret_cast<const uint16_t*>(f[2]), int32_t(f[3]), int32_t(f[4]), f[5],
+                f[3] != kDense && f[4] > 0 ? f[5] / f[4] : 0};
 }
 
 // Row n of W [N, K] (its first K stored columns) in fp32, as quant/format.py's dequantize computes it (exactly: fp16 scale times a small
 // integer is exact in fp32, and the minimum is added with one rounding). Quantised kinds only.
 inline void dequantize_row(const Weight& w, int64_t n, int64_t K, float* out) {
-  const int64_t groups = w.cols / w.group;
-  const uint16_t* sc = w.scales + n * groups;
-  if (w.kind == kInt8) {
-    const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.cols;
-    for (int64_t k = 0; k < K; ++k) out[k] = float(q[k]) * half_to_float(sc[k / w.group]);
-    return;
-  }
-  const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * (w.cols / 2);
-  const uint16_t* mn = w.kind == kInt4Mins ? w.mins + n * groups : nullptr;
-  for (int64_t k = 0; k < K; ++k) {
-    const uint8_t byte = q[k / 32 * 16 + k % 16];
-    const int c = k % 32 < 16 ? byte & 0x0f : byte >> 4;
-    const float s = half_to_float(sc[k / w.group]);
-    out[k] = mn ? float(c) * s + half_to_float(mn[k / w.group]) : float(c - 8) * s;
+  const uint16_t* sc = w.scales + n * w.groups;
+  const uint16_t* mn = w.kind == kInt4Mins ? w.mins + n * w.groups : nullptr;
+  const int8_t* q8 = static_cast<const int8_t*>(w.data) + n * w.cols;
+  const uint8_t* q4 = static_cast<const uint8_t*>(w.data) + n * (w.cols / 2);
+  for (int64_t g = 0, k = 0; g < w.groups && k < K; ++g) {
+    const float s = half_to_float(sc[g]), m = mn ? half_to_float(mn[g]) : 0.f;
+    for (int64_t end = std::min<int64_t>(K, k + w.group); k < end; ++k) {
+      if (w.kind == kInt8) {
+        out[k] = float(q8[k]) * s;
+        continue;
+      }
+      const uint8_t byte = q4[k / 32 * 16 + k % 16];
+      const int c = k % 32 < 16 ? byte & 0x0f : byte >> 4;
+      out[k] = mn ? float(c) * s + m : float(c - 8) * s;
+    }
   }
 }
 

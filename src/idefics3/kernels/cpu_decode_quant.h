@@ -203,7 +203,7 @@ inline void int8_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
     reduce_block<nw, rb>(acc, out);
     return;
   }
-  const int64_t groups = K / G;
+  const int64_t groups = w.gs;
   alignas(64) float s[nw][16];
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int64_t n = std::min<int64_t>(16, groups - g0);
@@ -265,7 +265,7 @@ inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
   __m512 acc[nw][rb], off[nw][rb];
   for (int i = 0; i < nw; ++i)
     for (int r = 0; r < rb; ++r) acc[i][r] = off[i][r] = _mm512_setzero_ps();
-  const int64_t groups = K / G, runs = K / 32;
+  const int64_t groups = w.gs, runs = K >> 5;
   alignas(64) float s[nw][16];
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int64_t n = std::min<int64_t>(16, groups - g0);
@@ -331,7 +331,7 @@ inline void with_rows(int rb, const F& f) {
 // stored columns are read (the inputs past K are zeros).
 template <class Emit>
 inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput& in, int64_t R, const Emit& emit) {
-  const int64_t K = W.cols, G = W.group, groups = K / G, qs = W.kind == kInt8 ? K : K / 2;
+  const int64_t K = W.cols, G = W.group, groups = W.groups, qs = W.kind == kInt8 ? K : K / 2;
   const auto block = [&](int64_t n) {
     return RowBlock{static_cast<const uint8_t*>(W.data) + n * qs, qs, W.scales + n * groups,
                     W.kind == kInt4Mins ? W.mins + n * groups : nullptr, groups};

@@ -85,21 +85,8 @@ struct QuantScratch {
   }
 };
 
-// 8 fp16 values from p (n of them, the rest 0) as fp32.
-inline __m256 halves8(const uint16_t* p, int64_t n) {
-  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  alignas(16) uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  std::memcpy(h, p, n * sizeof(uint16_t));
-  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
-}
-
-// 8 floats from p (n of them, the rest 0).
-inline __m256 floats8(const float* p, int64_t n) {
-  if (n >= 8) return _mm256_loadu_ps(p);
-  alignas(32) float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  std::memcpy(v, p, n * sizeof(float));
-  return _mm256_load_ps(v);
-}
+// 8 fp16 values from p as fp32.
+inline __m256 halves8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 inline void prefetch_ahead(const void* p) { _mm_prefetch(static_cast<const char*>(p) + PFD, _MM_HINT_T0); }
 
@@ -126,10 +113,16 @@ inline void reduce_block(const __m256 (&acc)[nw][rb], float* out) {
   }
 }
 
-// The scales of the groups g0 .. g0+n-1 (n <= 8) of the nw rows as fp32 into s[i].
+// The scales of the groups g0 .. g0+n-1 (n <= 8) of the nw rows as fp32 into s[i]: 8 at once, or one by one for
+// the last n < 8 of a row (AVX2 has no 16-bit masked load; bytes copied to a buffer and reloaded as a vector
+// would stall on store forwarding).
 template <int nw>
 inline void group_scales(const RowBlock& w, int64_t g0, int64_t n, float (&s)[nw][8]) {
-  for (int i = 0; i < nw; ++i) _mm256_store_ps(s[i], halves8(w.sc + i * w.gs + g0, n));
+  for (int i = 0; i < nw; ++i) {
+    if (n == 8) _mm256_store_ps(s[i], halves8(w.sc + i * w.gs + g0));
+    else
+      for (int64_t g = 0; g < n; ++g) s[i][g] = half_to_float(w.sc[i * w.gs + g0 + g]);
+  }
 }
 
 // t[i][r] += codes (8 int8 at q + i * qs) . x[r] (8 values, rows xs apart), for the nw rows and rb batch rows.
@@ -170,7 +163,7 @@ inline void int8_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
     reduce_block<nw, rb>(acc, out);
     return;
   }
-  const int64_t groups = K / G;
+  const int64_t groups = w.gs;
   alignas(32) float s[nw][8];
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t n = std::min<int64_t>(8, groups - g0);
@@ -203,16 +196,22 @@ inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
   __m256 acc[nw][rb];
   for (int i = 0; i < nw; ++i)
     for (int r = 0; r < rb; ++r) acc[i][r] = _mm256_setzero_ps();
-  const int64_t groups = K / G, runs = G / 32;
+  const int64_t groups = w.gs, runs = G >> 5;
   alignas(32) float s[nw][8];
+  float off[nw][rb] = {};  // the offsets of a last n < 8 groups, one by one
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
     const int64_t n = std::min<int64_t>(8, groups - g0);
     group_scales<nw>(w, g0, n, s);
     for (int r = 0; r < rb; ++r) {  // the offsets: m X, or s (-8 X), for 8 groups at once
-      const __m256 X = floats8(in.group_sums(r0 + r, G, w.mn == nullptr) + g0, n);
+      const float* X = in.group_sums(r0 + r, G, w.mn == nullptr) + g0;
       for (int i = 0; i < nw; ++i) {
-        const __m256 c = w.mn ? halves8(w.mn + i * w.gs + g0, n) : _mm256_load_ps(s[i]);
-        acc[i][r] = _mm256_fmadd_ps(c, X, acc[i][r]);
+        if (n == 8) {
+          const __m256 c = w.mn ? halves8(w.mn + i * w.gs + g0) : _mm256_load_ps(s[i]);
+          acc[i][r] = _mm256_fmadd_ps(c, _mm256_loadu_ps(X), acc[i][r]);
+        } else {
+          for (int64_t g = 0; g < n; ++g)
+            off[i][r] += (w.mn ? half_to_float(w.mn[i * w.gs + g0 + g]) : s[i][g]) * X[g];
+        }
       }
     }
     for (int64_t g = 0; g < n; ++g) {
@@ -244,6 +243,8 @@ inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
     }
   }
   reduce_block<nw, rb>(acc, out);
+  for (int i = 0; i < nw; ++i)
+    for (int r = 0; r < rb; ++r) out[i * rb + r] += off[i][r];
 }
 
 // Rows n0 .. n1-1 of a quantised W [N, K] against all R rows of the prepared input: emit(r, n, value). A batch
@@ -251,7 +252,7 @@ inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
 // stored columns are read (the inputs past K are zeros).
 template <class Emit>
 inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput& in, int64_t R, const Emit& emit) {
-  const int64_t K = W.cols, G = W.group, groups = K / G, qs = W.kind == kInt8 ? K : K / 2;
+  const int64_t K = W.cols, G = W.group, groups = W.groups, qs = W.kind == kInt8 ? K : K / 2;
   const auto block = [&](int64_t n) {
     return RowBlock{static_cast<const uint8_t*>(W.data) + n * qs, qs, W.scales + n * groups,
                     W.kind == kInt4Mins ? W.mins + n * groups : nullptr, groups};
