@@ -99,7 +99,7 @@ def make_decoder(model, cache, isa: str) -> CpuDecoder:
     return CpuDecoder(parts, cache, cpu_decode.load_library(isa), DerivedWeights(), isa)
 
 
-def compare(model, isa: str, lengths: list[int], slots: list[int] | None, max_batch: int, steps: int = 3) -> None:
+def compare(model, isa: str, lengths: list[int], slots: list[int] | None, max_batch: int, steps: int = 2) -> None:
     """Decode with the kernel and the plain path side by side from copies of one prefilled cache."""
     dtype = model.model.text_model.norm.weight.dtype
     with torch.inference_mode():
@@ -140,7 +140,7 @@ def test_batch_one_without_slots(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["int8-g32", "int4-asym-g32-padded", "int4-g128-tied"])
+@pytest.mark.parametrize("name", ["int8-g32", "int4-asym-g32-padded"])
 def test_batch_equals_its_rows(isa, name, dtype):
     """Nine rows in one step (more than one block of batch rows per weight load in both builds) give each row's
     logits as a step of that row alone does."""
