@@ -77,8 +77,9 @@ inline Weight weight_from(const int64_t* f) {
                 f[3] != kDense && f[4] > 0 ? f[5] / f[4] : 0};
 }
 
-// Row n of W [N, K] (its first K stored columns) in fp32, as quant/format.py's dequantize computes it (exactly: fp16 scale times a small
-// integer is exact in fp32, and the minimum is added with one rounding). Quantised kinds only.
+// Row n of W [N, K] (its first K stored columns) in fp32, as quant/format.py's dequantize computes it: exactly,
+// since an fp16 scale times a small integer is exact in fp32 and the minimum is added with one rounding.
+// Quantised kinds only.
 inline void dequantize_row(const Weight& w, int64_t n, int64_t K, float* out) {
   const uint16_t* sc = w.scales + n * w.groups;
   const uint16_t* mn = w.kind == kInt4Mins ? w.mins + n * w.groups : nullptr;

@@ -6,20 +6,26 @@
 // bf16, int4 (with the int8 head of the package's policy) cuts them to a third. Dequantising a matrix into a
 // dense copy every step (the plain path) reads the codes, writes and reads the copy again: slower than bf16.
 //
-// How: x in fp32 (a bf16 model's activations widened once per step and input, prepare_row), and per code vector
+// How: x in fp32 (widened from a bf16 model's activations once per step and input by prepare_row, which also
+// lays it out as the int4 products read it), and per code vector
 // - int8: 16 codes sign-extended to int32 (vpmovsxbd) and converted (vcvtdq2ps);
-// - int4: 16 bytes, one run of 32 inputs, zero-extended to 16 dwords (vpmovzxbd): the low nibbles (and 15) are
-//   inputs 0-15 of the run, the high nibbles (shift right 4) inputs 16-31; both converted (vcvtdq2ps);
-// then FMA with x into partial sums per group, and one FMA per group by its scale. int4 codes are taken as
-// c in 0..15: W = s (c - 8) gives y = sum_g s_g (x_g . c_g) - 8 s_g X_g, and with minimums W = s c + m gives
-// sum_g s_g (x_g . c_g) + m_g X_g, where X_g is the sum of x over group g, made once per step and input
-// (prepare_row) and shared by every matrix row: one FMA per 16 groups.
-// Measured on a Xeon (Sapphire Rapids class) this beats unpacking to bf16 for vdpbf16ps (vpermw lookups) and
-// vpermps lookups: those take 2-3 cycles each there, and/shift/convert one or half a cycle.
+// - int4: 32 bytes, two runs of 32 inputs, zero-extended to words (vpmovzxbw) are 16 dwords, dword j holding
+//   bytes 2j and 2j+1; its four nibbles become four vectors of codes: A (bits 0-3) through vpermps from a table
+//   of 0..15 (it reads the low 4 bits), B (bits 4-7) and C (bits 16-19) masked in place and converted as 16 c
+//   and 65536 c, D (bits 20-23) shifted down and converted; x is arranged to match (int4_order: B's x divided
+//   by 16, C's by 65536, exact powers of two), so no other shift or mask is needed;
+// then FMA with x into partial sums per group, and one FMA per group by its scale (broadcast from memory, or for
+// groups of 32, which take lanes 0-7 and 8-15 of the int4 sums, permuted from the 16 scales in a register).
+// int4 codes are taken as c in 0..15: W = s (c - 8) gives y = sum_g s_g (x_g . c_g) - 8 sum_g s_g X_g, and with
+// minimums W = s c + m gives sum_g s_g (x_g . c_g) + m_g X_g, where X_g is the sum of x over group g, made once
+// per step and input (prepare_row) and shared by every matrix row: one FMA per 16 groups.
+// Why this way on the Xeon (Sapphire Rapids class) it was measured on: its two 512-bit ports do and / convert /
+// FMA at two per cycle, shifts and shuffles at one, vdpbf16ps at one per two cycles, so about 14 port slots per
+// 64 int4 codes and 7 per 32 int8 codes (with the FMAs) is about as little as fp32 arithmetic allows: ~22 G codes
+// per second and core, in cache. Unpacking to bf16 for vdpbf16ps (vpermw lookups) measured slower.
 // At batch 1 four matrix rows go together (each x load feeds four rows, one reduction for the four, four
 // independent chains); in batches each unpacked code vector feeds up to RB batch rows. Scales (and mins) are
-// converted 16 at a time and broadcast from memory. The code stream is prefetched PREFETCH_BYTES ahead, as the
-// dense one is.
+// converted 16 at a time. The code stream is prefetched PREFETCH_BYTES ahead, as the dense one is.
 //
 // Numerics: fp32 accumulation; for fp32 models the result differs from the plain path's (dequantise, then
 // F.linear) only by the order of fp32 roundings. For bf16 models x is the same bf16 values, but the weights are
