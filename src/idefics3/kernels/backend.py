@@ -115,7 +115,10 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
     v, t = model.config.vision_config, model.config.text_config
     attention_reason = cpu_attention.unsupported_reason(dtype, device, v.hidden_size // v.num_attention_heads)
     vision_dtype = model.model.vision_model.post_layernorm.weight.dtype
-    if vision_dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+    if model.model.vision_model.post_layernorm.weight.is_meta:  # a text-only model (model/idefics3.py)
+        result.choose("vision layers", TORCH, "no vision tower (text only)")
+        result.choose("vision attention", TORCH, "no vision tower (text only)")
+    elif vision_dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         result.choose("vision layers", TORCH, f"oneDNN fused linears need fp32 or bf16 with oneDNN ({vision_dtype})")
         result.choose("vision attention", TORCH, "the vision layers are not fused")
     else:
