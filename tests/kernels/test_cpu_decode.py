@@ -86,38 +86,48 @@ def plain_step(model, cache, ids, pos, slots):
     return model(ids, position_ids=pos, kv_cache=cache, cache_slots=slots, logits_to_keep=1, kv_len=kv_len).logits
 
 
-def compare(shape: str, dtype: torch.dtype, lengths: list[int], slots: list[int] | None, max_batch: int,
-            steps: int = 4, setup=None, **text) -> CpuDecoder:
-    """Decode with the kernel (after `setup(decoder)`, e.g. forcing AMX) and the plain path side by side."""
-    model = tiny_model(shape, dtype, **text)
+def side_by_side(model, make_decoder, lengths: list[int], slots: list[int] | None, max_batch: int, steps: int,
+                 logit_tol: float, cache_tol: float):
+    """Prefill, then decode `steps` tokens with make_decoder(model, cache copy) and with the plain path side by
+    side: logits within logit_tol of the largest, the same greedy tokens in fp32 (bf16 is teacher-forced with
+    the plain path's), the rows' keys and values within cache_tol. Returns the decoder."""
+    fp32 = model.model.text_model.norm.weight.dtype == torch.float32
     with torch.inference_mode():
         cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
         fast_cache = copy.deepcopy(cache)
-        decoder = cpu_decoder_for(model, fast_cache)
-        assert isinstance(decoder, CpuDecoder)
-        if setup is not None:
-            setup(decoder)
+        decoder = make_decoder(model, fast_cache)
         slot_t = None if slots is None else torch.tensor(slots)
         fast_ids = ids
         for _ in range(steps):
             ref = plain_step(model, cache, ids, pos, slot_t).float()  # [R, 1, V]
             got = decoder(fast_ids, pos, slot_t, int(pos.max()) + 1).float()
             assert got.shape == ref.shape and got.dtype == torch.float32
-            scale = ref.abs().max()
-            if dtype == torch.float32:
-                assert (got - ref).abs().max() <= 2e-5 * scale
+            assert (got - ref).abs().max() <= logit_tol * ref.abs().max()
+            if fp32:
                 assert torch.equal(got.argmax(-1), ref.argmax(-1))
-            else:
-                assert (got - ref).abs().max() <= 0.03 * scale
-            ids = ref.argmax(-1)  # [R, 1]; bf16 is teacher-forced with the plain path's tokens
-            fast_ids = got.argmax(-1) if dtype == torch.float32 else ids
+            ids = ref.argmax(-1)  # [R, 1]
+            fast_ids = got.argmax(-1) if fp32 else ids
             pos = pos + 1
         rows = torch.arange(len(lengths)) if slots is None else torch.tensor(slots)
-        tol = 1e-5 if dtype == torch.float32 else 0.03
         for k, fk in zip(cache.k + cache.v, fast_cache.k + fast_cache.v):
             written, fast = k[rows].float(), fk[rows].float()  # the rows in use, every position
-            assert (written - fast).abs().max() <= tol * written.abs().max()
+            assert (written - fast).abs().max() <= cache_tol * written.abs().max()
     return decoder
+
+
+def compare(shape: str, dtype: torch.dtype, lengths: list[int], slots: list[int] | None, max_batch: int,
+            steps: int = 4, setup=None, **text) -> CpuDecoder:
+    """Decode with the kernel (after `setup(decoder)`, e.g. forcing AMX) and the plain path side by side."""
+    def make(model, cache):
+        decoder = cpu_decoder_for(model, cache)
+        assert isinstance(decoder, CpuDecoder)
+        if setup is not None:
+            setup(decoder)
+        return decoder
+
+    fp32 = dtype == torch.float32
+    return side_by_side(tiny_model(shape, dtype, **text), make, lengths, slots, max_batch, steps,
+                        logit_tol=2e-5 if fp32 else 0.03, cache_tol=1e-5 if fp32 else 0.03)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

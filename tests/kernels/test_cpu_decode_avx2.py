@@ -10,7 +10,6 @@ must contain no AVX-512 instruction. Skipped on CPUs without AVX2, FMA and F16C.
 
 from __future__ import annotations
 
-import copy
 import re
 import shutil
 import subprocess
@@ -27,8 +26,7 @@ from kernels.test_cpu_decode import (
     SHAPES,
     check_out_of_range_inputs,
     check_shared_prompt,
-    plain_step,
-    prefill,
+    side_by_side,
     tiny_model,
 )
 
@@ -62,27 +60,8 @@ def avx2_decoder(model, cache, lib) -> CpuDecoder:
 
 def compare(lib, shape: str, dtype: torch.dtype, lengths: list[int], slots: list[int] | None, max_batch: int,
             steps: int = 4, **text) -> None:
-    model = tiny_model(shape, dtype, **text)
-    with torch.inference_mode():
-        cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
-        fast_cache = copy.deepcopy(cache)
-        decoder = avx2_decoder(model, fast_cache, lib)
-        slot_t = None if slots is None else torch.tensor(slots)
-        fast_ids = ids
-        for _ in range(steps):
-            ref = plain_step(model, cache, ids, pos, slot_t).float()  # [R, 1, V]
-            got = decoder(fast_ids, pos, slot_t, int(pos.max()) + 1).float()
-            assert got.shape == ref.shape
-            assert (got - ref).abs().max() <= TOL[dtype] * ref.abs().max()
-            if dtype == torch.float32:
-                assert torch.equal(got.argmax(-1), ref.argmax(-1))
-            ids = ref.argmax(-1)  # [R, 1]; bf16 is teacher-forced with the plain path's tokens
-            fast_ids = got.argmax(-1) if dtype == torch.float32 else ids
-            pos = pos + 1
-        rows = torch.arange(len(lengths)) if slots is None else torch.tensor(slots)
-        for k, fk in zip(cache.k + cache.v, fast_cache.k + fast_cache.v):
-            written, fast = k[rows].float(), fk[rows].float()  # the rows in use, every position
-            assert (written - fast).abs().max() <= TOL[dtype] * written.abs().max()
+    side_by_side(tiny_model(shape, dtype, **text), lambda model, cache: avx2_decoder(model, cache, lib), lengths,
+                 slots, max_batch, steps, TOL[dtype], TOL[dtype])
 
 
 def test_avx2_machine_gets_this_variant(library):

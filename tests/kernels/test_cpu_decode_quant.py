@@ -28,7 +28,13 @@ from idefics3.kernels.derived import DerivedWeights
 from idefics3.quant import QuantLinear, QuantSpec
 from idefics3.quant.apply import plan, quantize_model
 from inputs import engine_tokens
-from kernels.test_cpu_decode import check_out_of_range_inputs, check_shared_prompt, plain_step, prefill, tiny_model
+from kernels.test_cpu_decode import (
+    check_out_of_range_inputs,
+    check_shared_prompt,
+    prefill,
+    side_by_side,
+    tiny_model,
+)
 
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= isa_flags()
 BF16 = AVX512 and "avx512_bf16" in isa_flags()
@@ -102,26 +108,8 @@ def make_decoder(model, cache, isa: str) -> CpuDecoder:
 def compare(model, isa: str, lengths: list[int], slots: list[int] | None, max_batch: int, steps: int = 2) -> None:
     """Decode with the kernel and the plain path side by side from copies of one prefilled cache."""
     dtype = model.model.text_model.norm.weight.dtype
-    with torch.inference_mode():
-        cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
-        fast_cache = copy.deepcopy(cache)
-        decoder = make_decoder(model, fast_cache, isa)
-        slot_t = None if slots is None else torch.tensor(slots)
-        fast_ids = ids
-        for _ in range(steps):
-            ref = plain_step(model, cache, ids, pos, slot_t).float()  # [R, 1, V]
-            got = decoder(fast_ids, pos, slot_t, int(pos.max()) + 1).float()
-            assert got.shape == ref.shape
-            assert (got - ref).abs().max() <= TOL[dtype] * ref.abs().max()
-            if dtype == torch.float32:
-                assert torch.equal(got.argmax(-1), ref.argmax(-1))
-            ids = ref.argmax(-1)  # [R, 1]; bf16 is teacher-forced with the plain path's tokens
-            fast_ids = got.argmax(-1) if dtype == torch.float32 else ids
-            pos = pos + 1
-        rows = torch.arange(len(lengths)) if slots is None else torch.tensor(slots)
-        for k, fk in zip(cache.k + cache.v, fast_cache.k + fast_cache.v):
-            written, fast = k[rows].float(), fk[rows].float()
-            assert (written - fast).abs().max() <= TOL[dtype] * written.abs().max()
+    side_by_side(model, lambda m, cache: make_decoder(m, cache, isa), lengths, slots, max_batch, steps, TOL[dtype],
+                 TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
