@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
-from finetune.finetune_data import colour_image
 from idefics3 import Idefics3ForConditionalGeneration
 from idefics3.finetune.lora import (
     LoRALinear,
@@ -20,15 +18,6 @@ from idefics3.finetune.lora import (
     merge_lora,
     save_adapter,
 )
-
-
-@pytest.fixture(scope="module")
-def inputs(processor):
-    messages = [{"role": "user", "content": [{"type": "image", "image": colour_image("red", np.random.default_rng(0))},
-                                             {"type": "text", "text": "What colour?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
-    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
 
 
 def ours(tiny_checkpoint):
