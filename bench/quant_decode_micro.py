@@ -13,7 +13,9 @@ tower is never run.
 Printed: the CPU and its ISA, the copy bandwidth; per format and batch: median ms per step (and the best), tokens/s,
 weight MB read per token (every decoder matrix and the head, with scales and mins; the embedding: one row), their
 GB/s at the median and that as a fraction of the copy bandwidth (read + write, measured on the spot), and the
-speed-up over the first format. IDEFICS3_CPU_ISA=avx2 measures the AVX2 build. Usage:
+speed-up over the first format. A format ending in "/fp32" runs its quantised products on fp32 inputs (the exact
+path) instead of int8 ones where the CPU has VNNI (cpu_decode.quant_inputs), e.g. --formats dense,int4,int4/fp32.
+IDEFICS3_CPU_ISA=avx2 measures the AVX2 build. Usage:
 
     python bench/quant_decode_micro.py [--formats dense,int8,int4] [--batches 1,8] [--rounds 5] [--steps 16]
                                        [--warmup 4] [--position 64] [--dtype bf16] [--threads 2]
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -60,7 +63,7 @@ def formatted(dense: Idefics3ForConditionalGeneration, fmt: str) -> Idefics3ForC
     if fmt == "dense":
         return dense
     model = copy.deepcopy(dense)
-    spec = parse_quantize(fmt)
+    spec = parse_quantize(fmt.removesuffix("/fp32"))
     quantize_model(model, plan(model, spec.bits, spec.group_size, asymmetric=spec.asymmetric))
     return model
 
@@ -80,7 +83,7 @@ def weight_bytes(model: Idefics3ForConditionalGeneration) -> int:
 class Stepper:
     """One model's fused decoder over a cache of `batch` rows filled with random keys up to `position`."""
 
-    def __init__(self, model: Idefics3ForConditionalGeneration, batch: int, position: int) -> None:
+    def __init__(self, model: Idefics3ForConditionalGeneration, batch: int, position: int, inputs: str) -> None:
         parts = cpu_decode.DecoderParts.of(model)
         reason = cpu_decode.unsupported_reason(parts)
         if reason is not None:
@@ -90,8 +93,16 @@ class Stepper:
         for buf in (*self.cache.k, *self.cache.v):
             buf.copy_(torch.randn(buf.shape, generator=gen))
         variant = cpu_decode.variant_for(parts.dtype)
-        self.decoder = cpu_decode.CpuDecoder(parts, self.cache, cpu_decode.load_library(variant), DerivedWeights(),
-                                             variant)
+        asked = os.environ.get(cpu_decode.ENV_QUANT_INPUTS)
+        os.environ[cpu_decode.ENV_QUANT_INPUTS] = inputs
+        try:
+            self.decoder = cpu_decode.CpuDecoder(parts, self.cache, cpu_decode.load_library(variant),
+                                                 DerivedWeights(), variant)
+        finally:
+            if asked is None:
+                del os.environ[cpu_decode.ENV_QUANT_INPUTS]
+            else:
+                os.environ[cpu_decode.ENV_QUANT_INPUTS] = asked
         self.tokens = torch.arange(5, 5 + batch)[:, None]
         self.pos = torch.full((batch, 1), position)
         self.start = position
@@ -125,7 +136,8 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); model dtype {args.dtype}")
     with torch.inference_mode():
         for batch in map(int, args.batches.split(",")):
-            steppers = {fmt: Stepper(m, batch, args.position) for fmt, m in models.items()}
+            steppers = {fmt: Stepper(m, batch, args.position, "fp32" if fmt.endswith("/fp32") else "")
+                        for fmt, m in models.items()}
             times: dict[str, list[float]] = {fmt: [] for fmt in formats}
             for s in steppers.values():  # warm-up
                 s.step()
@@ -140,9 +152,11 @@ def main() -> None:
             base = statistics.median(times[formats[0]])
             print(f"batch {batch} ({steppers[formats[0]].decoder.variant} build):")
             for fmt in formats:
+                inputs = steppers[fmt].decoder.inputs if steppers[fmt].decoder.quantised else "-"
                 med, best = statistics.median(times[fmt]), min(times[fmt])
                 gbs = sizes[fmt] / med / 1e9
-                print(f"  {fmt:<10} {med * 1e3:7.2f} ms/step (best {best * 1e3:6.2f}) {batch / med:7.1f} tok/s  "
+                print(f"  {fmt:<10} {inputs:>4} inputs {med * 1e3:7.2f} ms/step (best {best * 1e3:6.2f}) "
+                      f"{batch / med:7.1f} tok/s  "
                       f"{sizes[fmt] / 1e6:6.1f} MB/token {gbs:5.1f} GB/s ({gbs * 1e9 / bandwidth:4.0%} of copy bw)  "
                       f"x{base / med:.2f} vs {formats[0]}")
 

@@ -90,7 +90,8 @@ def isa_flags() -> frozenset[str]:
     return cpu_flags() - above
 
 
-ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"),
+             ("amx_bf16", "AMX-BF16"))
 
 
 def cpu_description() -> str:

@@ -87,11 +87,11 @@ def plain_step(model, cache, ids, pos, slots):
 
 
 def side_by_side(model, make_decoder, lengths: list[int], slots: list[int] | None, max_batch: int, steps: int,
-                 logit_tol: float, cache_tol: float):
+                 logit_tol: float, cache_tol: float, greedy: bool | None = None):
     """Prefill, then decode `steps` tokens with make_decoder(model, cache copy) and with the plain path side by
-    side: logits within logit_tol of the largest, the same greedy tokens in fp32 (bf16 is teacher-forced with
-    the plain path's), the rows' keys and values within cache_tol. Returns the decoder."""
-    fp32 = model.model.text_model.norm.weight.dtype == torch.float32
+    side: logits within logit_tol of the largest, the same greedy tokens where `greedy` (default: in fp32; else
+    teacher-forced with the plain path's), the rows' keys and values within cache_tol. Returns the decoder."""
+    fp32 = model.model.text_model.norm.weight.dtype == torch.float32 if greedy is None else greedy
     with torch.inference_mode():
         cache, ids, pos = prefill(model, lengths, slots or list(range(len(lengths))), max_batch)
         fast_cache = copy.deepcopy(cache)

@@ -14,6 +14,7 @@ and keys its formats.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -27,6 +28,7 @@ from idefics3.kernels.cpu_decode import CpuDecoder, DecoderParts
 from idefics3.kernels.derived import DerivedWeights
 from idefics3.quant import QuantLinear, QuantSpec
 from idefics3.quant.apply import plan, quantize_model
+from idefics3.quant.format import quantize_inputs
 from inputs import engine_tokens
 from kernels.test_cpu_decode import (
     check_out_of_range_inputs,
@@ -40,6 +42,10 @@ AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= isa_flags()
 BF16 = AVX512 and "avx512_bf16" in isa_flags()
 AVX2 = {"avx2", "fma", "f16c"} <= cpu_flags()
 TOL = {torch.float32: 2e-5, torch.bfloat16: 0.03}  # of the largest logit / cache value
+# With int8 inputs the plain path rounds its inputs as the kernel does (plain_inputs_as_kernel), but an input the
+# two computed a last bit apart can round to the next code: one code of one run moves a tiny random model's
+# logits by up to ~2% (measured); test_products_equal_dequantise_then_multiply checks the products exactly.
+INT8_INPUTS_TOL = 0.05
 
 # name: (shape, text overrides, bits, group size, head bits, int4 with minimums, projections kept dense)
 FORMATS = {
@@ -60,7 +66,9 @@ FORMATS = {
     "int4-asym-g64-head4-tied": ("mha-hd64-tied", {"intermediate_size": 128}, 4, 64, 4, True, ()),
     "int4-g32-mixed": ("gqa-hd16", {"intermediate_size": 96}, 4, 32, 8, False, ("q_proj", "v_proj", "up_proj")),
 }
-ISAS = ["avx512", "avx2"]
+# (build, how its quantised products take x: "int8" where it has VNNI, see cpu_decode.quant_inputs)
+ISAS = [("avx512", "int8"), ("avx512", "fp32"), ("avx2", "fp32")]
+VNNI = AVX512 and "avx512_vnni" in isa_flags()
 
 
 def quantised_model(name: str, dtype: torch.dtype, seed: int = 0):
@@ -73,24 +81,44 @@ def quantised_model(name: str, dtype: torch.dtype, seed: int = 0):
     return model
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=ISAS, ids=lambda p: f"{p[0]}-{p[1]}-inputs")
 def isa(request, monkeypatch):
-    """The build under test ("avx512" or "avx2", the machine made to stop at AVX2 for the latter), built."""
+    """The build under test ("avx512" or "avx2", the machine made to stop at AVX2 for the latter), built, with
+    its quantised products taking int8 or fp32 inputs (IDEFICS3_QUANT_INPUTS)."""
     from idefics3 import device
 
-    if request.param == "avx512" and not AVX512:
+    build, inputs = request.param
+    if build == "avx512" and not AVX512:
         pytest.skip("the CPU lacks AVX-512")
-    if request.param == "avx2":
+    if inputs == "int8" and not VNNI:
+        pytest.skip("the CPU lacks AVX512-VNNI")
+    if build == "avx2":
         if not AVX2:
             pytest.skip("the CPU lacks AVX2, FMA or F16C")
         monkeypatch.setenv("IDEFICS3_CPU_ISA", "avx2")
+    monkeypatch.setenv(cpu_decode.ENV_QUANT_INPUTS, inputs)
     device.cpu_has_bf16.cache_clear()
-    lib = cpu_decode.load_library(request.param)
+    lib = cpu_decode.load_library(build)
     if isinstance(lib, str):
-        pytest.fail(f"the {request.param} decode kernel did not build: {lib}", pytrace=False)
-    yield request.param
+        pytest.fail(f"the {build} decode kernel did not build: {lib}", pytrace=False)
+    yield build
     monkeypatch.delenv("IDEFICS3_CPU_ISA", raising=False)
     device.cpu_has_bf16.cache_clear()
+
+
+@contextlib.contextmanager
+def plain_inputs_as_kernel(isa: str):
+    """The plain path as the kernel computes: where the build takes int8 inputs, each QuantLinear's input rounded
+    as quantize_inputs does (the kernel's products are exact on those); else as it is."""
+    if cpu_decode.quant_inputs(isa) != "int8":
+        yield
+        return
+    forward = QuantLinear.forward
+    QuantLinear.forward = lambda self, x: forward(self, quantize_inputs(x))
+    try:
+        yield
+    finally:
+        QuantLinear.forward = forward
 
 
 def needs(isa: str, dtype: torch.dtype) -> None:
@@ -102,14 +130,49 @@ def make_decoder(model, cache, isa: str) -> CpuDecoder:
     parts = DecoderParts.of(model)
     assert cpu_decode.unsupported_reason(parts, cache) is None
     assert cpu_decode.variant_for(parts.dtype) == isa
-    return CpuDecoder(parts, cache, cpu_decode.load_library(isa), DerivedWeights(), isa)
+    decoder = CpuDecoder(parts, cache, cpu_decode.load_library(isa), DerivedWeights(), isa)
+    assert decoder.inputs == cpu_decode.quant_inputs(isa)
+    return decoder
 
 
 def compare(model, isa: str, lengths: list[int], slots: list[int] | None, max_batch: int, steps: int = 2) -> None:
     """Decode with the kernel and the plain path side by side from copies of one prefilled cache."""
     dtype = model.model.text_model.norm.weight.dtype
-    side_by_side(model, lambda m, cache: make_decoder(m, cache, isa), lengths, slots, max_batch, steps, TOL[dtype],
-                 TOL[dtype])
+    int8 = cpu_decode.quant_inputs(isa) == "int8"
+    tol = max(TOL[dtype], INT8_INPUTS_TOL) if int8 else TOL[dtype]
+    with plain_inputs_as_kernel(isa):
+        side_by_side(model, lambda m, cache: make_decoder(m, cache, isa), lengths, slots, max_batch, steps, tol, tol,
+                     greedy=dtype == torch.float32 and not int8)
+
+
+# (bits, group size, with minimums, N, K): every product shape and tail the blocks have
+PRODUCTS = [(8, 32, False, 9, 64), (8, 32, False, 7, 96), (8, 64, False, 5, 192), (8, 128, False, 6, 640),
+            (8, 0, False, 9, 56), (8, 0, False, 5, 200), (4, 32, False, 9, 96), (4, 32, False, 6, 576),
+            (4, 64, False, 5, 192), (4, 128, False, 7, 384), (4, 32, True, 9, 160), (4, 64, True, 5, 320),
+            (4, 128, False, 4, 100), (4, 32, True, 3, 56)]
+
+
+@pytest.mark.skipif(not AVX512, reason="the CPU lacks AVX-512")
+@pytest.mark.parametrize("int8_inputs", [False, True], ids=["fp32-inputs", "int8-inputs"])
+@pytest.mark.parametrize("bits,group,asym,n,k", PRODUCTS, ids=lambda v: str(v))
+def test_products_equal_dequantise_then_multiply(bits, group, asym, n, k, int8_inputs):
+    """One quantised product (cpu_decode.quant_linear), at batch 1, 2 and 9 (the row blocks of each size), equals
+    dequantise(W) x, with x rounded as quantize_inputs rounds it where the inputs are int8: the same inputs, so
+    only the order of fp32 roundings differs."""
+    if int8_inputs and not VNNI:
+        pytest.skip("the CPU lacks AVX512-VNNI")
+    lib = cpu_decode.load_library("avx512")
+    gen = torch.Generator().manual_seed(n * k + bits)
+    linear = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.1)
+    module = QuantLinear.from_linear(linear, QuantSpec(bits, group, asym))
+    w = module.dequantized(torch.float32)  # [N, K]
+    for rows in (1, 2, 9):
+        x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4  # [R, K]
+        ref = (quantize_inputs(x) if int8_inputs else x) @ w.T
+        got = cpu_decode.quant_linear(lib, module, x, int8_inputs)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (rows, (got - ref).abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

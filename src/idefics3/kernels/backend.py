@@ -26,7 +26,8 @@ from torch import nn
 
 from ..model.kv_cache import KVCache
 from ..model.replace import Replacements, replace_modules, view_as
-from . import calibrate, cpu_attention, cpu_decode
+from ..quant.modules import QuantLinear
+from . import calibrate, cpu_attention, cpu_decode, quant_prefill
 from .build import ENV_SWITCH, kernels_enabled
 from .cpu_text import MIN_QUERIES, text_replacement
 from .cpu_vision import FusedVisionEncoderLayer, VisionKernels, vision_replacement
@@ -105,7 +106,7 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
     if backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     result = Backend(backend)
-    ops = ("vision layers", "vision attention", "prefill attention", "decode")
+    ops = ("vision layers", "vision attention", "prefill attention", "quantised prefill", "decode")
     device, dtype = model.model.text_model.norm.weight.device, model.model.text_model.norm.weight.dtype
     why_not = _machine_reason(backend, device)
     if why_not is not None:
@@ -153,8 +154,22 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
                       f"prompts of {MIN_QUERIES}+ tokens, bf16 on a CPU with AVX512-BF16; {verdict.reason}")
     else:
         result.choose("prefill attention", TORCH, text_reason)
+    _choose_quantised_prefill(result, model)
     _choose_decode(result, model, dtype)
     return result
+
+
+def _choose_quantised_prefill(result: Backend, model: nn.Module) -> None:
+    """QuantLinears dequantise in C once per call (quant_prefill.py) where this machine has the decode library."""
+    if not any(type(m) is QuantLinear for m in model.modules()):
+        result.choose("quantised prefill", TORCH, "no quantised linears")
+        return
+    if quant_prefill._library() is None:
+        result.choose("quantised prefill", TORCH, "no decode library on this machine (AVX2 at least)")
+        return
+    result.replacements.changed += replace_modules(model, quant_prefill.quant_replacement()).changed
+    result.choose("quantised prefill", "matrices dequantised in C once per call, then the dense multiply",
+                  "inference on CPU; training takes the plain path")
 
 
 def _choose_decode(result: Backend, model: nn.Module, dtype: torch.dtype) -> None:

@@ -26,7 +26,8 @@ from ..device import isa_flags
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "IDEFICS3_KERNELS"
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni",
+          "-mfma"]
 AMX_CFLAGS = ["-mamx-tile", "-mamx-bf16"]  # tried first; a compiler without them builds the rest
 AVX2_CFLAGS = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")

@@ -422,7 +422,7 @@ void step(const Model& m, int64_t R, const int64_t* ids, const int64_t* pos, con
   std::vector<T> x(R * std::max(D, H * hd)), att(R * NQ), act(R * I);
   const int64_t tq = tiles(NQ), tk = tiles(NK), t_attn = tq + 2 * tk;
   // the inputs of quantised matrices in the forms their products read, made once per input and step
-  QuantScratch quant(R, std::max({D, NQ, I}), m.quantised);
+  QuantScratch quant(R, std::max({D, NQ, I}), m.quantised, m.int8_inputs);
   // grouped attention: a supported group and head size, and R * Hkv work items that split evenly or
   // are plenty for the threads (at batch 1 on several threads, head by head balances better)
   // packed copies serve batches of bf16 rows (at batch 1 the row-major stream is the faster one)
@@ -632,6 +632,28 @@ int idefics3_amx_init() {
 
 // bf16 steps of at least min_rows rows take AMX tiles (0: never); call only after idefics3_amx_init() == 0.
 void idefics3_decoder_set_amx(void* handle, int64_t min_rows) { static_cast<Model*>(handle)->amx_min_rows = min_rows; }
+
+// Quantised products take x rounded to int8 per run of 32 (cpu_decode_quant_vnni.h; needs AVX512-VNNI) or not.
+void idefics3_decoder_set_int8_inputs(void* handle, int on) { static_cast<Model*>(handle)->int8_inputs = on != 0; }
+
+// out [N, K] = a quantised W (one Weight table) dequantised in fp32 (out_dtype 0) or bf16 (1), 16 values per
+// vector (dequantize_row16): what a prefill multiplies quantised layers with (kernels/quant_prefill.py).
+void idefics3_dequantize(const int64_t* weight, int64_t N, int64_t K, void* out, int out_dtype, int n_threads) {
+  dequantize_matrix(weight_from(weight), N, K, out, out_dtype, n_threads, dequantize_row16);
+}
+
+// y [R, N] (fp32) = x [R, K] (fp32) W^T for one quantised W (a Weight table of kWeightFields, N rows): the
+// quantised products alone, for tests and benchmarks, with int8 inputs or not.
+void idefics3_quant_linear(const int64_t* weight, int64_t N, int64_t K, const float* x, int64_t R, float* y,
+                           int int8_inputs, int n_threads) {
+  const Weight W = weight_from(weight);
+  QuantScratch quant(R, K, true, int8_inputs != 0);
+  for (int64_t r = 0; r < R; ++r) quant.prepare_row<F32>(x, K, r);
+  const QuantInput in = quant.view(K);
+  const Sink<F32> emit{{y, N, Store::Keep}};
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t t = 0; t < tiles(N); ++t) quant_rows(W, t * NR, std::min(N, t * NR + NR), in, R, emit);
+}
 
 // One decode step of R rows; returns 0, or 1 (token id), 2 (position), 3 (slot), 4 (shared) for an
 // out-of-range input. shared: null, or R pairs (slot, length): positions 0..length-1 of row r's keys and

@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from ..device import cpu_isa
+from ..device import cpu_isa, isa_flags
 from ..model.kv_cache import KVCache
 from ..model.text import TextModel
 from ..quant.format import QuantError, QuantSpec, check_tensors
@@ -68,6 +69,8 @@ ABI_VERSION = 2
 WEIGHT_FIELDS = 6
 LAYER_FIELDS = 4 + len(_PROJECTIONS) * WEIGHT_FIELDS
 _DENSE, _INT8, _INT4, _INT4_MINS = 0, 1, 2, 3  # cpu_decode_model.h's WeightKind
+ENV_QUANT_INPUTS = "IDEFICS3_QUANT_INPUTS"
+QUANT_INPUTS = ("int8", "fp32")
 
 
 def _sources_digest(source: Path) -> str:
@@ -107,13 +110,31 @@ def load_library(variant: str = "avx512") -> ctypes.CDLL | str:
     lib.idefics3_decoder_create.restype = ptr
     lib.idefics3_decoder_create.argtypes = [ctypes.c_int, *[i64] * 9, ctypes.c_float, ptr, ptr, ptr, ptr]
     lib.idefics3_decoder_destroy.argtypes = [ptr]
+    lib.idefics3_dequantize.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     lib.idefics3_decoder_set_packed.argtypes = [ptr, ptr, ptr]
     lib.idefics3_decoder_step.restype = ctypes.c_int
     lib.idefics3_decoder_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     if variant == "avx512":
+        lib.idefics3_decoder_set_int8_inputs.argtypes = [ptr, ctypes.c_int]
+        lib.idefics3_quant_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
         lib.idefics3_amx_init.restype = ctypes.c_int
         lib.idefics3_decoder_set_amx.argtypes = [ptr, i64]
     return lib
+
+
+def quant_inputs(variant: str) -> str:
+    """How the quantised products of this build take x: "int8" (rounded per run of 32 inputs to int8 codes and
+    multiplied in integers, cpu_decode_quant_vnni.h: the fast path, where the AVX-512 build runs on a CPU with
+    AVX512-VNNI) or "fp32" (cpu_decode_quant.h / cpu_decode_quant_avx2.h: x as it is, the weights widened).
+    IDEFICS3_QUANT_INPUTS=fp32 asks for the latter anywhere; asking for int8 where VNNI is missing is refused."""
+    asked = os.environ.get(ENV_QUANT_INPUTS, "").strip().lower()
+    if asked and asked not in QUANT_INPUTS:
+        raise ValueError(f"{ENV_QUANT_INPUTS}={asked!r} is not one of {', '.join(QUANT_INPUTS)}")
+    vnni = variant == "avx512" and "avx512_vnni" in isa_flags()
+    if asked == "int8" and not vnni:
+        raise ValueError(f"{ENV_QUANT_INPUTS}=int8 needs the AVX-512 build on a CPU with AVX512-VNNI "
+                         f"(this one runs the {variant} build; ISA level {cpu_isa()})")
+    return "int8" if vnni and asked != "fp32" else "fp32"
 
 
 def amx_reason(lib: ctypes.CDLL, variant: str, quantised: bool = False) -> str | None:
@@ -191,7 +212,7 @@ def unsupported_reason(parts: DecoderParts, cache: KVCache | None = None) -> str
     if t.head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {t.head_dim} is not one of {SUPPORTED_HEAD_DIMS}"
     for name, module in _linears(parts):
-        if type(module) not in (nn.Linear, QuantLinear) or module.bias is not None:
+        if not _plain_matrix(module) or module.bias is not None:
             return f"{name} is a {type(module).__name__}, not a plain nn.Linear or QuantLinear without bias"
     embed = parts.text.embed_tokens
     if type(embed) not in (nn.Embedding, QuantEmbedding):
@@ -219,6 +240,14 @@ def unsupported_reason(parts: DecoderParts, cache: KVCache | None = None) -> str
     if any(tuple(b.shape) != expect or not b.is_contiguous() for b in (*cache.k, *cache.v)):
         return "the cache buffers do not have the [batch, kv heads, positions, head_dim] layout"
     return None
+
+
+def _plain_matrix(module: nn.Module) -> bool:
+    """A plain nn.Linear, or a QuantLinear (or the backend's FastQuantLinear view of one, which differs only in how
+    it prefills): what the kernel reads as one matrix."""
+    from .quant_prefill import FastQuantLinear  # which imports this module
+
+    return type(module) in (nn.Linear, QuantLinear, FastQuantLinear)
 
 
 def _quant_reason(name: str, module: QuantLinear | QuantEmbedding) -> str | None:
@@ -293,6 +322,18 @@ def weight_fields(module: nn.Module) -> tuple[list[int], list[torch.Tensor]]:
     return [module.weight.data_ptr(), 0, 0, _DENSE, 0, module.weight.shape[1]], [module.weight]
 
 
+def quant_linear(lib: ctypes.CDLL, module: QuantLinear, x: torch.Tensor, int8_inputs: bool) -> torch.Tensor:
+    """x [R, K] (fp32) times a QuantLinear's matrix by the AVX-512 build's quantised products alone (with int8
+    inputs or not): [R, N] fp32. For tests and benchmarks; decoding runs them inside the fused step."""
+    fields, _ = weight_fields(module)  # addresses in the module's own tensors
+    table = torch.tensor(fields, dtype=torch.int64)
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], module.rows)
+    lib.idefics3_quant_linear(table.data_ptr(), module.rows, module.cols, x.data_ptr(), x.shape[0], y.data_ptr(),
+                              int(int8_inputs), torch.get_num_threads())
+    return y
+
+
 def available_memory() -> int | None:
     """MemAvailable of /proc/meminfo in bytes, or None where it cannot be read."""
     try:
@@ -359,6 +400,10 @@ class CpuDecoder:
             table.data_ptr(), embed_t.data_ptr(), text.norm.weight.data_ptr(), head_t.data_ptr())
         self._handle = handle
         weakref.finalize(self, lib.idefics3_decoder_destroy, handle)
+        # quantised products: x rounded to int8 and multiplied in integers where the CPU has VNNI (quant_inputs)
+        self.inputs = quant_inputs(variant) if self.quantised else "fp32"
+        if variant == "avx512":
+            lib.idefics3_decoder_set_int8_inputs(handle, int(self.inputs == "int8"))
         self._parts, self._derived = parts, derived
         # batched bf16 steps run on packed copies of the weights, made at the first batch
         self._packed: list[torch.Tensor] | None = None

@@ -499,4 +499,10 @@ int idefics3_decoder_step(void* handle, int64_t R, const int64_t* ids, const int
   return 0;
 }
 
+// out [N, K] = a quantised W (one Weight table) dequantised in fp32 (out_dtype 0) or bf16 (1): what a prefill
+// multiplies quantised layers with (kernels/quant_prefill.py).
+void idefics3_dequantize(const int64_t* weight, int64_t N, int64_t K, void* out, int out_dtype, int n_threads) {
+  dequantize_matrix(weight_from(weight), N, K, out, out_dtype, n_threads, dequantize_row);
+}
+
 }  // extern "C"

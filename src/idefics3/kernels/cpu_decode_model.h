@@ -120,6 +120,7 @@ struct Model {
   const uint16_t* plm_head = nullptr;  // packed lm_head, with the layers' packed copies
   int64_t amx_min_rows = 0;            // bf16 steps of at least this many rows run on AMX tiles (0: never)
   bool quantised = false;              // any matrix (lm_head included) quantised: no packed copies, no AMX
+  bool int8_inputs = false;            // quantised products take x rounded to int8 (the AVX-512 build's VNNI path)
 };
 
 // Row `id` of the token embedding as the plain path gives it, in fp32: the dense row, or the dequantised one
@@ -165,6 +166,27 @@ struct ScalarSink {
     else static_cast<float*>(dst)[r * stride + n] = how == Store::Round ? A::round(v) : v;
   }
 };
+
+// out [N, K] = the quantised W dequantised as quant/format.py's dequantize does it, in fp32 (out_dtype 0) or
+// rounded to bf16 (1), rows split over the threads; row(w, n, K, fp32 out) makes one row (each build its own).
+template <class RowFn>
+inline void dequantize_matrix(const Weight& w, int64_t N, int64_t K, void* out, int out_dtype, int n_threads,
+                              const RowFn& row_fn) {
+#pragma omp parallel num_threads(n_threads)
+  {
+    std::vector<float> row(out_dtype == 0 ? 0 : K);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      if (out_dtype == 0) {
+        row_fn(w, n, K, static_cast<float*>(out) + n * K);
+        continue;
+      }
+      row_fn(w, n, K, row.data());
+      uint16_t* o = static_cast<uint16_t*>(out) + n * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = float_to_bf16(row[k]);
+    }
+  }
+}
 
 extern "C" {
 

@@ -41,15 +41,47 @@
 struct QuantInput {
   const float* x = nullptr;     // [R, XS] fp32
   const float* x4 = nullptr;    // [R, XS] fp32 in int4 order (see int4_order)
-  const float* sums = nullptr;  // [R, SS] sums of x over groups of 32, then of 64, then of 128, up to XS
+  const float* sums = nullptr;  // [R, SS] sums of x over groups of 32, then of 64, then of 128, up to XS; the total
   int64_t K = 0, XS = 0, SS = 0;
+  // int8 inputs (cpu_decode_quant_vnni.h), where `int8` is set: x rounded per run of 32 to int8 codes q with one
+  // scale d each (x ~ d q); `sums` then sums d q, the values the products see
+  bool int8 = false;
+  const int8_t* xq = nullptr;   // [R, XS] q in natural order
+  const int8_t* xq4 = nullptr;  // [R, XS] q in int4 order (int8_inputs_row)
+  const float* d8 = nullptr;    // [R, XS / 4] d per lane of the int8 products: 16 per 64 inputs, 8 per run
+  const float* d4 = nullptr;    // [R, XS / 4] d per lane of the int4 products: 16 per 128 inputs, 4 per run
   const float* group_sums(int64_t r, int64_t G) const {
     return sums + r * SS + (G == 32 ? 0 : G == 64 ? XS / 32 : XS / 32 + XS / 64);
   }
+  float total(int64_t r) const { return sums[r * SS + SS - 1]; }
 };
 
 inline int64_t padded_inputs(int64_t K) { return (K + 127) / 128 * 128; }
-inline int64_t group_sums_size(int64_t XS) { return XS / 32 + XS / 64 + XS / 128; }
+inline int64_t group_sums_size(int64_t XS) { return XS / 32 + XS / 64 + XS / 128 + 1; }
+
+// One row f (fp32, XS values, zero past K) as int8 inputs: per run b of 32, d = max |x| / 127 and
+// q = round-to-nearest-even(x * (1 / d)) (0 for a run of zeros), as quant/format.py's quantize_inputs computes
+// them; q stored in natural order and in int4 order (per 128 inputs: the first 16 of each of the four runs, then
+// their last 16, as a Q4_0 block's low and high nibbles hold them); d spread over the lanes that read the run;
+// s32[b] = d * (sum of the run's q).
+inline void int8_inputs_row(const float* f, int64_t XS, int8_t* q, int8_t* q4, float* d8, float* d4, float* s32) {
+  for (int64_t b = 0; b < XS / 32; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(f + 32 * b), v1 = _mm512_loadu_ps(f + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+    const __m128i b0 = _mm512_cvtsepi32_epi8(i0), b1 = _mm512_cvtsepi32_epi8(i1);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), b0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), b1);
+    int8_t* c = q4 + (b / 4) * 128 + (b % 4) * 16;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c), b0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 64), b1);
+    s32[b] = d * float(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+    for (int l = 0; l < 8; ++l) d8[(b / 2) * 16 + (b % 2) * 8 + l] = d;
+    for (int l = 0; l < 4; ++l) d4[(b / 4) * 16 + (b % 4) * 4 + l] = d;
+  }
+}
 
 // x in the order int4_block reads it. 32 bytes of codes (two runs of 32 inputs) zero-extended to words are 16
 // dwords, dword j holding bytes 2j and 2j+1 of the runs (j < 8: the first run, p = 2 (j % 8) its byte); its
@@ -76,15 +108,20 @@ inline void int4_order(const float* x, int64_t K, float* out) {
 // Scratch for the QuantInput of every matrix input of a step (one at a time: x, att or act), R rows of at most
 // kmax inputs.
 struct QuantScratch {
-  std::vector<float> xf, x4, sums;
-  QuantScratch(int64_t R, int64_t kmax, bool used)
-      : xf(used ? R * padded_inputs(kmax) : 0), x4(used ? R * padded_inputs(kmax) : 0),
-        sums(used ? R * group_sums_size(padded_inputs(kmax)) : 0) {}
+  bool int8;  // int8 inputs (int8_inputs_row) instead of fp32 ones
+  std::vector<float> xf, x4, sums, d8, d4;
+  std::vector<int8_t> xq, xq4;
+  QuantScratch(int64_t R, int64_t kmax, bool used, bool int8_inputs)
+      : int8(used && int8_inputs), xf(used ? R * padded_inputs(kmax) : 0),
+        x4(used && !int8 ? R * padded_inputs(kmax) : 0), sums(used ? R * group_sums_size(padded_inputs(kmax)) : 0),
+        d8(int8 ? R * padded_inputs(kmax) / 4 : 0), d4(d8.size()), xq(int8 ? R * padded_inputs(kmax) : 0),
+        xq4(xq.size()) {}
   // The view for an input of K values per row.
   QuantInput view(int64_t K) {
     QuantInput in;
     in.K = K, in.XS = padded_inputs(K), in.SS = group_sums_size(in.XS);
     in.x = xf.data(), in.x4 = x4.data(), in.sums = sums.data();
+    in.int8 = int8, in.xq = xq.data(), in.xq4 = xq4.data(), in.d8 = d8.data(), in.d4 = d4.data();
     return in;
   }
   // Fill row r of `view(K)` from row r of x [R, K].
@@ -96,13 +133,19 @@ struct QuantScratch {
       const __mmask16 m = k < K ? lanes(K - k) : __mmask16(0);
       _mm512_storeu_ps(f + k, A::load16(x + r * K + k, m));
     }
-    int4_order(f, K, x4.data() + r * XS);
     float* s = sums.data() + r * group_sums_size(XS);
     const int64_t n32 = XS / 32, n64 = XS / 64;
-    for (int64_t b = 0; b < n32; ++b)
-      s[b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(f + 32 * b), _mm512_loadu_ps(f + 32 * b + 16)));
+    if (int8) {
+      int8_inputs_row(f, XS, xq.data() + r * XS, xq4.data() + r * XS, d8.data() + r * XS / 4, d4.data() + r * XS / 4, s);
+    } else {
+      int4_order(f, K, x4.data() + r * XS);
+      for (int64_t b = 0; b < n32; ++b)
+        s[b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(f + 32 * b), _mm512_loadu_ps(f + 32 * b + 16)));
+    }
     for (int64_t b = 0; b < n64; ++b) s[n32 + b] = s[2 * b] + s[2 * b + 1];
     for (int64_t b = 0; b < XS / 128; ++b) s[n32 + n64 + b] = s[n32 + 2 * b] + s[n32 + 2 * b + 1];
+    s[group_sums_size(XS) - 1] = 0.f;
+    for (int64_t b = 0; b < XS / 128; ++b) s[group_sums_size(XS) - 1] += s[n32 + n64 + b];
   }
 };
 
@@ -134,6 +177,30 @@ inline void reduce_block(const __m512 (&acc)[nw][rb], float* out) {
   } else {
     for (int i = 0; i < nw; ++i)
       for (int r = 0; r < rb; ++r) out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]);
+  }
+}
+
+// Row n of a quantised W in fp32 as dequantize_row (cpu_decode_model.h) makes it, the same values, 16 at a time.
+inline void dequantize_row16(const Weight& w, int64_t n, int64_t K, float* out) {
+  const uint16_t* sc = w.scales + n * w.groups;
+  const uint16_t* mn = w.kind == kInt4Mins ? w.mins + n * w.groups : nullptr;
+  const int8_t* q8 = static_cast<const int8_t*>(w.data) + n * w.cols;
+  const uint8_t* q4 = static_cast<const uint8_t*>(w.data) + n * (w.cols / 2);
+  for (int64_t g = 0, k = 0; g < w.groups && k < K; ++g) {
+    const __m512 s = _mm512_set1_ps(half_to_float(sc[g])), m = _mm512_set1_ps(mn ? half_to_float(mn[g]) : 0.f);
+    for (const int64_t end = std::min<int64_t>(K, k + w.group); k < end; k += 16) {  // groups: multiples of 16
+      const __mmask16 keep = lanes(end - k);
+      __m512 v;
+      if (w.kind == kInt8) {
+        v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(keep, q8 + k))), s);
+      } else {  // the 16 bytes of run k / 32: inputs 0-15 in the low nibbles, 16-31 in the high ones
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + k / 32 * 16)));
+        const __m512i c = _mm512_and_si512(k % 32 ? _mm512_srli_epi32(bytes, 4) : bytes, _mm512_set1_epi32(0x0f));
+        v = mn ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, m)
+               : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(8))), s);
+      }
+      _mm512_mask_storeu_ps(out + k, keep, v);
+    }
   }
 }
 
@@ -317,6 +384,8 @@ inline void int4_block(const RowBlock& w, int64_t K, int64_t G, const QuantInput
   reduce_block<nw, rb>(acc, out);
 }
 
+#include "cpu_decode_quant_vnni.h"  // int8_block_vnni, int4_block_vnni: the products of int8 inputs
+
 // f(std::integral_constant<int, rb>) for a runtime rb in 1..8.
 template <class F>
 inline void with_rows(int rb, const F& f) {
@@ -345,8 +414,13 @@ inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput
   const auto run = [&](auto nw_c, auto rb_c, int64_t n, int64_t r0) {
     constexpr int nw = decltype(nw_c)::value, rb = decltype(rb_c)::value;
     float out[nw * rb];
-    if (W.kind == kInt8) int8_block<nw, rb>(block(n), K, G, in, r0, out);
-    else int4_block<nw, rb>(block(n), K, G, in, r0, out);
+    if (in.int8) {
+      if (W.kind == kInt8) int8_block_vnni<nw, rb>(block(n), K, G, in, r0, out);
+      else int4_block_vnni<nw, rb>(block(n), K, G, in, r0, out);
+    } else {
+      if (W.kind == kInt8) int8_block<nw, rb>(block(n), K, G, in, r0, out);
+      else int4_block<nw, rb>(block(n), K, G, in, r0, out);
+    }
     if constexpr (rb == 1 && nw == 4) {  // vectorised rounding and store of the 4 columns, loaded as stored
       emit.lanes16(r0, n, _mm512_castps128_ps512(_mm_loadu_ps(out)), 0xf);
     } else {

@@ -18,9 +18,11 @@ The backend (backend.py) replaces each vision layer, its MLP, attention and atte
 `nn.Linear`) whose forward takes the fused path: same parameters, names, hooks and state_dict keys, and LoRA
 injection still sees `nn.Linear`s. They share one `VisionKernels` state with the backend: the stacked q/k/v
 copies (owned and counted by the backend) and whether oneDNN refused to run here. The fused path runs only for
-inference on a CPU tensor of the weight's dtype (bf16 or fp32) whose children are plain linears; with autograd
-recording (training), under LoRA, or anywhere else it runs the original computation. In fp32 the results equal
-the plain path's to float rounding; in bf16 the GELU sees the fp32 accumulator instead of a bf16-rounded one.
+inference on a CPU tensor of the weight's dtype (bf16 or fp32) whose children are plain linears or QuantLinears
+(`--include-vision`: each call dequantises their matrices to the input's dtype once, quant_prefill.dense_weight,
+and multiplies as the dense layers do); with autograd recording (training), under LoRA, or anywhere else it runs
+the original computation. In fp32 the results equal the plain path's to float rounding; in bf16 the GELU sees
+the fp32 accumulator instead of a bf16-rounded one.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from torch import nn
 
 from ..model.replace import view_as
 from ..model.vision import VisionAttention, VisionEncoderLayer, VisionMLP
+from ..quant.modules import QuantLinear
 from .cpu_attention import vision_attention
 from .derived import DerivedWeights
+from .quant_prefill import FastQuantLinear, dense_weight
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +67,43 @@ class VisionKernels:
             log.warning("oneDNN fused linear unavailable here (%s); the vision encoder keeps the plain path", error)
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none", algorithm: str = "") -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation, [], algorithm)
+def _dense(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear's weight and bias as dense tensors: its own, or for a QuantLinear its matrix dequantised to
+    `dtype` for this call (the prefill-side half of quantisation: the codes are read once per call and the
+    multiply runs at the dense speed; nothing is kept)."""
+    if isinstance(layer, QuantLinear):
+        return dense_weight(layer, dtype), None if layer.bias is None else layer.bias.to(dtype)
+    return layer.weight, layer.bias
 
 
-def _linear_add(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, layer: nn.Module, activation: str = "none", algorithm: str = "") -> torch.Tensor:
+    weight, bias = _dense(layer, x.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
+
+
+def _linear_add(x: torch.Tensor, layer: nn.Module, residual: torch.Tensor) -> torch.Tensor:
     """residual + layer(x), the add done in the multiply's epilogue."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    weight, bias = _dense(layer, x.dtype)
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
-def _qkv_weights(attn: VisionAttention, derived: DerivedWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _qkv_weights(attn: VisionAttention, derived: DerivedWeights,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q_proj, k_proj and v_proj stacked into one [3D, D] weight (and [3D] bias) for a single multiply. The copy
-    is kept in the backend's store and rebuilt whenever a source tensor is replaced or changed in place."""
+    is kept in the backend's store and rebuilt whenever a source tensor is replaced or changed in place; for
+    quantised projections it is made for the call from the dequantised matrices."""
     parts = [attn.q_proj, attn.k_proj, attn.v_proj]
     if len({p.bias is None for p in parts}) > 1:
         raise RuntimeError("q, k and v projections differ in having a bias")
-    tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
 
     def stack() -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
-        return torch.cat([p.weight for p in parts]), bias  # [3D, D], [3D]
+        dense = [_dense(p, dtype) for p in parts]
+        bias = torch.cat([b for _, b in dense]) if dense[0][1] is not None else None
+        return torch.cat([w for w, _ in dense]), bias  # [3D, D], [3D]
 
+    if any(isinstance(p, QuantLinear) for p in parts):
+        return stack()
+    tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
     return derived.get(attn, "qkv", tensors, stack)
 
 
@@ -108,8 +128,8 @@ class FusedVisionMLP(VisionMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2
-        if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and \
-                self.kernels.fusable(x, fc1.weight, fc2.weight):
+        if all(type(m) in (nn.Linear, QuantLinear, FastQuantLinear) for m in (fc1, fc2)) and \
+                self.kernels.fusable(x, *(m.weight for m in (fc1, fc2) if not isinstance(m, QuantLinear))):
             try:
                 return _linear(_linear(x, fc1, "gelu", "tanh"), fc2)  # [N, S, D]
             except RuntimeError as e:
@@ -140,8 +160,8 @@ class FusedVisionEncoderLayer(VisionEncoderLayer):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2]
-        if all(type(m) in (nn.Linear, FusedLinear) for m in linears) and \
-                self.kernels.fusable(x, *(m.weight for m in linears)):
+        if all(type(m) in (nn.Linear, FusedLinear, QuantLinear, FastQuantLinear) for m in linears) and \
+                self.kernels.fusable(x, *(m.weight for m in linears if not isinstance(m, QuantLinear))):
             try:
                 return self._fused(x, key_mask)
             except RuntimeError as e:
@@ -150,7 +170,7 @@ class FusedVisionEncoderLayer(VisionEncoderLayer):
 
     def _fused(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
-        weight, bias = _qkv_weights(attn, self.kernels.derived)
+        weight, bias = _qkv_weights(attn, self.kernels.derived, x.dtype)
         qkv = torch.ops.mkldnn._linear_pointwise(self.layer_norm1(x), weight, bias, "none", [], "")  # [N, S, 3D]
         q, k, v = qkv.split(x.shape[-1], dim=-1)  # 3 x [N, S, D] views
         x = _linear_add(attn.attend(q, k, v, key_mask), attn.out_proj, x)  # [N, S, D]

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 GROUP_SIZES = (0, 32, 64, 128)  # 0: per output channel (int8 only)
 BITS = (4, 8)
@@ -134,6 +135,20 @@ def dequantize(spec: QuantSpec, qweight: torch.Tensor, scales: torch.Tensor, min
     if in_features is not None and in_features != k:
         w = w[:, :in_features]  # [N, K]
     return w.to(dtype)
+
+
+def quantize_inputs(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the int8-input decode products see it (kernels/cpu_decode_quant_vnni.h): each run of 32
+    inputs (the last zero-padded) rounded to int8 codes q = round(x * (1 / d)), d = max|x| / 127, all in fp32,
+    and returned as d q in x's dtype. The reference the kernel is tested against."""
+    k = x.shape[-1]
+    pad = -k % BLOCK
+    v = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, BLOCK)  # [..., Kp/32, 32]
+    amax = v.abs().amax(-1, keepdim=True)  # [..., Kp/32, 1]
+    d = amax / torch.full_like(amax, 127.0)  # a true division (aten multiplies by 1/127 for a scalar divisor)
+    inv = torch.where(d > 0, torch.ones_like(d) / d, torch.zeros_like(d))
+    q = (v * inv).round()
+    return (q * d).reshape(*x.shape[:-1], -1)[..., :k].to(x.dtype)
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:

@@ -1,0 +1,70 @@
+"""Prefill on quantised weights: each QuantLinear call dequantises its matrix once, in C, and multiplies densely.
+
+A prompt of T tokens multiplies every matrix by T rows, so unlike decode it is bound by arithmetic, not by the
+bytes of the weights: the fastest way to run a quantised layer over a long prompt is to make the dense matrix
+once for the call and hand it to the same oneDNN / AMX multiply a bf16 model uses. `QuantLinear.forward` does
+that in torch (unpack, convert, subtract, multiply, cast: five passes over a matrix and four temporaries), which
+on SmolVLM-256M's int4 prompt-with-image took 0.5 s of a 3.7 s time to first token. The decode library's
+`idefics3_dequantize` (cpu_decode_model.h) makes the same values in one pass per row on all threads.
+
+The backend (backend.py) puts `FastQuantLinear` views (model/replace.py) in place of the model's QuantLinears:
+same buffers, names and state_dict keys, a forward that takes this path for inference on CPU tensors of fp32 or
+bf16 and the plain one otherwise (autograd recording, other devices, or no library here). Nothing is kept
+between calls: the memory a quantised model saves stays saved; a call holds one dense matrix at a time. The
+vision encoder's fused layers (cpu_vision.py) dequantise their QuantLinears through `dense_weight` too.
+
+Measured: see bench/quant.py (time to first token of each format against bf16, same run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.replace import view_as
+from ..quant.modules import QuantLinear
+from . import cpu_decode
+
+_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _library():
+    """The decode library of this machine's build (either exports idefics3_dequantize), or None."""
+    variant = cpu_decode.variant_for(torch.bfloat16)
+    if variant is None:
+        return None
+    lib = cpu_decode.load_library(variant)
+    return None if isinstance(lib, str) else lib
+
+
+def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    """The module's matrix [out, in] in `dtype`, equal to `module.dequantized(dtype)`: made by the C library
+    where this machine has one and the codes are contiguous CPU tensors, else by torch."""
+    lib = _library() if dtype in _OUT_DTYPES else None
+    tensors = module.quant_tensors().values()
+    if lib is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return module.dequantized(dtype)
+    fields, _ = cpu_decode.weight_fields(module)  # addresses in the module's own buffers
+    table = torch.tensor(fields, dtype=torch.int64)
+    out = torch.empty(module.rows, module.cols, dtype=dtype)  # [N, K]
+    lib.idefics3_dequantize(table.data_ptr(), module.rows, module.cols, out.data_ptr(), _OUT_DTYPES[dtype],
+                            torch.get_num_threads())
+    return out
+
+
+class FastQuantLinear(QuantLinear):
+    """QuantLinear whose inference on CPU dequantises through `dense_weight` (the plain forward otherwise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in _OUT_DTYPES or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, dense_weight(self, x.dtype), bias)
+
+
+def quant_replacement() -> Callable[[str, nn.Module], nn.Module | None]:
+    """The `replace_modules` choice that makes every QuantLinear (exact class) a FastQuantLinear view."""
+    return lambda name, module: view_as(module, FastQuantLinear) if type(module) is QuantLinear else None

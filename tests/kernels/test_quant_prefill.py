@@ -1,0 +1,101 @@
+"""Prefill on quantised weights (kernels/quant_prefill.py): the C dequantiser gives exactly quant/format.py's
+matrices, the backend's FastQuantLinear views compute what QuantLinear computes (text prefill, and the vision
+encoder's fused layers over a quantised tower), training and other dtypes keep the plain path, and the decode
+kernel still reads the views as quantised matrices."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from idefics3.kernels import cpu_decode, quant_prefill
+from idefics3.kernels.backend import install_backend
+from idefics3.kernels.cpu_vision import FusedVisionEncoderLayer
+from idefics3.kernels.quant_prefill import FastQuantLinear, dense_weight
+from idefics3.model.replace import view_as
+from idefics3.quant import QuantLinear, QuantSpec
+from idefics3.quant.apply import plan, quantize_model
+from kernels.test_cpu_decode import tiny_model
+from kernels.test_cpu_vision import frames
+from kernels.test_cpu_vision import tiny_model as vision_model
+
+SPECS = [QuantSpec(8, 32), QuantSpec(8, 64), QuantSpec(8, 0), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128),
+         QuantSpec(4, 32, True), QuantSpec(4, 64, True)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("k", [64, 100, 56])
+def test_dense_weight_equals_dequantized(library, spec, k):
+    """Every format, inputs the groups divide and not (padded columns), fp32 and bf16: the same bits."""
+    linear = torch.nn.Linear(k, 37, bias=False)
+    module = QuantLinear.from_linear(linear, spec)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dense_weight(module, dtype), module.dequantized(dtype)), dtype
+
+
+def test_non_contiguous_codes_fall_back_to_torch(library):
+    module = QuantLinear.from_linear(torch.nn.Linear(64, 16, bias=False), QuantSpec(4, 32))
+    module.scales = module.scales.t().contiguous().t()
+    assert torch.equal(dense_weight(module, torch.float32), module.dequantized(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backend_installs_views_with_the_same_results(library, dtype):
+    """The backend makes every QuantLinear a FastQuantLinear view (same buffers and keys), the prefill logits
+    equal the plain path's (fp32 to rounding: same matrices, same multiply), and the decode kernel still takes the
+    model (the views are quantised matrices to it)."""
+    plain = tiny_model("gqa-hd16", dtype, intermediate_size=96)
+    quantize_model(plain, plan(plain, 4, 32))
+    fast = copy.deepcopy(plain)
+    backend = install_backend(fast)
+    assert "dequantised in C" in backend.choices["quantised prefill"].impl
+    views = [m for m in fast.modules() if isinstance(m, QuantLinear)]
+    assert views and all(type(m) is FastQuantLinear for m in views)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = plain(ids).logits.float(), fast(ids).logits.float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (a - b).abs().max() <= tol * a.abs().max()
+    assert cpu_decode.unsupported_reason(cpu_decode.DecoderParts.of(fast)) is None
+    backend.replacements.undo()
+    assert not any(type(m) is FastQuantLinear for m in fast.modules())
+
+
+def test_training_takes_the_plain_path(library, monkeypatch):
+    """With autograd recording the view runs QuantLinear's own forward (gradients reach x); without, the C path."""
+    module = QuantLinear.from_linear(torch.nn.Linear(64, 16), QuantSpec(4, 32))
+    fast = view_as(copy.deepcopy(module), FastQuantLinear)
+    calls = []
+    monkeypatch.setattr(quant_prefill, "dense_weight", lambda *a: calls.append(a) or dense_weight(*a))
+    x = torch.randn(3, 64, requires_grad=True)
+    fast(x).sum().backward()
+    assert not calls and x.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(fast(x), module(x), atol=1e-6)
+    assert calls
+
+
+def test_quantised_vision_tower_takes_the_fused_layers(library):
+    """--include-vision: the fused encoder layers run over QuantLinears (dequantised per call) and give the
+    plain path's features (fp32, to rounding)."""
+    plain = vision_model(torch.float32)
+    quantize_model(plain, plan(plain, 8, 32, include_vision=True))
+    assert any(isinstance(m, QuantLinear) for m in plain.model.vision_model.modules())
+    fast = copy.deepcopy(plain)
+    install_backend(fast)
+    layer = fast.model.vision_model.encoder.layers[0]
+    if not (isinstance(layer, FusedVisionEncoderLayer) and layer.kernels.layers):
+        pytest.skip("the fused vision layers measured slower here (calibration)")
+    ran = []
+    fused = FusedVisionEncoderLayer._fused
+    FusedVisionEncoderLayer._fused = lambda self, *a: ran.append(1) or fused(self, *a)
+    try:
+        pixels = frames(plain)
+        with torch.inference_mode():
+            a, b = plain.get_image_features(pixels), fast.get_image_features(pixels)
+    finally:
+        FusedVisionEncoderLayer._fused = fused
+    assert ran and (a - b).abs().max() <= 1e-5 * a.abs().max()
