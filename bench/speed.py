@@ -219,7 +219,8 @@ with torch.inference_mode():
         t0, t_pre, times, inputs = run(n_new)
         ttft.append(times[0] - t0); pre.append(t_pre - t0); decode.append((n_new - 1) / (times[-1] - times[0]))
     out.update(ttft=statistics.median(ttft), preprocess=statistics.median(pre), decode=statistics.median(decode),
-               prompt_tokens=int(inputs["input_ids"].shape[1]), frames=int(inputs["pixel_values"].shape[1]),
+               prompt_tokens=int(inputs["input_ids"].shape[1]),
+               frames=int(inputs["pixel_values"].shape[1]) if WITH_IMAGE else 0,
                dtype=str(model.dtype).replace("torch.", ""))
     out["peak_mb"] = peak_mb()
     if which == "idefics3":

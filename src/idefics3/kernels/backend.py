@@ -191,7 +191,9 @@ def _choose_decode(result: Backend, model: nn.Module, dtype: torch.dtype) -> Non
     isa = {("avx512", True): "AVX512-BF16", ("avx512", False): "AVX-512 FMA"}.get(
         (variant, dtype == torch.bfloat16), "AVX2 + FMA, bf16 widened" if dtype == torch.bfloat16 else "AVX2 + FMA")
     amx = {0: "", 1: "; every step on AMX tiles", 2: "; batches on AMX tiles"}[plan.amx_rows]
-    weights = "" if not parts.quantised else f"; weights {parts.formats()}, dequantised in registers"
+    how = ("int8 inputs times the codes in integers (AVX512-VNNI)" if cpu_decode.quant_inputs(variant) == "int8"
+           else "dequantised in registers")
+    weights = "" if not parts.quantised else f"; weights {parts.formats()}, {how}"
     result.choose("decode", f"fused C++ decode step ({isa}{amx}{weights})",
                   f"{plan.reason}" + (f"; no AMX: {no_amx}" if no_amx and dtype == torch.bfloat16 else ""))
 

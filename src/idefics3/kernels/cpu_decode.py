@@ -18,9 +18,13 @@ the backend may instead run batches on AMX tiles over the model's own weights (`
 
 Quantised weights: each matrix (q, k, v, o, gate, up, down, the head) and the embedding table may be dense in
 the model's dtype or a `QuantLinear` / `QuantEmbedding` (int8, int4, int4 with minimums, any group size of
-quant/format.py). The kernel streams the stored codes and dequantises them in registers (cpu_decode_quant.h,
-cpu_decode_quant_avx2.h), at batch 1 and in batches, so a step reads half (int8) or about a third (int4) of
-the bytes of bf16. Packed copies and AMX tiles are for dense bf16 weights: a quantised model gets neither.
+quant/format.py). The kernel streams the stored codes, at batch 1 and in batches, so a step reads half (int8) or
+about a third (int4) of the bytes of bf16. Where the AVX-512 build runs on a CPU with AVX512-VNNI, each matrix
+input is rounded once per step to int8 per run of 32 (quant/format.py's quantize_inputs) and multiplied by the
+codes in integers (cpu_decode_quant_vnni.h: ~3x fewer instructions per weight, which is what lets int4 decode
+keep up with the memory); elsewhere, or with IDEFICS3_QUANT_INPUTS=fp32, the codes are dequantised in registers
+against fp32 inputs (cpu_decode_quant.h, cpu_decode_quant_avx2.h), as exact as the plain path (`quant_inputs`).
+Packed copies and AMX tiles are for dense bf16 weights: a quantised model gets neither.
 A decoder is bound to the tensors it saw when built: the backend builds one per engine, and
 `unsupported_reason` refuses a model whose decoder linears are neither plain nn.Linear nor QuantLinear (LoRA,
 say), or have a bias.
