@@ -17,6 +17,7 @@ from idefics3.kernels.quant_prefill import FastQuantLinear, dense_weight
 from idefics3.model.replace import view_as
 from idefics3.quant import QuantLinear, QuantSpec
 from idefics3.quant.apply import plan, quantize_model
+from idefics3.quant.format import quantize_inputs
 from kernels.test_cpu_decode import tiny_model
 from kernels.test_cpu_vision import frames
 from kernels.test_cpu_vision import tiny_model as vision_model
@@ -70,7 +71,7 @@ def test_training_takes_the_plain_path(library, monkeypatch):
     fast = view_as(copy.deepcopy(module), FastQuantLinear)
     calls = []
     monkeypatch.setattr(quant_prefill, "dense_weight", lambda *a: calls.append(a) or dense_weight(*a))
-    x = torch.randn(3, 64, requires_grad=True)
+    x = torch.randn(quant_prefill.STREAM_ROWS + 1, 64, requires_grad=True)  # past the streamed rows
     fast(x).sum().backward()
     assert not calls and x.grad is not None
     with torch.no_grad():
@@ -78,9 +79,29 @@ def test_training_takes_the_plain_path(library, monkeypatch):
     assert calls
 
 
-def test_quantised_vision_tower_takes_the_fused_layers(library):
+@pytest.mark.parametrize("inputs", ["fp32", "int8"])
+def test_few_rows_multiply_the_codes(library, monkeypatch, inputs):
+    """Up to STREAM_ROWS rows (a prompt's last-token head) take the decode step's products: the plain result
+    with fp32 inputs, and with int8 inputs that of the rounded inputs (quantize_inputs)."""
+    if inputs == "int8" and cpu_decode.quant_inputs("avx512") != "int8":
+        pytest.skip("the CPU lacks AVX512-VNNI")
+    monkeypatch.setenv(cpu_decode.ENV_QUANT_INPUTS, inputs)
+    module = QuantLinear.from_linear(torch.nn.Linear(96, 40), QuantSpec(4, 32))
+    fast = view_as(copy.deepcopy(module), FastQuantLinear)
+    calls = []
+    monkeypatch.setattr(quant_prefill, "dense_weight", lambda *a: calls.append(a) or dense_weight(*a))
+    x = torch.randn(2, 3, 96)  # 6 rows
+    with torch.inference_mode():
+        got = fast(x)
+        ref = module(quantize_inputs(x) if inputs == "int8" else x)
+    assert not calls and got.shape == (2, 3, 40)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_quantised_vision_tower_takes_the_fused_layers(library, monkeypatch):
     """--include-vision: the fused encoder layers run over QuantLinears (dequantised per call) and give the
-    plain path's features (fp32, to rounding)."""
+    plain path's features (fp32, to rounding; the connector's few rows with fp32 inputs)."""
+    monkeypatch.setenv(cpu_decode.ENV_QUANT_INPUTS, "fp32")
     plain = vision_model(torch.float32)
     quantize_model(plain, plan(plain, 8, 32, include_vision=True))
     assert any(isinstance(m, QuantLinear) for m in plain.model.vision_model.modules())
