@@ -17,7 +17,6 @@ from idefics3.kernels.quant_prefill import FastQuantLinear, dense_weight
 from idefics3.model.replace import view_as
 from idefics3.quant import QuantLinear, QuantSpec
 from idefics3.quant.apply import plan, quantize_model
-from idefics3.quant.format import quantize_inputs
 from kernels.test_cpu_decode import tiny_model
 from kernels.test_cpu_vision import frames
 from kernels.test_cpu_vision import tiny_model as vision_model
@@ -79,13 +78,9 @@ def test_training_takes_the_plain_path(library, monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("inputs", ["fp32", "int8"])
-def test_few_rows_multiply_the_codes(library, monkeypatch, inputs):
-    """Up to STREAM_ROWS rows (a prompt's last-token head) take the decode step's products: the plain result
-    with fp32 inputs, and with int8 inputs that of the rounded inputs (quantize_inputs)."""
-    if inputs == "int8" and cpu_decode.quant_inputs("avx512") != "int8":
-        pytest.skip("the CPU lacks AVX512-VNNI")
-    monkeypatch.setenv(cpu_decode.ENV_QUANT_INPUTS, inputs)
+def test_few_rows_multiply_the_codes(library, monkeypatch):
+    """Up to STREAM_ROWS rows (a prompt's last-token head) take the decode step's products on fp32 inputs: the
+    plain result, whatever decode's inputs are."""
     module = QuantLinear.from_linear(torch.nn.Linear(96, 40), QuantSpec(4, 32))
     fast = view_as(copy.deepcopy(module), FastQuantLinear)
     calls = []
@@ -93,7 +88,7 @@ def test_few_rows_multiply_the_codes(library, monkeypatch, inputs):
     x = torch.randn(2, 3, 96)  # 6 rows
     with torch.inference_mode():
         got = fast(x)
-        ref = module(quantize_inputs(x) if inputs == "int8" else x)
+        ref = module(x)
     assert not calls and got.shape == (2, 3, 40)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 

@@ -66,9 +66,10 @@ def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
 
 # Up to this many rows a call multiplies the stored codes directly (the decode step's products,
 # cpu_decode.quant_linear) instead of dequantising: measured on a [576 -> 1536] int4 matrix, 2 threads, the
-# streamed product took 0.03 / 0.15 / 0.26 ms at 1 / 16 / 32 rows against 0.18 / 0.18 / 0.20 ms for dequantise
-# and multiply. A prompt's last-token head (one row of a 49k-row matrix) is the case that matters most.
-STREAM_ROWS = 16
+# streamed product (int8 inputs) took 0.03 / 0.09 / 0.15 ms at 1 / 8 / 16 rows against 0.18 ms for dequantise
+# and multiply; with the exact fp32 inputs used here, ~1.5x the streamed times, so up to 8 rows.
+# A prompt's last-token head (one row of a 49k-row matrix) is the case that matters most.
+STREAM_ROWS = 8
 
 
 class FastQuantLinear(QuantLinear):
@@ -82,8 +83,8 @@ class FastQuantLinear(QuantLinear):
         rows = x.numel() // max(self.cols, 1)
         if rows <= STREAM_ROWS and _streaming_library() is not None:
             flat = x.reshape(rows, self.cols)  # [R, K]
-            int8 = cpu_decode.quant_inputs("avx512") == "int8"
-            y = cpu_decode.quant_linear(_streaming_library(), self, flat, int8).to(x.dtype)  # [R, N]
+            # fp32 inputs: a prompt's logits stay those of the plain path (int8 inputs are decode's trade-off)
+            y = cpu_decode.quant_linear(_streaming_library(), self, flat, False).to(x.dtype)  # [R, N]
             y = y.reshape(*x.shape[:-1], self.rows)  # [..., N]
             return y if bias is None else y + bias
         return F.linear(x, dense_weight(self, x.dtype), bias)
