@@ -81,10 +81,11 @@ class FastQuantLinear(QuantLinear):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // max(self.cols, 1)
-        if rows <= STREAM_ROWS and _streaming_library() is not None:
+        lib = _streaming_library() if rows <= STREAM_ROWS else None
+        if lib is not None:
             flat = x.reshape(rows, self.cols)  # [R, K]
             # fp32 inputs: a prompt's logits stay those of the plain path (int8 inputs are decode's trade-off)
-            y = cpu_decode.quant_linear(_streaming_library(), self, flat, False).to(x.dtype)  # [R, N]
+            y = cpu_decode.quant_linear(lib, self, flat, False).to(x.dtype)  # [R, N]
             y = y.reshape(*x.shape[:-1], self.rows)  # [..., N]
             return y if bias is None else y + bias
         return F.linear(x, dense_weight(self, x.dtype), bias)
