@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -83,7 +82,8 @@ def weight_bytes(model: Idefics3ForConditionalGeneration) -> int:
 class Stepper:
     """One model's fused decoder over a cache of `batch` rows filled with random keys up to `position`."""
 
-    def __init__(self, model: Idefics3ForConditionalGeneration, batch: int, position: int, inputs: str) -> None:
+    def __init__(self, model: Idefics3ForConditionalGeneration, batch: int, position: int,
+                 inputs: str | None) -> None:
         parts = cpu_decode.DecoderParts.of(model)
         reason = cpu_decode.unsupported_reason(parts)
         if reason is not None:
@@ -93,16 +93,8 @@ class Stepper:
         for buf in (*self.cache.k, *self.cache.v):
             buf.copy_(torch.randn(buf.shape, generator=gen))
         variant = cpu_decode.variant_for(parts.dtype)
-        asked = os.environ.get(cpu_decode.ENV_QUANT_INPUTS)
-        os.environ[cpu_decode.ENV_QUANT_INPUTS] = inputs
-        try:
-            self.decoder = cpu_decode.CpuDecoder(parts, self.cache, cpu_decode.load_library(variant),
-                                                 DerivedWeights(), variant)
-        finally:
-            if asked is None:
-                del os.environ[cpu_decode.ENV_QUANT_INPUTS]
-            else:
-                os.environ[cpu_decode.ENV_QUANT_INPUTS] = asked
+        self.decoder = cpu_decode.CpuDecoder(parts, self.cache, cpu_decode.load_library(variant), DerivedWeights(),
+                                             variant, inputs)
         self.tokens = torch.arange(5, 5 + batch)[:, None]
         self.pos = torch.full((batch, 1), position)
         self.start = position
@@ -136,7 +128,7 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); model dtype {args.dtype}")
     with torch.inference_mode():
         for batch in map(int, args.batches.split(",")):
-            steppers = {fmt: Stepper(m, batch, args.position, "fp32" if fmt.endswith("/fp32") else "")
+            steppers = {fmt: Stepper(m, batch, args.position, "fp32" if fmt.endswith("/fp32") else None)
                         for fmt, m in models.items()}
             times: dict[str, list[float]] = {fmt: [] for fmt in formats}
             for s in steppers.values():  # warm-up

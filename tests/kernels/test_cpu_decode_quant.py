@@ -220,6 +220,21 @@ def test_shared_prompt_is_read_from_its_slot(isa, dtype):
                         tol=1e-5 if dtype == torch.float32 else 0.03)
 
 
+def test_decoder_input_modes(isa):
+    """An explicit mode overrides the environment's; an unknown one, or int8 where the build has no VNNI path,
+    is refused by name."""
+    model = quantised_model("int4-g32", torch.float32)
+    parts, lib = DecoderParts.of(model), cpu_decode.load_library(isa)
+    assert CpuDecoder(parts, model.make_cache(1, 8), lib, DerivedWeights(), isa, "fp32").inputs == "fp32"
+    if cpu_decode.has_int8_inputs(isa):  # int8 asked explicitly under IDEFICS3_QUANT_INPUTS=fp32 too
+        assert CpuDecoder(parts, model.make_cache(1, 8), lib, DerivedWeights(), isa, "int8").inputs == "int8"
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        CpuDecoder(parts, model.make_cache(1, 8), lib, DerivedWeights(), isa, "int4")
+    if not cpu_decode.has_int8_inputs(isa):
+        with pytest.raises(ValueError, match="VNNI"):
+            CpuDecoder(parts, model.make_cache(1, 8), lib, DerivedWeights(), isa, "int8")
+
+
 def test_out_of_range_inputs_raise(isa):
     model = quantised_model("int4-g32", torch.float32)
     check_out_of_range_inputs(make_decoder(model, model.make_cache(2, 16), isa))

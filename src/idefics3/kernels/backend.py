@@ -164,7 +164,7 @@ def _choose_quantised_prefill(result: Backend, model: nn.Module) -> None:
     if not any(type(m) is QuantLinear for m in model.modules()):
         result.choose("quantised prefill", TORCH, "no quantised linears")
         return
-    if quant_prefill._library() is None:
+    if quant_prefill.library() is None:
         result.choose("quantised prefill", TORCH, "no decode library on this machine (AVX2 at least)")
         return
     result.replacements.changed += replace_modules(model, quant_prefill.quant_replacement()).changed

@@ -126,6 +126,11 @@ def load_library(variant: str = "avx512") -> ctypes.CDLL | str:
     return lib
 
 
+def has_int8_inputs(variant: str) -> bool:
+    """Whether this build can take int8 inputs here: the AVX-512 one on a CPU with AVX512-VNNI."""
+    return variant == "avx512" and "avx512_vnni" in isa_flags()
+
+
 def quant_inputs(variant: str) -> str:
     """How the quantised products of this build take x: "int8" (rounded per run of 32 inputs to int8 codes and
     multiplied in integers, cpu_decode_quant_vnni.h: the fast path, where the AVX-512 build runs on a CPU with
@@ -134,7 +139,7 @@ def quant_inputs(variant: str) -> str:
     asked = os.environ.get(ENV_QUANT_INPUTS, "").strip().lower()
     if asked and asked not in QUANT_INPUTS:
         raise ValueError(f"{ENV_QUANT_INPUTS}={asked!r} is not one of {', '.join(QUANT_INPUTS)}")
-    vnni = variant == "avx512" and "avx512_vnni" in isa_flags()
+    vnni = has_int8_inputs(variant)
     if asked == "int8" and not vnni:
         raise ValueError(f"{ENV_QUANT_INPUTS}=int8 needs the AVX-512 build on a CPU with AVX512-VNNI "
                          f"(this one runs the {variant} build; ISA level {cpu_isa()})")
@@ -372,7 +377,8 @@ class CpuDecoder:
     """One fused decode step over a model's text decoder and a KVCache (see the module docstring)."""
 
     def __init__(self, parts: DecoderParts, cache: KVCache, lib: ctypes.CDLL, derived: DerivedWeights,
-                 variant: str = "avx512") -> None:
+                 variant: str = "avx512", inputs: str | None = None) -> None:
+        """inputs: how quantised products take x, "int8" or "fp32" (None: `quant_inputs(variant)`)."""
         t = parts.config
         text = parts.text
         # the tensors stay referenced here, so the addresses below stay valid as long as this object lives
@@ -405,7 +411,11 @@ class CpuDecoder:
         self._handle = handle
         weakref.finalize(self, lib.idefics3_decoder_destroy, handle)
         # quantised products: x rounded to int8 and multiplied in integers where the CPU has VNNI (quant_inputs)
-        self.inputs = quant_inputs(variant) if self.quantised else "fp32"
+        if inputs not in (None, *QUANT_INPUTS):
+            raise ValueError(f"inputs must be one of {QUANT_INPUTS} or None, got {inputs!r}")
+        if inputs == "int8" and not has_int8_inputs(variant):
+            raise ValueError("int8 inputs need the AVX-512 build on a CPU with AVX512-VNNI")
+        self.inputs = (inputs or quant_inputs(variant)) if self.quantised else "fp32"
         if variant == "avx512":
             lib.idefics3_decoder_set_int8_inputs(handle, int(self.inputs == "int8"))
         self._parts, self._derived = parts, derived

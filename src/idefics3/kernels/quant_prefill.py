@@ -34,7 +34,7 @@ from . import cpu_decode
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _library():
+def library():
     """The decode library of this machine's build (either exports idefics3_dequantize), or None."""
     return _library_at(os.environ.get(ENV_ISA, ""))
 
@@ -52,7 +52,7 @@ def _library_at(forced_isa: str):
 def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     """The module's matrix [out, in] in `dtype`, equal to `module.dequantized(dtype)`: made by the C library
     where this machine has one and the codes are contiguous CPU tensors, else by torch."""
-    lib = _library() if dtype in _OUT_DTYPES else None
+    lib = library() if dtype in _OUT_DTYPES else None
     tensors = module.quant_tensors().values()
     if lib is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return module.dequantized(dtype)
@@ -93,7 +93,7 @@ class FastQuantLinear(QuantLinear):
 
 def _streaming_library():
     """The AVX-512 build (the one with idefics3_quant_linear) where this machine runs it, else None."""
-    lib = _library()
+    lib = library()
     return lib if lib is not None and cpu_decode.variant_for(torch.bfloat16) == "avx512" else None
 
 
