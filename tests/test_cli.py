@@ -104,12 +104,13 @@ def test_info_shows_the_kernel_backend_choices(tiny_checkpoint):
     res = cli("info", "--model", str(tiny_checkpoint), "--dtype", "fp32")
     assert res.returncode == 0, res.stderr
     assert "kernels:" in res.stdout and "torch 2." in res.stdout and "dtype float32" in res.stdout
-    for op in ("vision layers:", "vision attention:", "prefill attention:", "decode:", "derived weights:"):
+    for op in ("vision layers:", "vision attention:", "prefill attention:", "quantised prefill:", "decode:",
+               "derived weights:"):
         assert op in res.stdout, op
     assert "no kernel for torch.float32" in res.stdout  # the attention kernels are bf16 only: the reason shows
     off = subprocess.run([sys.executable, "-m", "idefics3.cli", "info", "--model", str(tiny_checkpoint)],
                          capture_output=True, text=True, env={**os.environ, "IDEFICS3_KERNELS": "0"})
-    assert off.stdout.count("IDEFICS3_KERNELS=0") == 4, off.stdout
+    assert off.stdout.count("IDEFICS3_KERNELS=0") == 5, off.stdout
     assert "kernels:" not in cli("info", "--model", str(tiny_checkpoint), "--no-backend").stdout
 
 

@@ -252,11 +252,9 @@ def unsupported_reason(parts: DecoderParts, cache: KVCache | None = None) -> str
 
 
 def _plain_matrix(module: nn.Module) -> bool:
-    """A plain nn.Linear, or a QuantLinear (or the backend's FastQuantLinear view of one, which differs only in how
-    it prefills): what the kernel reads as one matrix."""
-    from .quant_prefill import FastQuantLinear  # which imports this module
-
-    return type(module) in (nn.Linear, QuantLinear, FastQuantLinear)
+    """A plain nn.Linear, or a QuantLinear (or a view of one, as quant_prefill's FastQuantLinear, which differs
+    only in how it prefills; LoRA wraps rather than subclasses): what the kernel reads as one matrix."""
+    return type(module) is nn.Linear or isinstance(module, QuantLinear)
 
 
 def _quant_reason(name: str, module: QuantLinear | QuantEmbedding) -> str | None:
