@@ -19,7 +19,8 @@ Printed, with the CPU model and ISA:
   chat prompts (natural prose): next-token top-1 agreement with the bf16 model and the mean KL(bf16 || other)
   for int8, int4, int4-asym, and for the same bf16 weights computed in fp32 (the noise floor: how often
   bf16's own rounding flips a near-tie); then the weights' quantisation alone: each format in fp32 compute
-  against the bf16 weights in fp32 compute. Note on the reference: its weights were Q4_1 before they were
+  against the bf16 weights in fp32 compute. int8-gptq and int4-gptq are the same formats made by GPTQ
+  (`--calibration`) on text outside both corpora (calibration_text); Note on the reference: its weights were Q4_1 before they were
   dequantised, so int4-asym (Q4_1's own grid) reproduces them almost exactly, and symmetric int4 pays a
   second rounding that fresh bf16 weights would not;
 - the demo model's held-out accuracy per question type (`idefics3 eval`'s 200 questions) in its own dtype,
@@ -52,11 +53,20 @@ from speed import prepare as prepare_speed_folder  # noqa: E402
 PRESET = "SmolVLM-256M-Instruct"
 FORMATS = {"bf16": None, "int8": ["--bits", "8", "--include-vision"], "int4": ["--bits", "4", "--include-vision"],
            "int4-asym": ["--bits", "4", "--asymmetric", "--include-vision"]}
+# GPTQ (`--calibration`) on text that is not in the accuracy corpora: the bf16 model's answers to eight other
+# prompts (prose) and the package's Python sources (technical). Stored like the rounded formats, so they decode at
+# the same speed: accuracy only.
+GPTQ_FORMATS = {"int8-gptq": ["--bits", "8", "--include-vision"], "int4-gptq": ["--bits", "4", "--include-vision"]}
 PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
            "Explain how photosynthesis works to a ten-year-old.", "What are the main causes of inflation?",
            "Describe a busy market street in the morning.", "Give me three tips for learning a new language.",
            "Why is the sky blue?", "Write a polite email asking a colleague to review a report.",
            "Summarise the plot of a detective novel you invent."]
+CALIBRATION_PROMPTS = ["Tell me about the history of the bicycle.", "How do volcanoes form?",
+                       "Write a poem about autumn rain.", "What should I pack for a week of hiking?",
+                       "Explain what a database index is.", "Describe your ideal weekend.",
+                       "What is the difference between weather and climate?",
+                       "Write a recipe for a simple vegetable soup."]
 WINDOW, WINDOWS = 512, 4
 SMOLLM2_VOCAB = 49152
 
@@ -125,7 +135,10 @@ def prepare(root: Path, gguf: Path) -> dict[str, Path]:
     bf16 = prepare_speed_folder(root / "bf16", PRESET)
     graft(bf16, gguf)
     folders = {"bf16": bf16}
-    for name, flags in FORMATS.items():
+    calibration = root / "calibration.txt"
+    calibration.write_text(calibration_text(bf16))
+    gptq = {name: [*flags, "--calibration", str(calibration)] for name, flags in GPTQ_FORMATS.items()}
+    for name, flags in {**FORMATS, **gptq}.items():
         if flags is None:
             continue
         folders[name] = root / name
@@ -138,6 +151,23 @@ def prepare(root: Path, gguf: Path) -> dict[str, Path]:
                 raise SystemExit(f"idefics3 quantize failed for {name}")
             (folders[name] / "gguf-source.txt").write_text(stamp)
     return folders
+
+
+def calibration_text(bf16: Path) -> str:
+    """GPTQ's calibration text: the bf16 model's greedy answers to CALIBRATION_PROMPTS (~3.5k tokens), then the
+    package's sources (the CLI takes the first --calibration-tokens, 4096)."""
+    import idefics3
+
+    processor = idefics3.load_processor(bf16)
+    model = idefics3.load_model(bf16, device="cpu")
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
+                                           add_generation_prompt=True) for p in CALIBRATION_PROMPTS]
+    inputs = processor(text=texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=448, min_new_tokens=448)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    sources = [f.read_text() for f in sorted((ROOT / "src" / "idefics3").rglob("*.py"))]
+    return "\n\n".join(answers + sources)
 
 
 # Weight bytes: resident (every parameter and buffer once) and read per decode step (decoder + head).
@@ -231,11 +261,11 @@ def accuracy(folders: dict[str, Path], gguf: Path) -> None:
         corpora["bf16's greedy chat answers"] = answer_ids(bf16, processor)
     models = {"bf16 weights, fp32 compute": lambda: idefics3.load_model(folders["bf16"], device="cpu", dtype="fp32"),
               **{name: (lambda name=name: idefics3.load_model(folders[name], device="cpu"))
-                 for name in ("int8", "int4", "int4-asym")}}
+                 for name in ("int8", "int8-gptq", "int4", "int4-gptq", "int4-asym")}}
     # the same weights in fp32 compute on both sides: what the weights' quantisation alone changes (in bf16
     # compute, bf16 rounding of the activations moves top-1 by about as much as int8 weights do)
     fp32 = {name: (lambda name=name: idefics3.load_model(folders[name], device="cpu", dtype="fp32"))
-            for name in ("int8", "int4", "int4-asym")}
+            for name in ("int8", "int8-gptq", "int4", "int4-gptq", "int4-asym")}
     for label, (ids, mask) in corpora.items():
         keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         ref = logprobs(bf16, ids, mask)
@@ -305,7 +335,8 @@ def main() -> None:
     print(f"{machine_line(args.threads)}; reference weights: {gguf.name}", flush=True)
     folders = prepare(Path(args.dir) if args.dir else BENCH_DIR / "quant-smolvlm-256m", gguf)
     if not args.skip_speed:
-        speed(folders, args.rounds, args.new_tokens, args.threads, image=not args.text_prompt)
+        speed({k: v for k, v in folders.items() if k in FORMATS}, args.rounds, args.new_tokens, args.threads,
+              image=not args.text_prompt)
     if not args.skip_accuracy:
         accuracy(folders, gguf)
     if not args.skip_demo:

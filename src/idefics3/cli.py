@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="int4 with a minimum per group as well as a scale (llama.cpp's Q4_1: 5 bits per weight "
                             "instead of 4.5, closer to the original)")
     quant.add_argument("--include-vision", action="store_true", help="quantise the vision tower's linears too")
+    quant.add_argument("--calibration", metavar="FILE",
+                       help="a UTF-8 text file: quantise the text decoder by GPTQ on the inputs this text gives "
+                            "each layer (closer to the original than rounding; slower to make)")
+    quant.add_argument("--calibration-tokens", type=int, default=4096, metavar="N",
+                       help="how many tokens of --calibration to use (default 4096, in windows of 512)")
     quant.add_argument("--mmproj", metavar="FILE", help="with a --model .gguf text model: its vision projector GGUF "
                                                         "(a GGUF pair is converted as it is, without requantising)")
     quant.add_argument("--output", "-o", required=True, help="folder to write")
@@ -288,7 +293,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CliError("--output must not be the checkpoint folder itself")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise CliError(f"--output {output} exists and is not an empty folder")
+    if args.calibration is not None and is_gguf(folder):
+        raise CliError("--calibration quantises dense weights; a GGUF file is converted as it is")
     processor = load_processor(folder, mmproj=args.mmproj)
+    calibration = _calibration(args, processor)  # a bad file is refused before the weights are read
     model = Idefics3ForConditionalGeneration.from_pretrained(folder, backend="torch", mmproj=args.mmproj)
     if is_gguf(folder):  # llama.cpp's blocks are our formats already: converted as they are
         model.save_pretrained(output)
@@ -301,16 +309,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.asymmetric and args.bits != 4:
         raise CliError("--asymmetric is an int4 format (use it with --bits 4)")
     config = plan(model, args.bits, args.group_size, args.include_vision, args.head_bits, args.asymmetric)
-    quantize_model(model, config)
+    quantize_model(model, config, calibration)
     model.save_pretrained(output)
     processor.save_pretrained(output)
     size = quantized_nbytes(model)
-    print(f"{config.summary()}")
+    print(f"{config.summary()}; {config.source}")
     for name, why in config.dense.items():
         print(f"  kept dense: {name} ({why})")
     print(f"weights: {dense / 2**20:.1f} MiB -> {size / 2**20:.1f} MiB ({100 * size / dense:.0f}%), "
           f"written to {output}")
     return 0
+
+
+def _calibration(args: argparse.Namespace, processor: Any) -> Any:
+    """--calibration's text as token windows [W, T] (a tensor), or None without it."""
+    if args.calibration is None:
+        return None
+    from .quant.gptq import calibration_windows
+
+    if args.calibration_tokens < 16:
+        raise CliError(f"--calibration-tokens must be at least 16, got {args.calibration_tokens}")
+    path = Path(args.calibration)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"--calibration {path}: cannot be read as UTF-8 text ({_one_line(err)})") from None
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = [i for i in ids if i != processor.image_token_id]  # "<image>" in the text would ask for pixels
+    try:
+        return calibration_windows(ids, args.calibration_tokens)
+    except ValueError as err:
+        raise CliError(f"--calibration {path}: {err}") from None
 
 
 # ---- info ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Quantised weights: int8 / int4 formats (format.py), the modules that hold them (modules.py), which modules
-are quantised (apply.py), loading quantised or quantising checkpoints (load.py)."""
+are quantised (apply.py), GPTQ from calibration text (gptq.py), loading quantised or quantising checkpoints
+(load.py)."""
 
 from .apply import (
                     QuantConfig,

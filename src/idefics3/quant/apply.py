@@ -27,6 +27,7 @@ from torch import nn
 
 from ..model.replace import Replacements, replace_modules
 from .format import QuantError, QuantSpec
+from .gptq import collect_hessians, gptq_quantize
 from .modules import QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -171,17 +172,50 @@ def _swap(model: nn.Module, config: QuantConfig, make) -> Replacements:
     return record
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> Replacements:
+def quantize_model(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None) -> Replacements:
     """Quantise a dense model in place (module by module, so the peak is one dense matrix more than the
-    result); returns the record that puts the dense modules back."""
+    result); returns the record that puts the dense modules back.
+
+    calibration: token windows [W, T]: the text decoder's linears (and an untied head) are then quantised by
+    GPTQ (gptq.py) on the inputs the model gives them over this text; the embeddings, a tied head and the vision
+    tower (which text does not reach) are rounded to nearest as without it."""
+    hessians: dict[str, torch.Tensor] = {}
+    shared: dict[str, str] = {}
+    if calibration is not None:
+        shared = _gptq_inputs(model, config)
+        hessians = collect_hessians(model, sorted(set(shared.values())), calibration)
+        config.source += f", GPTQ on {calibration.numel()} calibration tokens"
+
     def make(name: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
         if isinstance(module, nn.Embedding):
             return QuantEmbedding.from_embedding(module, spec)
-        return QuantLinear.from_linear(module, spec)
+        if name not in shared:
+            return QuantLinear.from_linear(module, spec)
+        w = module.weight
+        q = QuantLinear(module.in_features, module.out_features, spec, module.bias is not None, w.device, w.dtype)
+        q.set_quantised({k: t.to(w.device) for k, t in gptq_quantize(w, hessians[shared[name]], spec).items()})
+        if module.bias is not None:
+            q.bias.data.copy_(module.bias.detach())
+        return q
 
     record = _swap(model, config, make)
     log.info("quantised %s", config.summary())
     return record
+
+
+def _gptq_inputs(model: nn.Module, config: QuantConfig) -> dict[str, str]:
+    """The modules GPTQ quantises -> the module whose input is theirs (q, k and v read one input, gate and up
+    another: one Hessian each)."""
+    out = {}
+    for name in config.modules:
+        leaf = name.rsplit(".", 1)[-1]
+        if name.startswith("model.text_model.layers.") and leaf in _TEXT_LINEARS:
+            parent = name.rsplit(".", 1)[0]
+            out[name] = f"{parent}.q_proj" if leaf in ("k_proj", "v_proj") else \
+                f"{parent}.gate_proj" if leaf == "up_proj" else name
+        elif name == HEAD and not _tied(model):
+            out[name] = name
+    return out
 
 
 def install_quantized(model: nn.Module, config: QuantConfig) -> Replacements:
