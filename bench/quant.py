@@ -20,9 +20,9 @@ Printed, with the CPU model and ISA:
   for int8, int4, int4-asym, and for the same bf16 weights computed in fp32 (the noise floor: how often
   bf16's own rounding flips a near-tie); then the weights' quantisation alone: each format in fp32 compute
   against the bf16 weights in fp32 compute. int8-gptq and int4-gptq are the same formats made by GPTQ
-  (`--calibration`) on text outside both corpora (calibration_text); Note on the reference: its weights were Q4_1 before they were
-  dequantised, so int4-asym (Q4_1's own grid) reproduces them almost exactly, and symmetric int4 pays a
-  second rounding that fresh bf16 weights would not;
+  (`--calibration`) on text outside both corpora (calibration_text). Note on the reference: its weights were
+  Q4_1 before they were dequantised, so int4-asym (Q4_1's own grid) reproduces them almost exactly, and
+  symmetric int4 pays a second rounding that fresh bf16 weights would not;
 - the demo model's held-out accuracy per question type (`idefics3 eval`'s 200 questions) in its own dtype,
   int8 and int4, vision tower included;
 - the GGUF file loaded directly (text only, Q4_1 blocks kept as they are) against the same weights dequantised
