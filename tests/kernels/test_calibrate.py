@@ -41,7 +41,8 @@ def test_a_cached_choice_is_reused_and_another_machine_recalibrates(fresh, monke
     calls = []
     first = calibrate.compare(("op",), timed(calls, "ours", 0.003), timed(calls, "sdpa"), "x")
     n = len(calls)
-    assert calibrate.compare(("op",), timed(calls, "ours"), timed(calls, "sdpa"), "x") is first  # this process
+    assert calibrate.compare(("op",), timed(calls, "ours"), timed(calls, "sdpa"), "x") == first  # this process
+    assert len(calls) == n
     monkeypatch.setattr(calibrate, "_REMEMBERED", {})  # a new process: read back from the file
     again = calibrate.compare(("op",), timed(calls, "ours"), timed(calls, "sdpa"), "x")
     assert again == first and len(calls) == n
@@ -50,6 +51,18 @@ def test_a_cached_choice_is_reused_and_another_machine_recalibrates(fresh, monke
     monkeypatch.setattr(calibrate, "machine", lambda: "Another CPU | torch 9.9")  # another CPU or torch
     changed = calibrate.compare(("op",), timed(calls, "ours"), timed(calls, "sdpa", 0.003), "x")
     assert len(calls) > n and changed.ours
+
+
+def test_the_fastest_of_several_is_chosen_and_remembered(fresh, monkeypatch):
+    calls = []
+    candidates = {"a": timed(calls, "a", 0.003), "b": timed(calls, "b"), "c": timed(calls, "c", 0.002)}
+    choice, reason = calibrate.fastest(("op3",), candidates, "a test shape")
+    assert choice == "b" and "b fastest" in reason and all(f"{n} " in reason for n in "abc")
+    n = len(calls)
+    monkeypatch.setattr(calibrate, "_REMEMBERED", {})  # a new process: read back from the file
+    assert calibrate.fastest(("op3",), candidates, "a test shape") == (choice, reason) and len(calls) == n
+    # another set of candidates is another question
+    assert calibrate.fastest(("op3",), {"a": timed(calls, "a"), "c": timed(calls, "c", 0.003)}, "x")[0] == "a"
 
 
 def test_a_broken_cache_file_is_measured_again(fresh):

@@ -70,7 +70,7 @@ def test_training_takes_the_plain_path(library, monkeypatch):
     fast = view_as(copy.deepcopy(module), FastQuantLinear)
     calls = []
     monkeypatch.setattr(quant_prefill, "dense_weight", lambda *a: calls.append(a) or dense_weight(*a))
-    x = torch.randn(quant_prefill.STREAM_ROWS + 1, 64, requires_grad=True)  # past the streamed rows
+    x = torch.randn(100, 64, requires_grad=True)  # the "dense" method's rows
     fast(x).sum().backward()
     assert not calls and x.grad is not None
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_training_takes_the_plain_path(library, monkeypatch):
 
 
 def test_few_rows_multiply_the_codes(library, monkeypatch):
-    """Up to STREAM_ROWS rows (a prompt's last-token head) take the decode step's products on fp32 inputs: the
+    """A few rows (a prompt's last-token head) take the decode step's products on fp32 inputs ("streamed"): the
     plain result, whatever decode's inputs are."""
     module = QuantLinear.from_linear(torch.nn.Linear(96, 40), QuantSpec(4, 32))
     fast = view_as(copy.deepcopy(module), FastQuantLinear)
@@ -115,3 +115,66 @@ def test_quantised_vision_tower_takes_the_fused_layers(library, monkeypatch):
     finally:
         FusedVisionEncoderLayer._fused = fused
     assert ran and (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def tiles_or_skip():
+    if quant_prefill._tile_library() is None:
+        pytest.skip("no AMX tiles on this machine (or no AVX-512 build)")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("n", [48, 37, 100])
+def test_tiles_equal_the_dense_multiply(library, spec, n):
+    """AMX tiles over blocks dequantised in cache: the dense path's bf16 weights, exact products, fp32 sums, so the
+    result is the dense product rounded once to bf16 (rows past whole blocks of 16 and 32, batch tails)."""
+    tiles_or_skip()
+    module = QuantLinear.from_linear(torch.nn.Linear(128, n, bias=False), spec)
+    for rows in (1, 5, 17, 40):
+        x = torch.randn(rows, 128).bfloat16()
+        ref = torch.nn.functional.linear(x.float(), module.dequantized(torch.bfloat16).float())
+        got = quant_prefill.run("tiles", module, x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert ((got.float() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-4).all(), (rows, spec.name)
+
+
+def test_every_method_computes_the_same(library):
+    """The plan only changes speed: each method (where it cannot run, the dense one) gives the dense result."""
+    module = QuantLinear.from_linear(torch.nn.Linear(96, 40), QuantSpec(4, 32))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x = torch.randn(7, 96).to(dtype)
+        ref = torch.nn.functional.linear(x.float(), module.dequantized(dtype).float())
+        for method in ("streamed", "tiles", "dense"):
+            got = quant_prefill.run(method, module, x)
+            assert got.dtype == dtype and (got.float() - ref).abs().max() <= tol * ref.abs().max(), (method, dtype)
+    assert "tiles" not in quant_prefill.methods(module, torch.float32)  # bf16 inputs only
+
+
+def test_a_plan_takes_the_nearest_measured_row_count():
+    plan = quant_prefill.PrefillPlan(("streamed", "streamed", "tiles", "tiles", "dense", "dense"), "")
+    assert [plan.method(r) for r in (1, 2, 5, 9, 30, 100, 881, 5000)] == [
+        "streamed", "streamed", "streamed", "tiles", "tiles", "tiles", "dense", "dense"]
+
+
+def test_plans_are_measured_on_the_first_rows(library, monkeypatch, tmp_path):
+    """With calibration on, each row bucket times the methods that can run on the matrix's first
+    CALIBRATION_ROWS rows (views, the same outputs) and keeps the fastest, stating every timing."""
+    monkeypatch.setenv("IDEFICS3_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("IDEFICS3_CALIBRATE", raising=False)
+    monkeypatch.setattr(quant_prefill, "CALIBRATION_ROWS", 64)
+    monkeypatch.setattr(quant_prefill, "ROW_BUCKETS", (1, 16))
+    module = QuantLinear.from_linear(torch.nn.Linear(64, 100, bias=False), QuantSpec(8, 32))
+    part = quant_prefill._first_rows(module, 64)
+    x = torch.randn(3, 64)
+    assert torch.equal(part(x), module(x)[:, :64])
+    plan = quant_prefill.plan_for(module, torch.bfloat16)
+    can = quant_prefill.methods(module, torch.bfloat16)
+    assert len(plan.methods) == 2 and set(plan.methods) <= set(can)
+    if len(can) > 1:
+        assert "first 64 rows" in plan.reason and "1 rows" in plan.reason and "fastest" in plan.reason
+
+
+def test_the_weight_table_follows_new_tensors(library):
+    module = QuantLinear.from_linear(torch.nn.Linear(64, 16, bias=False), QuantSpec(4, 32))
+    assert torch.equal(dense_weight(module, torch.float32), module.dequantized(torch.float32))
+    module.scales = module.scales * 2  # new tensors at other addresses: the cached table is remade
+    assert torch.equal(dense_weight(module, torch.float32), module.dequantized(torch.float32))

@@ -154,22 +154,32 @@ def install_backend(model: nn.Module, backend: str = "auto") -> Backend:
                       f"prompts of {MIN_QUERIES}+ tokens, bf16 on a CPU with AVX512-BF16; {verdict.reason}")
     else:
         result.choose("prefill attention", TORCH, text_reason)
-    _choose_quantised_prefill(result, model)
+    _choose_quantised_prefill(result, model, dtype)
     _choose_decode(result, model, dtype)
     return result
 
 
-def _choose_quantised_prefill(result: Backend, model: nn.Module) -> None:
-    """QuantLinears dequantise in C once per call (quant_prefill.py) where this machine has the decode library."""
+def _choose_quantised_prefill(result: Backend, model: nn.Module, dtype: torch.dtype) -> None:
+    """QuantLinears run each call by the method measured fastest for its format, shape and row count
+    (quant_prefill.py) where this machine has the decode library."""
     if not any(type(m) is QuantLinear for m in model.modules()):
         result.choose("quantised prefill", TORCH, "no quantised linears")
         return
     if quant_prefill.library() is None:
         result.choose("quantised prefill", TORCH, "no decode library on this machine (AVX2 at least)")
         return
-    result.replacements.changed += replace_modules(model, quant_prefill.quant_replacement()).changed
-    result.choose("quantised prefill", "matrices dequantised in C once per call, then the dense multiply",
-                  "inference on CPU; training takes the plain path")
+    changed = replace_modules(model, quant_prefill.quant_replacement(dtype)).changed
+    result.replacements.changed += changed
+    views = [parent._modules[child] for parent, child, _ in changed]
+    plans = {id(view.plan): view.plan for view in views if isinstance(view, quant_prefill.FastQuantLinear)}
+    per_rows = ", ".join(f"{rows}: {'/'.join(sorted({p.methods[i] for p in plans.values()}))}"
+                         for i, rows in enumerate(quant_prefill.ROW_BUCKETS))
+    for plan in plans.values():
+        log.info("quantised prefill: %s", plan.reason)
+    how = "measured per format and shape" if calibrate.calibrating() else f"{calibrate.ENV_CALIBRATE}=0, not measured"
+    result.choose("quantised prefill", f"by rows per call ({per_rows}): streamed codes, AMX tiles over bf16 blocks "
+                  "dequantised in cache, or the matrix dequantised in C then the dense multiply",
+                  f"inference on CPU; training takes the plain path; {how} ({len(plans)} shapes, timings in the log)")
 
 
 def _choose_decode(result: Backend, model: nn.Module, dtype: torch.dtype) -> None:

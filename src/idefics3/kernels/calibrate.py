@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ENV_CALIBRATE = "IDEFICS3_CALIBRATE"
 ENV_CACHE_DIR = "IDEFICS3_CACHE_DIR"
-_REMEMBERED: dict[str, Verdict] = {}
+_REMEMBERED: dict[str, dict] = {}
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,11 @@ def _load() -> dict[str, dict]:
         return {}
 
 
-def _store(key: str, verdict: Verdict) -> None:
+def _store(key: str, verdict: dict) -> None:
     path = cache_file()
     try:
         data = _load()
-        data[key] = asdict(verdict)
+        data[key] = verdict
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
@@ -110,28 +110,48 @@ def _store(key: str, verdict: Verdict) -> None:
         log.debug("cannot write %s: %s", path, err)
 
 
-def compare(parts: tuple, ours: Callable[[], object], plain: Callable[[], object], what: str,
-            plain_name: str = "SDPA") -> Verdict:
-    """Time `ours` against `plain` (once per machine, op and shape: remembered and cached on disk)."""
+def _remembered(parts: tuple, fields: set[str], measure: Callable[[], dict]) -> dict:
+    """The verdict for `parts` on this machine: from this process, else the cache file (when it has exactly
+    `fields`), else `measure()` under inference mode, logged and stored."""
     key = json.dumps([machine(), torch.get_num_threads(), *map(str, parts)])
     if key in _REMEMBERED:
         return _REMEMBERED[key]
     cached = _load().get(key)
-    if isinstance(cached, dict) and set(cached) == {"ours", "reason"}:
-        verdict = Verdict(bool(cached["ours"]), str(cached["reason"]))
+    if isinstance(cached, dict) and set(cached) == fields:
+        verdict = cached
     else:
         with torch.inference_mode():
-            if ours() is None:  # the kernel declined these inputs
-                verdict = Verdict(False, f"our kernel declines {what}")
-            else:
-                t_ours, t_plain = seconds(ours, plain)
-                faster = "ours" if t_ours <= t_plain else plain_name
-                verdict = Verdict(t_ours <= t_plain, f"measured on {what}: ours {t_ours * 1e3:.2f} ms, {plain_name} "
-                                                     f"{t_plain * 1e3:.2f} ms, {faster} faster")
-        log.info("calibrated %s", verdict.reason)
+            verdict = measure()
+        log.info("calibrated %s", verdict["reason"])
         _store(key, verdict)
     _REMEMBERED[key] = verdict
     return verdict
+
+
+def compare(parts: tuple, ours: Callable[[], object], plain: Callable[[], object], what: str,
+            plain_name: str = "SDPA") -> Verdict:
+    """Time `ours` against `plain` (once per machine, op and shape: remembered and cached on disk)."""
+    def measure() -> dict:
+        if ours() is None:  # the kernel declined these inputs
+            return asdict(Verdict(False, f"our kernel declines {what}"))
+        t_ours, t_plain = seconds(ours, plain)
+        faster = "ours" if t_ours <= t_plain else plain_name
+        return asdict(Verdict(t_ours <= t_plain, f"measured on {what}: ours {t_ours * 1e3:.2f} ms, {plain_name} "
+                                                 f"{t_plain * 1e3:.2f} ms, {faster} faster"))
+    verdict = _remembered(parts, {"ours", "reason"}, measure)
+    return Verdict(bool(verdict["ours"]), str(verdict["reason"]))
+
+
+def fastest(parts: tuple, candidates: dict[str, Callable[[], object]], what: str) -> tuple[str, str]:
+    """The fastest of several ways to compute the same thing (name, reason with every timing), measured once per
+    machine, op and shape like `compare`."""
+    def measure() -> dict:
+        times = dict(zip(candidates, seconds(*candidates.values()), strict=True))
+        best = min(times, key=times.__getitem__)
+        timings = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in times.items())
+        return {"choice": best, "reason": f"measured on {what}: {timings}, {best} fastest"}
+    verdict = _remembered((*parts, *candidates), {"choice", "reason"}, measure)  # other candidates: another key
+    return str(verdict["choice"]), str(verdict["reason"])
 
 
 def vision_attention(heads: int, patches: int, head_dim: int, dtype: torch.dtype) -> Verdict:

@@ -150,6 +150,7 @@ inline void gemv_tile(const typename A::T* W, int64_t N, int64_t K, int64_t t, c
 inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
 
 #include "cpu_decode_quant.h"  // QuantInput, QuantScratch, quant_rows: int8 / int4 weights
+#include "cpu_decode_quant_amx.h"  // quant_matmul_amx: prefill products on quantised weights, on AMX tiles
 
 // Tile t of y = x W^T for a dense or quantised W (`in`: x as the quantised products read it, prepared this step
 // where W is quantised).
@@ -640,6 +641,22 @@ void idefics3_decoder_set_int8_inputs(void* handle, int on) { static_cast<Model*
 // vector (dequantize_row16): what a prefill multiplies quantised layers with (kernels/quant_prefill.py).
 void idefics3_dequantize(const int64_t* weight, int64_t N, int64_t K, void* out, int out_dtype, int n_threads) {
   dequantize_matrix(weight_from(weight), N, K, out, out_dtype, n_threads, dequantize_row16);
+}
+
+// y [R, N] (bf16) = x [R, K] (bf16) W^T for one quantised W (a Weight table) on AMX tiles, the weights
+// dequantised to bf16 a block of rows at a time in cache (cpu_decode_quant_amx.h): 0, or 1 where this build has no
+// AMX code, Linux refused the tile state, or K is not a multiple of 32.
+int idefics3_quant_matmul_amx(const int64_t* weight, int64_t N, int64_t K, const void* x, int64_t R, void* y,
+                              int n_threads) {
+#ifdef IDEFICS3_HAVE_AMX
+  if (K % 32 != 0 || R < 1 || idefics3_amx_init() != 0) return 1;
+  quant_matmul_amx(weight_from(weight), N, K, static_cast<const uint16_t*>(x), R, static_cast<uint16_t*>(y),
+                   n_threads);
+  return 0;
+#else
+  (void)weight, (void)N, (void)K, (void)x, (void)R, (void)y, (void)n_threads;
+  return 1;
+#endif
 }
 
 // y [R, N] (fp32) = x [R, K] (fp32) W^T for one quantised W (a Weight table of kWeightFields, N rows): the

@@ -121,6 +121,8 @@ def load_library(variant: str = "avx512") -> ctypes.CDLL | str:
     if variant == "avx512":
         lib.idefics3_decoder_set_int8_inputs.argtypes = [ptr, ctypes.c_int]
         lib.idefics3_quant_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
+        lib.idefics3_quant_matmul_amx.restype = ctypes.c_int
+        lib.idefics3_quant_matmul_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
         lib.idefics3_amx_init.restype = ctypes.c_int
         lib.idefics3_decoder_set_amx.argtypes = [ptr, i64]
     return lib

@@ -19,8 +19,10 @@ Measured: see bench/quant.py (time to first token of each format against bf16, s
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from torch import nn
 from ..device import ENV_ISA
 from ..model.replace import view_as
 from ..quant.modules import QuantLinear
-from . import cpu_decode
+from . import calibrate, cpu_decode
 
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -56,39 +58,125 @@ def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     tensors = module.quant_tensors().values()
     if lib is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return module.dequantized(dtype)
-    fields, _ = cpu_decode.weight_fields(module)  # addresses in the module's own buffers
-    table = torch.tensor(fields, dtype=torch.int64)
     out = torch.empty(module.rows, module.cols, dtype=dtype)  # [N, K]
-    lib.idefics3_dequantize(table.data_ptr(), module.rows, module.cols, out.data_ptr(), _OUT_DTYPES[dtype],
+    lib.idefics3_dequantize(_table(module).data_ptr(), module.rows, module.cols, out.data_ptr(), _OUT_DTYPES[dtype],
                             torch.get_num_threads())
     return out
 
 
-# Up to this many rows a call multiplies the stored codes directly (the decode step's products,
-# cpu_decode.quant_linear) instead of dequantising: measured on a [576 -> 1536] int4 matrix, 2 threads, the
-# streamed product (int8 inputs) took 0.03 / 0.09 / 0.15 ms at 1 / 8 / 16 rows against 0.18 ms for dequantise
-# and multiply; with the exact fp32 inputs used here, ~1.5x the streamed times, so up to 8 rows.
-# A prompt's last-token head (one row of a 49k-row matrix) is the case that matters most.
-STREAM_ROWS = 8
+# The three ways a call of R rows can run, fastest first for few rows:
+# - "streamed": the decode step's products over the stored codes (cpu_decode.quant_linear), fp32 inputs so that
+#   a prompt's logits stay the dense path's; the AVX-512 build; cost grows with R from the start;
+# - "tiles": blocks of 32 rows dequantised to bf16 in cache and multiplied on AMX tiles
+#   (cpu_decode_quant_amx.h); bf16 inputs, K a multiple of 32, a CPU with AMX;
+# - "dense": the whole matrix dequantised (dense_weight), then the dense multiply (oneDNN): best for long prompts.
+# Which one is measured per format, shape and row count (`plan_for`); on a 2-core Xeon (AMX) with SmolVLM-256M's
+# int4 decoder, 30 layers: 1 row 4.3 / 8.2 / 21.9 ms, 20 rows 26.9 / 11.6 / 21.9 ms, 881 rows - / 125 / 90 ms
+# (bf16 weights: 6.7, 7.2 and 73 ms).
+ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)  # the row counts measured; a call takes its nearest (log scale)
+STREAM_MAX_ROWS = 16                     # "streamed" is not even timed beyond this
+CALIBRATION_ROWS = 512                   # output rows a timing uses: every method's time is linear in them
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """The method of each row bucket for one matrix format and shape, and why."""
+
+    methods: tuple[str, ...]  # one per ROW_BUCKETS
+    reason: str
+
+    def method(self, rows: int) -> str:
+        i = min(range(len(ROW_BUCKETS)), key=lambda j: abs(math.log(max(rows, 1) / ROW_BUCKETS[j])))
+        return self.methods[i]
 
 
 class FastQuantLinear(QuantLinear):
-    """QuantLinear whose inference on CPU dequantises through `dense_weight`, or for a few rows multiplies the
-    codes directly where the AVX-512 build has the products (the plain forward otherwise)."""
+    """QuantLinear whose inference on CPU runs the method its plan gives for the call's row count (the plain
+    forward for autograd, other devices and dtypes)."""
+
+    plan: PrefillPlan | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype not in _OUT_DTYPES or (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // max(self.cols, 1)
-        lib = _streaming_library() if rows <= STREAM_ROWS else None
-        if lib is not None:
-            flat = x.reshape(rows, self.cols)  # [R, K]
-            # fp32 inputs: a prompt's logits stay those of the plain path (int8 inputs are decode's trade-off)
-            y = cpu_decode.quant_linear(lib, self, flat, False).to(x.dtype)  # [R, N]
-            y = y.reshape(*x.shape[:-1], self.rows)  # [..., N]
-            return y if bias is None else y + bias
-        return F.linear(x, dense_weight(self, x.dtype), bias)
+        plan = self.plan or default_plan(self, x.dtype)
+        y = run(plan.method(rows), self, x.reshape(rows, self.cols))  # [R, N]
+        y = y.reshape(*x.shape[:-1], self.rows)  # [..., N]
+        return y if bias is None else y + bias
+
+
+def run(method: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [R, K] times the module's matrix by one method (falling back to "dense" where it cannot run): [R, N]."""
+    if method == "streamed" and (lib := _streaming_library()) is not None:
+        return cpu_decode.quant_linear(lib, module, x, False).to(x.dtype)
+    if method == "tiles" and _tiles_run(module, x.dtype):
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], module.rows, dtype=torch.bfloat16)
+        if _tile_library().idefics3_quant_matmul_amx(_table(module).data_ptr(), module.rows, module.cols,
+                                                       x.data_ptr(), x.shape[0], y.data_ptr(),
+                                                       torch.get_num_threads()) == 0:
+            return y
+    return F.linear(x, dense_weight(module, x.dtype))
+
+
+def methods(module: QuantLinear, dtype: torch.dtype) -> list[str]:
+    """The methods that can run this module's calls in `dtype` on this machine."""
+    return [*(["streamed"] if _streaming_library() is not None else []),
+            *(["tiles"] if _tiles_run(module, dtype) else []), "dense"]
+
+
+def default_plan(module: QuantLinear, dtype: torch.dtype) -> PrefillPlan:
+    """Without measuring (IDEFICS3_CALIBRATE=0): our kernels wherever they run, "streamed" up to 4 rows and
+    "tiles" up to 64, else "dense"."""
+    can = methods(module, dtype)
+    pick = [("streamed" if rows <= 4 and "streamed" in can else "tiles" if rows <= 64 and "tiles" in can
+             else "dense") for rows in ROW_BUCKETS]
+    return PrefillPlan(tuple(pick), f"{calibrate.ENV_CALIBRATE}=0: not measured")
+
+
+def plan_for(module: QuantLinear, dtype: torch.dtype) -> PrefillPlan:
+    """The fastest method of each row bucket for this module's format and shape in `dtype`, measured on its first
+    CALIBRATION_ROWS output rows (remembered per machine: kernels/calibrate.py)."""
+    if not calibrate.calibrating():
+        return default_plan(module, dtype)
+    probe = _first_rows(module, CALIBRATION_ROWS)
+    gen = torch.Generator().manual_seed(0)
+    chosen, reasons = [], []
+    for rows in ROW_BUCKETS:
+        x = torch.randn(rows, module.cols, generator=gen).to(dtype)
+        can = [m for m in methods(module, dtype) if m != "streamed" or rows <= STREAM_MAX_ROWS]
+        if len(can) == 1:
+            chosen.append(can[0])
+            continue
+        choice, reason = calibrate.fastest(
+            ("quantised prefill", module.spec.name, probe.rows, module.cols, rows, dtype),
+            {m: functools.partial(run, m, probe, x) for m in can}, f"{rows} rows")
+        chosen.append(choice)
+        reasons.append(reason.removeprefix("measured on "))
+    shape = f"{module.spec.name} [{module.rows}, {module.cols}]"
+    return PrefillPlan(tuple(chosen), f"{shape}, measured on its first {probe.rows} rows: " + "; ".join(reasons))
+
+
+def _first_rows(module: QuantLinear, n: int) -> QuantLinear:
+    """A QuantLinear over the module's first n output rows (views of its tensors), or the module itself."""
+    if module.rows <= n:
+        return module
+    part = QuantLinear(module.cols, n, module.spec, device="cpu")
+    part.set_quantised({name: t[:n] for name, t in module.quant_tensors().items()}, "calibration rows")
+    return part
+
+
+def _table(module: QuantLinear) -> torch.Tensor:
+    """The module's Weight table for the C library (addresses in its own tensors), remade when they change."""
+    key = tuple(t.data_ptr() for t in module.quant_tensors().values())
+    cached = module.__dict__.get("_idefics3_table")
+    if cached is None or cached[0] != key:
+        fields, _ = cpu_decode.weight_fields(module)
+        cached = (key, torch.tensor(fields, dtype=torch.int64))
+        module.__dict__["_idefics3_table"] = cached
+    return cached[1]
 
 
 def _streaming_library():
@@ -97,6 +185,31 @@ def _streaming_library():
     return lib if lib is not None and cpu_decode.variant_for(torch.bfloat16) == "avx512" else None
 
 
-def quant_replacement() -> Callable[[str, nn.Module], nn.Module | None]:
-    """The `replace_modules` choice that makes every QuantLinear (exact class) a FastQuantLinear view."""
-    return lambda name, module: view_as(module, FastQuantLinear) if type(module) is QuantLinear else None
+@functools.cache
+def _tile_library():
+    """The AVX-512 build where it has AMX code and Linux grants the tile state, else None."""
+    lib = _streaming_library()
+    return lib if lib is not None and lib.idefics3_amx_init() == 0 else None
+
+
+def _tiles_run(module: QuantLinear, dtype: torch.dtype) -> bool:
+    tensors = module.quant_tensors().values()
+    return (dtype == torch.bfloat16 and module.cols % 32 == 0 and _tile_library() is not None
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors))
+
+
+def quant_replacement(dtype: torch.dtype) -> Callable[[str, nn.Module], nn.Module | None]:
+    """The `replace_modules` choice that makes every QuantLinear (exact class) a FastQuantLinear view with the
+    plan of its format and shape for inputs of `dtype` (one measurement per distinct format and shape)."""
+    plans: dict[tuple, PrefillPlan] = {}
+
+    def replace(name: str, module: nn.Module) -> nn.Module | None:
+        if type(module) is not QuantLinear:
+            return None
+        view = view_as(module, FastQuantLinear)
+        key = (module.spec, module.rows, module.cols)
+        if key not in plans:
+            plans[key] = plan_for(module, dtype)
+        view.plan = plans[key]
+        return view
+    return replace
