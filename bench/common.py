@@ -195,6 +195,17 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def read_bandwidth(nbytes: int, repeats: int = 7) -> float:
+    """Bytes read per second by a dot product of a buffer of `nbytes` with itself (a read-only stream, as
+    decode's weights are; best of `repeats`):
+    the bandwidth limit for a working set of that size, caches included, so that a model small enough to sit
+    in a large L3 is held to the L3's rate, not DRAM's."""
+    buf = torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
+    torch.dot(buf, buf)  # first touch
+    best = min(_timed(lambda: torch.dot(buf, buf)) for _ in range(repeats))
+    return buf.numel() * 4 / best
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()

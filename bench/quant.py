@@ -12,7 +12,9 @@ Printed, with the CPU model and ISA:
   (`idefics3.load_model`: the "auto" kernel backend): decode tokens/s at batch 1 (64 new tokens after one
   photo-like image: 13 frames, 881 prompt tokens; with --text-prompt, after the question alone, so that the
   step reads the weights and a short cache) and as a fraction of that format's own bandwidth limit
-  (the weight + scale bytes one step reads / the copy bandwidth measured on the spot), time to first token,
+  (the rate of reading as many bytes as one step reads, its weights and scales, measured on the spot with the
+  same threads: `read_bandwidth`, so that a format small enough for the L3 is held to the L3's rate), time to
+  first token,
   peak RSS, and the resident weight bytes of each format against bf16;
 - accuracy over teacher-forced text, two corpora: this repository's README and ARCHITECTURE (technical text
   with code, where a 135M model is unsure: perplexity ~57) and the bf16 model's own greedy answers to eight
@@ -45,7 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import BENCH_DIR, copy_bandwidth, machine_line, run_child  # noqa: E402
+from common import BENCH_DIR, machine_line, read_bandwidth, run_child  # noqa: E402
 from speed import CHILD as SPEED_CHILD  # noqa: E402
 from speed import QUESTION, QUESTIONS  # noqa: E402
 from speed import prepare as prepare_speed_folder  # noqa: E402
@@ -188,24 +190,26 @@ def speed(folders: dict[str, Path], rounds: int, new_tokens: int, threads: int, 
                            questions=QUESTIONS, image=image))
     print(f"\nprompt: {'one 1024x768 photo and ' if image else ''}the question {QUESTION!r}; {new_tokens} new tokens")
     rows: dict[str, list[dict]] = {name: [] for name in folders}
-    bandwidth = []
+    torch.set_num_threads(threads)  # the yardstick reads with the threads the children decode with
+    bandwidth: dict[str, list[float]] = {name: [] for name in folders}
     for r in range(rounds):
-        bandwidth.append(copy_bandwidth())
         for name, folder in folders.items():
+            bandwidth[name].append(read_bandwidth(sizes[name]["step"]))
             rows[name].append(run_child(SPEED_CHILD, "idefics3", str(folder), opts))
             row = rows[name][-1]
             print(f"round {r + 1} {name}: decode {row['decode']:.1f} tok/s, TTFT {row['ttft']:.3f} s, "
                   f"peak {row['peak_mb']:.0f} MiB", flush=True)
-    bw = statistics.median(bandwidth)
+    bw = {name: statistics.median(b) for name, b in bandwidth.items()}
     med = lambda n, k: statistics.median(x[k] for x in rows[n])  # noqa: E731
-    print(f"\n{machine_line(threads)}; copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"\n{machine_line(threads)}; read bandwidth over each format's step bytes: "
+          + ", ".join(f"{n} {b / 1e9:.1f} GB/s" for n, b in bw.items()))
     for line in rows["int4"][0]["backend"]:
         print(f"  int4 kernels: {line}")
     base = "bf16"
     print(f"{'format':<7}{'decode tok/s':>13}{'x bf16':>8}{'of BW limit':>13}{'TTFT s':>9}{'x bf16':>8}"
           f"{'weights MiB':>13}{'of bf16':>9}{'step MB':>9}{'peak MiB':>10}")
     for name in folders:
-        limit = bw / sizes[name]["step"]
+        limit = bw[name] / sizes[name]["step"]
         decode, ttft = med(name, "decode"), med(name, "ttft")
         print(f"{name:<7}{decode:>13.1f}{decode / med(base, 'decode'):>8.2f}"
               f"{decode / limit:>13.0%}{ttft:>9.3f}{ttft / med(base, 'ttft'):>8.2f}"
