@@ -196,3 +196,17 @@ def test_frames_encoded_in_chunks_equal_one_call(model, requests):
             got = encode_frames(model, pv, pm, max_frames=chunk)
             assert got.shape == whole.shape
             torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
+
+
+@pytest.mark.parametrize("fast_decode", [False, True], ids=["plain-decode", "fused-decode"])
+def test_a_cache_full_of_garbage_is_never_read(model, requests, fast_decode):
+    """The engine allocates its cache unzeroed and zeroes positions only as calls reach them: with NaN in every
+    position at the start, sequences of different lengths batched together still equal each alone (the plain
+    decode reads the positions past a shorter row's end, masked: they must be finite)."""
+    solo = [alone(model, make(*r)) for r in requests]
+    engine = Engine(model, max_batch=4, max_seq_len=256, fast_decode=fast_decode)
+    with torch.inference_mode():
+        for buf in (*engine.cache.k, *engine.cache.v):
+            buf.fill_(float("nan"))
+    got, _ = run(engine, [make(*r) for r in requests], add_at=[0, 0, 2, 3])
+    assert got == solo

@@ -83,3 +83,29 @@ def test_right_padded_batched_prefill_matches_single_prefills(tiny_checkpoint):
     assert rel_err(logits[1, :6], ref_b[0, :6]) < 1e-5
     assert rel_err(step[1], ref_b[0, -1]) < 1e-5
     assert rel_err(step[0], ref_a[0, -1]) < 1e-5
+
+
+def test_prepare_zeroes_only_what_was_never_written():
+    """zero=False: `prepare` makes the positions a call may read finite (ZERO_AHEAD more), never touching what was
+    written below; `copy` counts as writing; other slots stay as allocated."""
+    from idefics3.model import kv_cache
+
+    cache = kv_cache.KVCache(2, 3, 600, 1, 4, torch.float32, "cpu", zero=False)
+    for buf in (*cache.k, *cache.v):
+        buf.fill_(float("nan"))  # what torch.empty may hold
+    cache.prepare([1], 10)
+    k = torch.ones(1, 1, 10, 4)
+    cache.update(0, torch.tensor([1]), torch.arange(10)[None], k, k, 10)
+    end = 10 + kv_cache.ZERO_AHEAD
+    assert torch.equal(cache.k[0][1, :, :10], k[0]) and (cache.k[0][1, :, 10:end] == 0).all()
+    assert cache.k[1][1, :, end:].isnan().all() and cache.v[0][0].isnan().all()
+    cache.prepare([1], end)  # already finite: the written positions are kept
+    assert torch.equal(cache.k[0][1, :, :10], k[0])
+    cache.prepare([1], end + 1)
+    reach = end + 1 + kv_cache.ZERO_AHEAD
+    assert torch.equal(cache.k[0][1, :, :10], k[0]) and (cache.v[1][1, :, :reach] == 0).all()
+    assert cache.v[1][1, :, reach:].isnan().all()
+    cache.copy(1, 2, 20)
+    assert torch.equal(cache.k[0][2, :, :10], k[0]) and cache.k[0][2, :, 20:].isnan().all()
+    cache.prepare([2], 20)  # finite up to 20 from the copy: nothing to zero
+    assert cache.k[0][2, :, 20:].isnan().all()

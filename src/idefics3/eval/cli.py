@@ -17,7 +17,7 @@ from typing import Any
 from ..dtypes import SHORT_NAMES
 
 DEFAULT_OUTPUT = "idefics3-eval"
-DEFAULT_BATCH = 8
+DEFAULT_BATCH = 16  # AMX tiles take 16 rows: a 16-row decode step costs ~1.2x an 8-row one (bench/eval.py)
 STYLES = ("lmms-eval", "vlmevalkit")
 DTYPES = (*SHORT_NAMES, "auto")
 TaskFactory = Callable[[argparse.Namespace], Any]

@@ -5,12 +5,15 @@ A frame's key is a BLAKE2 digest of its pixels (and its pixel mask) exactly as t
 same picture at the same resolution settings hits, and any other picture or setting misses. The same digests
 key the prefix cache's image positions (sequence.py). The cache key also carries the vision weights' identity
 and in-place version counters: after a training step (or a LoRA merge) changes the encoder or connector, old
-entries can no longer be hit. Entries are evicted least recently used first, within a byte budget.
+entries can no longer be hit. Entries are evicted least recently used first, within a byte budget. A lock
+makes every operation atomic, so a thread that encodes images ahead (eval/runner.py) can fill the cache while
+the engine reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 
 import torch
@@ -42,6 +45,7 @@ class EncoderCache:
         self._bytes = 0
         self.hits = 0    # frames
         self.misses = 0  # frames
+        self._lock = threading.Lock()
 
     @staticmethod
     def weights_version(model: torch.nn.Module) -> tuple:
@@ -49,30 +53,38 @@ class EncoderCache:
         return (id(model), sum(p._version for p in params), params[0].data_ptr(), params[-1].data_ptr())
 
     def get(self, key: tuple) -> torch.Tensor | None:
-        value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return value
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def __contains__(self, key: tuple) -> bool:
+        """Whether the key is cached (counted neither as a hit nor as a miss)."""
+        with self._lock:
+            return key in self._entries
 
     def put(self, key: tuple, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()
         if size > self.max_bytes:
             return
-        if key in self._entries:
-            old = self._entries.pop(key)
-            self._bytes -= old.numel() * old.element_size()
-        self._entries[key] = features
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
+        with self._lock:
+            if key in self._entries:
+                old = self._entries.pop(key)
+                self._bytes -= old.numel() * old.element_size()
+            self._entries[key] = features
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)

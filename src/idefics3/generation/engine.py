@@ -99,7 +99,7 @@ class Engine:
         self.vocab_size = text.vocab_size
         n_slots = max_batch + prefix_cache_slots
         with torch.inference_mode():
-            self.cache = model.make_cache(n_slots, self.max_seq_len, zero=False)  # slots zeroed when first used
+            self.cache = model.make_cache(n_slots, self.max_seq_len, zero=False)  # zeroed as reached (prepare)
         if backend is None:
             backend = getattr(model, "backend", None)
         self.fast_decoder = backend.decoder_for(model, self.cache) if fast_decode and backend is not None else None
@@ -183,6 +183,7 @@ class Engine:
         if batch is None:
             batch = self._batch = _DecodeBatch.build(self.running, self.device)
         kv_len = max(s.total_len for s in self.running)  # the newest token sits at total_len - 1
+        self.cache.prepare((s.slot for s in self.running), kv_len)
         if self.fast_decoder is not None:
             logits = self.fast_decoder(batch.input_ids, batch.positions, batch.slots, kv_len,
                                        batch.shared)  # [R, 1, V]
@@ -204,7 +205,6 @@ class Engine:
             occupied = [(s.slot, s.keys, s.prefilled) for s in self.prefilling if s.leader is None] + \
                        [(s.slot, s.keys, s.prompt_len) for s in self.running]
             slot, reuse, source = self.slots.take(seq.keys if leader is None else [], occupied)
-            self.cache.claim(slot)
             seq.slot = slot
             if leader is not None:  # the same prompt and images: one prefill serves both
                 seq.leader = leader

@@ -177,6 +177,7 @@ def run_rows(model: Idefics3, cache: KVCache, rows: list[tuple[Sequence, int]], 
     slots = torch.tensor([seq.slot for seq, _ in rows], dtype=torch.long, device=device)  # [G]
     features = torch.cat(feats) if feats else None  # [K, D]: row-major order, as the <image> tokens
     kv_len = min(max(seq.prefilled + width for seq, _ in rows), cache.max_seq_len)
+    cache.prepare((seq.slot for seq, _ in rows), kv_len)
     out = model(input_ids, position_ids=position_ids, image_hidden_states=features, kv_cache=cache,
                 cache_slots=slots, logits_to_keep=1, kv_len=kv_len)
     return out.logits[:, -1].float()  # [G, V]
