@@ -87,3 +87,24 @@ def test_byte_budget_evicts_least_recently_used():
     assert cache.get(("m", 0)) is not None  # 0 becomes the most recent
     cache.put(("m", 3), feats[3])
     assert cache.get(("m", 1)) is None and cache.get(("m", 0)) is not None and len(cache) == 3
+
+
+def test_copies_and_threads():
+    """A copy (a deep-copied model) gets its own lock; threads putting and getting at once keep the byte count."""
+    import copy
+    import threading
+
+    cache = EncoderCache(max_bytes=64 * 4 * 10)
+    twin = copy.deepcopy(cache)
+    assert twin._lock is not cache._lock
+
+    def work(offset: int) -> None:
+        for i in range(200):
+            cache.put((offset, i), torch.zeros(64))
+            cache.get((offset, i - 1))
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) == 10 and cache.nbytes == 64 * 4 * 10

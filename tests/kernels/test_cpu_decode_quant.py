@@ -152,16 +152,20 @@ PRODUCTS = [(8, 32, False, 9, 64), (8, 32, False, 7, 96), (8, 64, False, 5, 192)
             (4, 128, False, 4, 100), (4, 32, True, 3, 56)]
 
 
-@pytest.mark.skipif(not AVX512, reason="the CPU lacks AVX-512")
-@pytest.mark.parametrize("int8_inputs", [False, True], ids=["fp32-inputs", "int8-inputs"])
+@pytest.mark.parametrize("build,int8_inputs", [("avx512", False), ("avx512", True), ("avx2", False)],
+                         ids=["avx512-fp32-inputs", "avx512-int8-inputs", "avx2-fp32-inputs"])
 @pytest.mark.parametrize("bits,group,asym,n,k", PRODUCTS, ids=lambda v: str(v))
-def test_products_equal_dequantise_then_multiply(bits, group, asym, n, k, int8_inputs):
-    """One quantised product (cpu_decode.quant_linear), at batch 1, 2 and 9 (the row blocks of each size), equals
-    dequantise(W) x, with x rounded as quantize_inputs rounds it where the inputs are int8: the same inputs, so
-    only the order of fp32 roundings differs."""
+def test_products_equal_dequantise_then_multiply(bits, group, asym, n, k, build, int8_inputs):
+    """One quantised product (cpu_decode.quant_linear, either build), at batch 1, 2 and 9 (the row blocks of each
+    size), equals dequantise(W) x, with x rounded as quantize_inputs rounds it where the inputs are int8: the same
+    inputs, so only the order of fp32 roundings differs."""
+    if build == "avx512" and not AVX512:
+        pytest.skip("the CPU lacks AVX-512")
     if int8_inputs and not VNNI:
         pytest.skip("the CPU lacks AVX512-VNNI")
-    lib = cpu_decode.load_library("avx512")
+    lib = cpu_decode.load_library(build)
+    if isinstance(lib, str):
+        pytest.skip(lib)
     gen = torch.Generator().manual_seed(n * k + bits)
     linear = torch.nn.Linear(k, n, bias=False)
     with torch.no_grad():
@@ -173,6 +177,15 @@ def test_products_equal_dequantise_then_multiply(bits, group, asym, n, k, int8_i
         ref = (quantize_inputs(x) if int8_inputs else x) @ w.T
         got = cpu_decode.quant_linear(lib, module, x, int8_inputs)
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (rows, (got - ref).abs().max())
+
+
+def test_the_avx2_build_refuses_int8_inputs():
+    lib = cpu_decode.load_library("avx2")
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    module = QuantLinear.from_linear(torch.nn.Linear(64, 8, bias=False), QuantSpec(4, 32))
+    with pytest.raises(ValueError, match="AVX-512"):
+        cpu_decode.quant_linear(lib, module, torch.randn(1, 64), True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -52,6 +52,15 @@ class EncoderCache:
         params = [*model.model.vision_model.parameters(), *model.model.connector.parameters()]
         return (id(model), sum(p._version for p in params), params[0].data_ptr(), params[-1].data_ptr())
 
+    def __getstate__(self) -> dict:  # copies and pickles (a deep-copied model) get a lock of their own
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def get(self, key: tuple) -> torch.Tensor | None:
         with self._lock:
             value = self._entries.get(key)

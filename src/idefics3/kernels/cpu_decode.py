@@ -118,9 +118,9 @@ def load_library(variant: str = "avx512") -> ctypes.CDLL | str:
     lib.idefics3_decoder_set_packed.argtypes = [ptr, ptr, ptr]
     lib.idefics3_decoder_step.restype = ctypes.c_int
     lib.idefics3_decoder_step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.idefics3_quant_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
     if variant == "avx512":
         lib.idefics3_decoder_set_int8_inputs.argtypes = [ptr, ctypes.c_int]
-        lib.idefics3_quant_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
         lib.idefics3_quant_matmul_amx.restype = ctypes.c_int
         lib.idefics3_quant_matmul_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
         lib.idefics3_amx_init.restype = ctypes.c_int
@@ -331,15 +331,28 @@ def weight_fields(module: nn.Module) -> tuple[list[int], list[torch.Tensor]]:
     return [module.weight.data_ptr(), 0, 0, _DENSE, 0, module.weight.shape[1]], [module.weight]
 
 
+def weight_table(module: QuantLinear) -> torch.Tensor:
+    """The module's Weight table (weight_fields) as the C entries take it, kept with the module and remade when
+    its tensors are other ones (new addresses)."""
+    key = tuple(t.data_ptr() for t in module.quant_tensors().values())
+    cached = module.__dict__.get("_idefics3_weight_table")
+    if cached is None or cached[0] != key:
+        fields, _ = weight_fields(module)
+        cached = (key, torch.tensor(fields, dtype=torch.int64))
+        module.__dict__["_idefics3_weight_table"] = cached
+    return cached[1]
+
+
 def quant_linear(lib: ctypes.CDLL, module: QuantLinear, x: torch.Tensor, int8_inputs: bool) -> torch.Tensor:
-    """x [R, K] (fp32) times a QuantLinear's matrix by the AVX-512 build's quantised products alone (with int8
-    inputs or not): [R, N] fp32. For tests and benchmarks; decoding runs them inside the fused step."""
-    fields, _ = weight_fields(module)  # addresses in the module's own tensors
-    table = torch.tensor(fields, dtype=torch.int64)
+    """x [R, K] times a QuantLinear's matrix by a build's quantised products alone, the codes streamed once for
+    all rows (int8 inputs: the AVX-512 build only): [R, N] fp32. A prefill's few-row calls (quant_prefill.py),
+    tests and benchmarks; decoding runs the same products inside the fused step."""
+    if int8_inputs and not hasattr(lib, "idefics3_decoder_set_int8_inputs"):
+        raise ValueError("int8 inputs need the AVX-512 build of the decode kernel")
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], module.rows)
-    lib.idefics3_quant_linear(table.data_ptr(), module.rows, module.cols, x.data_ptr(), x.shape[0], y.data_ptr(),
-                              int(int8_inputs), torch.get_num_threads())
+    lib.idefics3_quant_linear(weight_table(module).data_ptr(), module.rows, module.cols, x.data_ptr(), x.shape[0],
+                              y.data_ptr(), int(int8_inputs), torch.get_num_threads())
     return y
 
 

@@ -505,4 +505,19 @@ void idefics3_dequantize(const int64_t* weight, int64_t N, int64_t K, void* out,
   dequantize_matrix(weight_from(weight), N, K, out, out_dtype, n_threads, dequantize_row);
 }
 
+// y [R, N] (fp32) = x [R, K] (fp32) W^T for one quantised W (a Weight table, N rows): the quantised products
+// alone, the codes streamed once for all R rows: a prefill of few rows (kernels/quant_prefill.py) and tests. This
+// build has fp32 inputs only: int8_inputs must be 0 (cpu_decode.quant_linear refuses anything else).
+void idefics3_quant_linear(const int64_t* weight, int64_t N, int64_t K, const float* x, int64_t R, float* y,
+                           int int8_inputs, int n_threads) {
+  (void)int8_inputs;
+  const Weight W = weight_from(weight);
+  QuantScratch quant(R, K, true);
+  for (int64_t r = 0; r < R; ++r) quant.prepare_row<F32>(x, K, r);
+  const QuantInput in = quant.view(K);
+  const Sink<F32> emit{y, N, Store::Keep};
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t t = 0; t < tiles(N); ++t) quant_rows(W, t * NR, std::min(N, t * NR + NR), in, R, emit);
+}
+
 }  // extern "C"

@@ -1,19 +1,22 @@
-"""Prefill on quantised weights: each QuantLinear call dequantises its matrix once, in C, and multiplies densely.
+"""Prefill on quantised weights: each QuantLinear call runs the method measured fastest for its row count.
 
-A prompt of T tokens multiplies every matrix by T rows, so unlike decode it is bound by arithmetic, not by the
-bytes of the weights: the fastest way to run a quantised layer over a long prompt is to make the dense matrix
-once for the call and hand it to the same oneDNN / AMX multiply a bf16 model uses. `QuantLinear.forward` does
-that in torch (unpack, convert, subtract, multiply, cast: five passes over a matrix and four temporaries), which
-on SmolVLM-256M's int4 prompt-with-image took 0.5 s of a 3.7 s time to first token. The decode library's
-`idefics3_dequantize` (cpu_decode_model.h) makes the same values in one pass per row on all threads.
+A prompt of T tokens multiplies every matrix by T rows. For a long prompt that is bound by arithmetic, not by
+the bytes of the weights, so the fastest way is to make the dense matrix once for the call (`dense_weight`: the
+decode library's `idefics3_dequantize`, one vectorised pass on all threads, bit-equal to torch's five) and hand
+it to the same oneDNN / AMX multiply a bf16 model uses. For a short one, writing and reading back a dense copy
+of every matrix costs more than the products: a 20-token text prompt's first token came 1.4x later than bf16's.
+Then the codes are multiplied where they are: streamed once for all rows by the decode step's products, or, on
+AMX, dequantised to bf16 a block of 32 rows at a time in cache and multiplied on the tile unit
+(cpu_decode_quant_amx.h). Which of the three a call takes is measured per format, shape and row count at load
+(`plan_for`, cached per machine by calibrate.py), so no path is installed where it measured slower.
 
 The backend (backend.py) puts `FastQuantLinear` views (model/replace.py) in place of the model's QuantLinears:
-same buffers, names and state_dict keys, a forward that takes this path for inference on CPU tensors of fp32 or
-bf16 and the plain one otherwise (autograd recording, other devices, or no library here). Nothing is kept
-between calls: the memory a quantised model saves stays saved; a call holds one dense matrix at a time. The
-vision encoder's fused layers (cpu_vision.py) dequantise their QuantLinears through `dense_weight` too.
+same buffers, names and state_dict keys, a forward that takes these paths for inference on CPU tensors of fp32
+or bf16 and the plain one otherwise (autograd recording, other devices, or no library here). Nothing dense is
+kept between calls: the memory a quantised model saves stays saved. The vision encoder's fused layers
+(cpu_vision.py) dequantise their QuantLinears through `dense_weight` too (1024 rows per frame: always dense).
 
-Measured: see bench/quant.py (time to first token of each format against bf16, same run).
+Measured: bench/quant.py (time to first token of each format against bf16, same run).
 """
 
 from __future__ import annotations
@@ -59,14 +62,14 @@ def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     if lib is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return module.dequantized(dtype)
     out = torch.empty(module.rows, module.cols, dtype=dtype)  # [N, K]
-    lib.idefics3_dequantize(_table(module).data_ptr(), module.rows, module.cols, out.data_ptr(), _OUT_DTYPES[dtype],
-                            torch.get_num_threads())
+    lib.idefics3_dequantize(cpu_decode.weight_table(module).data_ptr(), module.rows, module.cols, out.data_ptr(),
+                            _OUT_DTYPES[dtype], torch.get_num_threads())
     return out
 
 
 # The three ways a call of R rows can run, fastest first for few rows:
 # - "streamed": the decode step's products over the stored codes (cpu_decode.quant_linear), fp32 inputs so that
-#   a prompt's logits stay the dense path's; the AVX-512 build; cost grows with R from the start;
+#   a prompt's logits stay the dense path's; either build (AVX-512, AVX2); cost grows with R from the start;
 # - "tiles": blocks of 32 rows dequantised to bf16 in cache and multiplied on AMX tiles
 #   (cpu_decode_quant_amx.h); bf16 inputs, K a multiple of 32, a CPU with AMX;
 # - "dense": the whole matrix dequantised (dense_weight), then the dense multiply (oneDNN): best for long prompts.
@@ -74,7 +77,7 @@ def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
 # int4 decoder, 30 layers: 1 row 4.3 / 8.2 / 21.9 ms, 20 rows 26.9 / 11.6 / 21.9 ms, 881 rows - / 125 / 90 ms
 # (bf16 weights: 6.7, 7.2 and 73 ms).
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)  # the row counts measured; a call takes its nearest (log scale)
-STREAM_MAX_ROWS = 16                     # "streamed" is not even timed beyond this
+STREAM_MAX_ROWS = 64                     # "streamed" is not even timed beyond this
 CALIBRATION_ROWS = 512                   # output rows a timing uses: every method's time is linear in them
 
 
@@ -114,9 +117,9 @@ def run(method: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if method == "tiles" and _tiles_run(module, x.dtype):
         x = x.contiguous()
         y = torch.empty(x.shape[0], module.rows, dtype=torch.bfloat16)
-        if _tile_library().idefics3_quant_matmul_amx(_table(module).data_ptr(), module.rows, module.cols,
-                                                       x.data_ptr(), x.shape[0], y.data_ptr(),
-                                                       torch.get_num_threads()) == 0:
+        table = cpu_decode.weight_table(module)
+        if _tile_library().idefics3_quant_matmul_amx(table.data_ptr(), module.rows, module.cols, x.data_ptr(),
+                                                       x.shape[0], y.data_ptr(), torch.get_num_threads()) == 0:
             return y
     return F.linear(x, dense_weight(module, x.dtype))
 
@@ -168,28 +171,21 @@ def _first_rows(module: QuantLinear, n: int) -> QuantLinear:
     return part
 
 
-def _table(module: QuantLinear) -> torch.Tensor:
-    """The module's Weight table for the C library (addresses in its own tensors), remade when they change."""
-    key = tuple(t.data_ptr() for t in module.quant_tensors().values())
-    cached = module.__dict__.get("_idefics3_table")
-    if cached is None or cached[0] != key:
-        fields, _ = cpu_decode.weight_fields(module)
-        cached = (key, torch.tensor(fields, dtype=torch.int64))
-        module.__dict__["_idefics3_table"] = cached
-    return cached[1]
-
-
 def _streaming_library():
-    """The AVX-512 build (the one with idefics3_quant_linear) where this machine runs it, else None."""
-    lib = library()
-    return lib if lib is not None and cpu_decode.variant_for(torch.bfloat16) == "avx512" else None
+    """This machine's build (AVX-512 or AVX2: both have idefics3_quant_linear), else None."""
+    return library()
+
+
+def _tile_library():
+    """The AVX-512 build where it has AMX code and Linux grants the tile state, else None."""
+    return _tile_library_at(os.environ.get(ENV_ISA, ""))
 
 
 @functools.cache
-def _tile_library():
-    """The AVX-512 build where it has AMX code and Linux grants the tile state, else None."""
-    lib = _streaming_library()
-    return lib if lib is not None and lib.idefics3_amx_init() == 0 else None
+def _tile_library_at(forced_isa: str):
+    lib = library()
+    avx512 = lib is not None and cpu_decode.variant_for(torch.bfloat16) == "avx512"
+    return lib if avx512 and lib.idefics3_amx_init() == 0 else None
 
 
 def _tiles_run(module: QuantLinear, dtype: torch.dtype) -> bool:
