@@ -150,7 +150,6 @@ inline void gemv_tile(const typename A::T* W, int64_t N, int64_t K, int64_t t, c
 inline int64_t tiles(int64_t n) { return (n + NR - 1) / NR; }
 
 #include "cpu_decode_quant.h"  // QuantInput, QuantScratch, quant_rows: int8 / int4 weights
-#include "cpu_decode_quant_amx.h"  // quant_matmul_amx: prefill products on quantised weights, on AMX tiles
 
 // Tile t of y = x W^T for a dense or quantised W (`in`: x as the quantised products read it, prepared this step
 // where W is quantised).
@@ -330,16 +329,17 @@ struct GateUp {
 };
 
 #ifdef IDEFICS3_HAVE_AMX
-// A C tile [16 output columns][rb batch rows] handed to emit.row one batch row at a time (16 columns each, read
-// with a strided gather): vectorised rounding and stores instead of one call per element.
+// A C tile [16 output columns][rb batch rows] handed to emit.row one batch row at a time (its first `count`
+// columns, read with a strided gather): vectorised rounding and stores instead of one call per element.
 template <class Emit>
-inline void emit_columns(const float* c, int64_t rb, int64_t valid, int64_t r0, int64_t n0, const Emit& emit) {
+inline void emit_columns(const float* c, int64_t rb, int64_t valid, int64_t r0, int64_t n0, const Emit& emit,
+                         int count = 16) {
   const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(int(rb)));
   float row[16];
   for (int64_t j = 0; j < valid; ++j) {
     _mm512_storeu_ps(row, _mm512_i32gather_ps(stride, c + j, 4));
-    emit.row(r0 + j, n0, row, 16);
+    emit.row(r0 + j, n0, row, count);
   }
 }
 
@@ -380,6 +380,8 @@ inline void gate_up_amx(const uint16_t* Wg, const uint16_t* Wu, int64_t K, const
   }
 }
 #endif
+
+#include "cpu_decode_quant_amx.h"  // quant_matmul_amx: prefill products on quantised weights, on AMX tiles
 
 // y = x W^T inside the caller's parallel region (an orphaned `omp for`): for bf16 batches on AMX tiles when
 // given `pairs` (scratch for x in AMX's layout, made here unless `pairs_ready`), else on the packed copy Wp when
@@ -637,10 +639,16 @@ void idefics3_decoder_set_amx(void* handle, int64_t min_rows) { static_cast<Mode
 // Quantised products take x rounded to int8 per run of 32 (cpu_decode_quant_vnni.h; needs AVX512-VNNI) or not.
 void idefics3_decoder_set_int8_inputs(void* handle, int on) { static_cast<Model*>(handle)->int8_inputs = on != 0; }
 
-// out [N, K] = a quantised W (one Weight table) dequantised in fp32 (out_dtype 0) or bf16 (1), 16 values per
-// vector (dequantize_row16): what a prefill multiplies quantised layers with (kernels/quant_prefill.py).
+// out [N, K] = a quantised W (one Weight table) dequantised in fp32 (out_dtype 0) or bf16 (1), a run of 32 per
+// pair of vectors (dequantize_runs): what a prefill multiplies quantised layers with (kernels/quant_prefill.py).
 void idefics3_dequantize(const int64_t* weight, int64_t N, int64_t K, void* out, int out_dtype, int n_threads) {
-  dequantize_matrix(weight_from(weight), N, K, out, out_dtype, n_threads, dequantize_row16);
+  const Weight w = weight_from(weight);
+  if (out_dtype == 0) {
+    dequantize_matrix(w, N, K, out, out_dtype, n_threads, dequantize_row16);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+  for (int64_t n = 0; n < N; ++n) dequantize_row_bf16(w, n, K, static_cast<uint16_t*>(out) + n * K);
 }
 
 // y [R, N] (bf16) = x [R, K] (bf16) W^T for one quantised W (a Weight table) on AMX tiles, the weights

@@ -180,28 +180,51 @@ inline void reduce_block(const __m512 (&acc)[nw][rb], float* out) {
   }
 }
 
-// Row n of a quantised W in fp32 as dequantize_row (cpu_decode_model.h) makes it, the same values, 16 at a time.
-inline void dequantize_row16(const Weight& w, int64_t n, int64_t K, float* out) {
+// Row n of a quantised W (its first K columns) in fp32, one run of 32 inputs at a time: store(k, v0, v1, keep0,
+// keep1) gets inputs k .. k+15 in v0 and k+16 .. k+31 in v1, the lanes before K in keep0 / keep1 (int8 codes are
+// read only there: a per-channel row may end at a multiple of 16; an int4 run is always stored whole). The values
+// are those of dequantize_row (cpu_decode_model.h) and quant/format.py's dequantize.
+template <class Store>
+inline void dequantize_runs(const Weight& w, int64_t n, int64_t K, const Store& store) {
   const uint16_t* sc = w.scales + n * w.groups;
   const uint16_t* mn = w.kind == kInt4Mins ? w.mins + n * w.groups : nullptr;
   const int8_t* q8 = static_cast<const int8_t*>(w.data) + n * w.cols;
   const uint8_t* q4 = static_cast<const uint8_t*>(w.data) + n * (w.cols / 2);
+  const __m512i low = _mm512_set1_epi32(0x0f), eight = _mm512_set1_epi32(8);
   for (int64_t g = 0, k = 0; g < w.groups && k < K; ++g) {
     const __m512 s = _mm512_set1_ps(half_to_float(sc[g])), m = _mm512_set1_ps(mn ? half_to_float(mn[g]) : 0.f);
-    for (const int64_t end = std::min<int64_t>(K, k + w.group); k < end; k += 16) {  // groups: multiples of 16
-      const __mmask16 keep = lanes(end - k);
-      __m512 v;
+    for (const int64_t end = std::min<int64_t>(K, k + w.group); k < end; k += 32) {  // int4 groups: whole runs
+      const __mmask16 keep0 = lanes(end - k), keep1 = end - k > 16 ? lanes(end - k - 16) : 0;
+      __m512 v0, v1;
       if (w.kind == kInt8) {
-        v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(keep, q8 + k))), s);
-      } else {  // the 16 bytes of run k / 32: inputs 0-15 in the low nibbles, 16-31 in the high ones
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + k / 32 * 16)));
-        const __m512i c = _mm512_and_si512(k % 32 ? _mm512_srli_epi32(bytes, 4) : bytes, _mm512_set1_epi32(0x0f));
-        v = mn ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, m)
-               : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(8))), s);
+        v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(keep0, q8 + k))), s);
+        v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(keep1, q8 + k + 16))), s);
+      } else {  // the run's 16 bytes: inputs 0-15 in the low nibbles, 16-31 in the high ones
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + k / 2)));
+        const __m512i c0 = _mm512_and_si512(bytes, low), c1 = _mm512_and_si512(_mm512_srli_epi32(bytes, 4), low);
+        v0 = mn ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(c0), s, m) : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c0, eight)), s);
+        v1 = mn ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), s, m) : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c1, eight)), s);
       }
-      _mm512_mask_storeu_ps(out + k, keep, v);
+      store(k, v0, v1, keep0, keep1);
     }
   }
+}
+
+// Row n of a quantised W in fp32 (dequantize_runs): what idefics3_dequantize makes for a prefill's dense multiply.
+inline void dequantize_row16(const Weight& w, int64_t n, int64_t K, float* out) {
+  dequantize_runs(w, n, K, [out](int64_t k, __m512 v0, __m512 v1, __mmask16 keep0, __mmask16 keep1) {
+    _mm512_mask_storeu_ps(out + k, keep0, v0);
+    _mm512_mask_storeu_ps(out + k + 16, keep1, v1);
+  });
+}
+
+// The same row rounded to bf16 (to nearest even, vcvtneps2bf16, straight from the registers: the values of
+// float_to_bf16 on dequantize_row16's, as torch's cast gives them).
+inline void dequantize_row_bf16(const Weight& w, int64_t n, int64_t K, uint16_t* out) {
+  dequantize_runs(w, n, K, [out](int64_t k, __m512 v0, __m512 v1, __mmask16 keep0, __mmask16 keep1) {
+    _mm256_mask_storeu_epi16(out + k, keep0, (__m256i)_mm512_cvtneps_pbh(v0));
+    _mm256_mask_storeu_epi16(out + k + 16, keep1, (__m256i)_mm512_cvtneps_pbh(v1));
+  });
 }
 
 // Where a block of nw matrix rows starts: codes q (rows qs bytes apart), scales sc and mins mn (rows gs groups

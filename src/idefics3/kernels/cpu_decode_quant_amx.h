@@ -17,53 +17,16 @@
 // bf16 values are exact in fp32, sums are fp32: the dense path's result up to the order of the sums.
 //
 // Not a standalone header: cpu_decode.cpp includes it inside its anonymous namespace, after cpu_decode_quant.h
-// (dequantize_row16) and BF16.
+// (dequantize_row_bf16), Sink and emit_columns.
 
 #pragma once
 
 #ifdef IDEFICS3_HAVE_AMX
 
-// Row n of a quantised W rounded to bf16, out [K] (K a multiple of 32): the values of dequantize_row16 (the same
-// fp32 arithmetic), each run of 32 rounded to nearest even in one vcvtne2ps2bf16 straight from the registers.
-inline void dequantize_row_bf16(const Weight& w, int64_t n, int64_t K, uint16_t* out) {
-  const uint16_t* sc = w.scales + n * w.groups;
-  const uint16_t* mn = w.kind == kInt4Mins ? w.mins + n * w.groups : nullptr;
-  const int8_t* q8 = static_cast<const int8_t*>(w.data) + n * w.cols;
-  const uint8_t* q4 = static_cast<const uint8_t*>(w.data) + n * (w.cols / 2);
-  const __m512i low = _mm512_set1_epi32(0x0f), eight = _mm512_set1_epi32(8);
-  for (int64_t g = 0, k = 0; g < w.groups && k < K; ++g) {
-    const __m512 s = _mm512_set1_ps(half_to_float(sc[g])), m = _mm512_set1_ps(mn ? half_to_float(mn[g]) : 0.f);
-    for (const int64_t end = std::min<int64_t>(K, k + w.group); k < end; k += 32) {  // groups: multiples of 32
-      __m512 v0, v1;  // inputs k .. k + 15 and k + 16 .. k + 31
-      if (w.kind == kInt8) {
-        v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8 + k)))), s);
-        v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q8 + k + 16)))), s);
-      } else {  // the run's 16 bytes: inputs 0-15 in the low nibbles, 16-31 in the high ones
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + k / 32 * 16)));
-        const __m512i c0 = _mm512_and_si512(bytes, low), c1 = _mm512_and_si512(_mm512_srli_epi32(bytes, 4), low);
-        v0 = mn ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(c0), s, m) : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c0, eight)), s);
-        v1 = mn ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1), s, m) : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c1, eight)), s);
-      }
-      _mm512_storeu_si512(out + k, _mm512_castps_si512((__m512)_mm512_cvtne2ps_pbh(v1, v0)));
-    }
-  }
-}
-
-// Rows n0 .. n0 + count - 1 of a quantised W as bf16 into out [32][K] (rows past count zero).
+// Rows n0 .. n0 + count - 1 (count <= 32) of a quantised W rounded to bf16 (dequantize_row_bf16) into out [32][K].
+// Rows past count keep what they held: they only feed output rows that are never stored.
 inline void dequantize_block_bf16(const Weight& w, int64_t n0, int64_t count, int64_t K, uint16_t* out) {
-  for (int64_t i = 0; i < 32; ++i) {
-    if (i < count) dequantize_row_bf16(w, n0 + i, K, out + i * K);
-    else std::fill(out + i * K, out + (i + 1) * K, uint16_t(0));
-  }
-}
-
-// C [16 output rows][rb input rows] fp32 as y[r0 + j][n0 .. n0 + count) in bf16, for the valid input rows j.
-inline void store_columns_bf16(const float* c, int64_t rb, int64_t valid, int64_t r0, int64_t n0, int64_t count,
-                               uint16_t* y, int64_t N) {
-  const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(int(rb)));
-  for (int64_t j = 0; j < valid; ++j)
-    BF16::store16(y + (r0 + j) * N + n0, _mm512_i32gather_ps(stride, c + j, 4), lanes(count));
+  for (int64_t i = 0; i < count; ++i) dequantize_row_bf16(w, n0 + i, K, out + i * K);
 }
 
 // y [R, N] bf16 = x [R, K] bf16 times the quantised W^T, K a multiple of 32; the AMX state already granted.
@@ -75,6 +38,7 @@ inline void quant_matmul_amx(const Weight& W, int64_t N, int64_t K, const uint16
   {
     amx::configure(int(rb));
     std::vector<uint16_t> a(32 * K);  // the A tiles: 32 dequantised weight rows [32][K]
+    const Sink<BF16> emit{{y, N, Store::Cast}};
     float c[2][16 * amx::MAXB];
     amx::to_pairs(x, R, K, pairs.data());  // an orphaned omp for, ending in a barrier
 #pragma omp for schedule(static)
@@ -85,8 +49,8 @@ inline void quant_matmul_amx(const Weight& W, int64_t N, int64_t K, const uint16
         amx::block(a.data(), count > 16 ? a.data() + 16 * K : nullptr, K,
                    pairs.data() + b * (K / amx::KC) * 16 * rb * 2, int(rb), c[0], c[1], 0);
         const int64_t valid = std::min<int64_t>(rb, R - b * amx::MAXB);
-        store_columns_bf16(c[0], rb, valid, b * amx::MAXB, n0, std::min<int64_t>(16, count), y, N);
-        if (count > 16) store_columns_bf16(c[1], rb, valid, b * amx::MAXB, n0 + 16, count - 16, y, N);
+        emit_columns(c[0], rb, valid, b * amx::MAXB, n0, emit, int(std::min<int64_t>(16, count)));
+        if (count > 16) emit_columns(c[1], rb, valid, b * amx::MAXB, n0 + 16, emit, int(count - 16));
       }
     }
     amx::release();

@@ -74,7 +74,7 @@ def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
 #   (cpu_decode_quant_amx.h); bf16 inputs, K a multiple of 32, a CPU with AMX;
 # - "dense": the whole matrix dequantised (dense_weight), then the dense multiply (oneDNN): best for long prompts.
 # Which one is measured per format, shape and row count (`plan_for`); on a 2-core Xeon (AMX) with SmolVLM-256M's
-# int4 decoder, 30 layers: 1 row 4.3 / 8.2 / 21.9 ms, 20 rows 26.9 / 11.6 / 21.9 ms, 881 rows - / 125 / 90 ms
+# int4 decoder, 30 layers: 1 row 4.3 / 8.1 / 13.2 ms, 20 rows 26.9 / 11.6 / 13.3 ms, 881 rows - / 125 / 90 ms
 # (bf16 weights: 6.7, 7.2 and 73 ms).
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)  # the row counts measured; a call takes its nearest (log scale)
 STREAM_MAX_ROWS = 64                     # "streamed" is not even timed beyond this
@@ -112,7 +112,7 @@ class FastQuantLinear(QuantLinear):
 
 def run(method: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """x [R, K] times the module's matrix by one method (falling back to "dense" where it cannot run): [R, N]."""
-    if method == "streamed" and (lib := _streaming_library()) is not None:
+    if method == "streamed" and (lib := library()) is not None:  # either build has the product
         return cpu_decode.quant_linear(lib, module, x, False).to(x.dtype)
     if method == "tiles" and _tiles_run(module, x.dtype):
         x = x.contiguous()
@@ -126,7 +126,7 @@ def run(method: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def methods(module: QuantLinear, dtype: torch.dtype) -> list[str]:
     """The methods that can run this module's calls in `dtype` on this machine."""
-    return [*(["streamed"] if _streaming_library() is not None else []),
+    return [*(["streamed"] if library() is not None else []),
             *(["tiles"] if _tiles_run(module, dtype) else []), "dense"]
 
 
@@ -169,11 +169,6 @@ def _first_rows(module: QuantLinear, n: int) -> QuantLinear:
     part = QuantLinear(module.cols, n, module.spec, device="cpu")
     part.set_quantised({name: t[:n] for name, t in module.quant_tensors().items()}, "calibration rows")
     return part
-
-
-def _streaming_library():
-    """This machine's build (AVX-512 or AVX2: both have idefics3_quant_linear), else None."""
-    return library()
 
 
 def _tile_library():
