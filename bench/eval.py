@@ -24,7 +24,7 @@ path generated (equal work: random weights never stop early) and how many of the
 sequential loop's. Target: eval >= 4x sequential.
 
     python bench/eval.py [--model DIR|demo] [--pages 16] [--per-page 4] [--max-new-tokens 32] [--batch 16]
-                         [--rounds 3] [--threads 1] [--dtype bf16|fp32] [--no-transformers]
+                         [--rounds 3] [--threads 1] [--dtype bf16|fp32] [--no-transformers] [--no-encode-ahead]
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ class Eval:
         out = Path(tempfile.mkdtemp(prefix="idefics3-bench-eval-"))
         settings = Settings(data=str(self.data), limit=limit, output=out, overwrite=True,
                             max_new_tokens=self.args.max_new_tokens, progress=False)
-        backend = EngineBackend(self.model, self.processor, batch=self.args.batch)
+        backend = EngineBackend(self.model, self.processor, batch=self.args.batch,
+                                encode_ahead=False if self.args.no_encode_ahead else None)
         (result,) = evaluate(get_tasks("docvqa"), settings, lambda: backend, {})
         self.tokens = backend.tokens_generated
         self.answers = [r["answer"] for r in result.records]
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="every path's weights (default: idefics3 eval's, bf16 "
                     "where the CPU has bf16 instructions)")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false")
+    ap.add_argument("--no-encode-ahead", action="store_true",
+                    help="the harness encodes images inside the engine's steps (no overlap with decoding)")
     ap.add_argument("--warm-images", action="store_true",
                     help="keep the pages' image features from the warm-up (both idefics3 paths; transformers has no "
                          "such cache): isolates the language side, where batching acts")
@@ -187,7 +190,8 @@ def main() -> None:
     print("\n".join(backend_lines(model.backend)))
     print(f"model: {folder} ({args.dtype}); data: DocVQA layout, {args.pages} pages x {args.per_page} questions; "
           f"{args.max_new_tokens} new tokens; eval --batch {args.batch}; image features "
-          f"{'kept from the warm-up' if args.warm_images else 'cold every run'}")
+          f"{'kept from the warm-up' if args.warm_images else 'cold every run'}"
+          f"{'; images encoded inside the engine steps' if args.no_encode_ahead else ''}")
     for run in paths.values():  # warm-up: first-call costs, kernels, allocator
         run(min(n, 2 * args.per_page))
     rates: dict[str, list[float]] = {name: [] for name in paths}

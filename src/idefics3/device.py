@@ -34,6 +34,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_model() -> str:
     """The CPU's model name ("Intel(R) Xeon(R) ...", "AMD EPYC ..."), or "" where it cannot be read."""
     try:

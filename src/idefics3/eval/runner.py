@@ -5,11 +5,12 @@
 
 A worker thread prepares inputs ahead (images decoded and tiled, prompts tokenized: inputs.py) while the engine
 steps; up to `batch` sequences are in flight and as many more wait, so a finished sequence's slot is refilled at
-the next step. On a CPU the worker also runs the vision encoder over each new image, into the engine's encoder
-cache, so that encoding the next pages overlaps decoding the current ones (torch's threads are one pool per
-process, so this is a second stream of work, not more threads per op): measured with bench/eval.py (64 DocVQA
-samples, SmolVLM-256M shapes, bf16, 2-core Xeon), +28% samples/s with one torch thread, no change with both
-cores busy. The engine then finds the features cached; an image encoded alone gives the same features whatever
+the next step. On a CPU whose torch threads leave cores idle, the worker also runs the vision encoder over each
+new image, into the engine's encoder cache, so that encoding the next pages overlaps decoding the current ones
+(torch's thread count is one setting per process, so this is a second stream of work on the idle cores):
+measured with bench/eval.py against --no-encode-ahead (64 DocVQA samples, SmolVLM-256M shapes, bf16, 2-core
+Xeon), +21-23% samples/s with one torch thread; with both cores busy it cost 5%, so it is off there. The engine
+then finds the features cached; an image encoded alone gives the same features whatever
 it is batched with. Questions about the same image share its frames (InputBuilder), its encoded features (the
 engine's encoder cache, keyed by frame digest) and the keys and values of their common prompt prefix (the
 image comes first): a question whose image another question is still prefilling is held back until that one
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..device import usable_cores
 from ..generation.encoder_cache import EncoderCache
 from ..generation.engine import Engine
 from ..generation.prefill import encode_frames
@@ -80,8 +82,9 @@ class EngineBackend:
         cache = getattr(model, "encoder_cache", None)
         self.encoder_cache = cache if cache is not None else EncoderCache()
         self.engine = Engine(model, max_batch=batch, max_seq_len=max_seq_len, encoder_cache=self.encoder_cache)
-        # the worker thread encodes new images (CPU: see the module docstring); None: on a CPU model
-        self.encode_ahead = model.device.type == "cpu" if encode_ahead is None else encode_ahead
+        # the worker thread encodes new images (see the module docstring); None: on a CPU model with cores idle
+        self.encode_ahead = encode_ahead if encode_ahead is not None else \
+            model.device.type == "cpu" and torch.get_num_threads() < usable_cores()
 
     def _prepare(self, job: Job) -> tuple[Job, Built | None, str | None]:
         try:

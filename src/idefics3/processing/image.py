@@ -31,6 +31,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from ..device import usable_cores
 from .load import to_rgb
 from .resize import resize
 
@@ -301,8 +302,7 @@ def batch_frames(frames: list[list[np.ndarray]], settings: ImageSettings, worker
 
 def default_threads() -> int:
     """Threads for image work: the usable cores, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cores()))
 
 
 def thread_pool(workers: int) -> ThreadPoolExecutor:
