@@ -69,6 +69,26 @@ def test_quantise_then_dequantise_is_within_a_step(spec):
     assert sum(t.numel() * t.element_size() for t in stored.values()) == spec.nbytes(48, 256)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 128)], ids=lambda s: s.name)
+def test_int4_scale_search_weighs_each_input_by_its_importance(spec):
+    """With an importance per input, the chosen scales give a smaller weighted error than the unweighted
+    search's, and the inputs that matter are rounded more closely; wrong importances are refused."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 256, generator=gen) * 0.05
+    importance = torch.where(torch.rand(256, generator=gen) < 0.2, 50.0, 1.0)  # a few inputs dominate
+    err = {}
+    for name, imp in (("plain", None), ("weighted", importance)):
+        back = dequantize(spec, **quantize(w, spec, importance=imp))
+        err[name] = ((back - w) ** 2 * importance).sum(), ((back - w) ** 2)[:, importance > 1].sum()
+    assert err["weighted"][0] < 0.95 * err["plain"][0], err
+    assert err["weighted"][1] < err["plain"][1], err
+    assert torch.equal(quantize(w, spec, importance=torch.full((256,), 3.0))["scales"], quantize(w, spec)["scales"])
+    with pytest.raises(QuantError, match="importance"):
+        quantize(w, spec, importance=torch.ones(255))
+    with pytest.raises(QuantError, match="importance"):
+        quantize(w, spec, importance=-importance)
+
+
 def test_int4_codes_sit_in_llama_cpp_q4_0_blocks():
     codes = torch.arange(64, dtype=torch.uint8).remainder(16).reshape(1, 64)
     packed = pack_int4(codes)

@@ -16,10 +16,15 @@ An input size K that the groups (or int4's runs of 32) do not divide is padded: 
 Kp = K rounded up to a multiple of G (and of 32 for int4) columns, the padding quantised from zeros, and every
 user of the weights reads only the first K columns (the matrix is [N, K]; inputs beyond K count as zero).
 
-Quantising: int8 takes scale = max|w| / 127 per group. int4 tries a few scales per group, max / (-8 + t) for
-small t around 0 with max the signed value of largest magnitude (llama.cpp's Q4_0 choice is t = 0), and keeps
-the one with the least squared error. Codes are computed from the fp16-rounded scale, so what is stored is
-exactly what was measured.
+Quantising: int8 takes scale = max|w| / 127 per group. int4 tries scales per group, max / (-8 + t) for t from
+-1 to 2 in quarter steps with max the signed value of largest magnitude (llama.cpp's Q4_0 choice is t = 0), and
+for each also the least-squares scale of the codes it gave (sum w c / sum c^2), and keeps the one with the least
+squared error, each input's error weighted by its `importance` when one is given (GPTQ passes the inputs'
+second moments, the diagonal of its H: an input the layer sees large is rounded more carefully). Codes are
+computed from the fp16-rounded scale, so what is stored is exactly what was measured. Measured on the
+SmolLM2-135M decoder (bench/quant.py's corpora, fp32 compute): the wider search with the refit lowers int4's
+mean KL divergence from the dense model by 2-6% against the seven trials it replaced (0.225 -> 0.221 nats on
+chat text, 0.282 -> 0.265 on README text).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import torch.nn.functional as F
 GROUP_SIZES = (0, 32, 64, 128)  # 0: per output channel (int8 only)
 BITS = (4, 8)
 BLOCK = 32  # inputs per run of packed int4 codes (llama.cpp's QK4_0)
-_INT4_TRIALS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)  # t in max / (-8 + t)
+_INT4_TRIALS = tuple(t / 4 for t in range(-4, 9))  # t in max / (-8 + t): -1 .. 2 in quarter steps
+_SEARCH_CHUNK = 1 << 19  # weights searched together (2 MB in fp32): the search's temporaries stay in cache,
+# 4.5x faster than searching a whole [14336, 4096] matrix at once
 
 
 class QuantError(ValueError):
@@ -151,14 +158,17 @@ def quantize_inputs(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(*x.shape[:-1], -1)[..., :k].to(x.dtype)
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Quantise a matrix [N, K] -> {"qweight", "scales"[, "mins"]} (see the module docstring)."""
+def quantize(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Quantise a matrix [N, K] -> {"qweight", "scales"[, "mins"]} (see the module docstring). importance [K]
+    (optional, >= 0) weighs each input's squared error in int4's scale search."""
     if w.dim() != 2:
         raise QuantError(f"only matrices are quantised, got a tensor of shape {tuple(w.shape)}")
     n, k = w.shape
     spec.shapes(n, k)  # checks the shape
     if not torch.isfinite(w).all():
         raise QuantError("the matrix holds inf or nan values")
+    if importance is not None and (importance.shape != (k,) or not bool((importance >= 0).all())):
+        raise QuantError(f"importance must be [{k}] and >= 0, got {tuple(importance.shape)}")
     size, kp = spec.group(k), spec.padded(k)
     w = torch.nn.functional.pad(w.detach().float(), (0, kp - k))  # [N, Kp], zeros after K
     k = kp
@@ -170,27 +180,40 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
         return {"qweight": q.reshape(n, k), "scales": scale}
     if spec.asymmetric:
         return _quantize_int4_asym(g, n, k)
-    return _quantize_int4(g, n, k)
+    weight = torch.ones(1, k // size, size) if importance is None else \
+        torch.nn.functional.pad(importance.float(), (0, kp - importance.shape[0])).reshape(1, k // size, size)
+    rows = max(1, _SEARCH_CHUNK // k)
+    parts = [_quantize_int4(g[r:r + rows], weight) for r in range(0, n, rows)]
+    codes = torch.cat([c for c, _ in parts]).reshape(n, k)  # [N, Kp] in 0..15
+    return {"qweight": pack_int4(codes), "scales": torch.cat([s for _, s in parts])}
 
 
-def _quantize_int4(g: torch.Tensor, n: int, k: int) -> dict[str, torch.Tensor]:
-    idx = g.abs().argmax(dim=2, keepdim=True)  # [N, K/G, 1]
-    peak = g.gather(2, idx)  # the signed value of largest magnitude
-    best_err = best_codes = best_scale = None
+def _int4_codes(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Groups g [R, Kp/G, G] rounded with scales s [R, Kp/G, 1] to signed codes in -8..7 (fp32)."""
+    return torch.where(s != 0, g / torch.where(s != 0, s, 1), 0).round().clamp(-8, 7)
+
+
+def _quantize_int4(g: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 of groups g [R, Kp/G, G] with error weights [1, Kp/G, G] -> (codes uint8 [R, Kp/G, G] in
+    0..15, scales fp16 [R, Kp/G]): the trial or refitted scale of least weighted squared error per group."""
+    peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True))  # [R, K/G, 1] the signed value of largest magnitude
+    best_err = best_scale = None
     for t in _INT4_TRIALS:
-        scale = (peak / (-8 + t)).half()  # [N, K/G, 1]
-        s = scale.float()
-        codes = torch.where(s != 0, g / torch.where(s != 0, s, 1), 0).round().clamp(-8, 7)  # [N, K/G, G]
-        err = ((codes * s - g) ** 2).sum(dim=2, keepdim=True)  # [N, K/G, 1]
-        if best_err is None:
-            best_err, best_codes, best_scale = err, codes, scale
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_codes = torch.where(better, codes, best_codes)
-            best_scale = torch.where(better, scale, best_scale)
-    codes = (best_codes + 8).to(torch.uint8).reshape(n, k)  # [N, K] in 0..15
-    return {"qweight": pack_int4(codes), "scales": best_scale.squeeze(2)}
+        trial = peak / (-8 + t)  # [R, K/G, 1]
+        codes = _int4_codes(g, trial)
+        den = (weight * codes * codes).sum(dim=2, keepdim=True)
+        refit = torch.where(den > 0, (weight * g * codes).sum(dim=2, keepdim=True) / den.clamp_min(1e-30), trial)
+        for scale in (trial.half(), refit.half()):
+            s = scale.float()
+            err = (weight * (_int4_codes(g, s) * s - g) ** 2).sum(dim=2, keepdim=True)  # [R, K/G, 1]
+            if best_err is None:
+                best_err, best_scale = err, scale
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+    codes = (_int4_codes(g, best_scale.float()) + 8).to(torch.uint8)
+    return codes, best_scale.squeeze(2)
 
 
 def _quantize_int4_asym(g: torch.Tensor, n: int, k: int) -> dict[str, torch.Tensor]:
