@@ -22,9 +22,11 @@ Printed, with the CPU model and ISA:
   for int8, int4, int4-asym, and for the same bf16 weights computed in fp32 (the noise floor: how often
   bf16's own rounding flips a near-tie); then the weights' quantisation alone: each format in fp32 compute
   against the bf16 weights in fp32 compute. int8-gptq and int4-gptq are the same formats made by GPTQ
-  (`--calibration`) on text outside both corpora (calibration_text). Note on the reference: its weights were
-  Q4_1 before they were dequantised, so int4-asym (Q4_1's own grid) reproduces them almost exactly, and
-  symmetric int4 pays a second rounding that fresh bf16 weights would not;
+  (`--calibration`) on 16384 tokens of text outside both corpora (calibration_text). Note on the reference: its
+  weights were Q4_1 before they were dequantised, so int4-asym (Q4_1's own grid) reproduces them almost exactly, and
+  symmetric int4 pays a second rounding that fresh bf16 weights would not. The control for that: the same
+  formats against a reference moved off the 4-bit grid (each decoder weight plus uniform noise of one Q4_1 step,
+  `dithered`), which also shows what one Q4_1-sized rounding costs this model;
 - the demo model's held-out accuracy per question type (`idefics3 eval`'s 200 questions) in its own dtype,
   int8 and int4, vision tower included;
 - the GGUF file loaded directly (text only, Q4_1 blocks kept as they are) against the same weights dequantised
@@ -70,6 +72,7 @@ CALIBRATION_PROMPTS = ["Tell me about the history of the bicycle.", "How do volc
                        "What is the difference between weather and climate?",
                        "Write a recipe for a simple vegetable soup."]
 WINDOW, WINDOWS = 512, 4
+CALIBRATION_TOKENS = 16384  # GPTQ's text: 32 windows of 512 (the CLI's default is 4096)
 SMOLLM2_VOCAB = 49152
 
 
@@ -139,12 +142,13 @@ def prepare(root: Path, gguf: Path) -> dict[str, Path]:
     folders = {"bf16": bf16}
     calibration = root / "calibration.txt"
     calibration.write_text(calibration_text(bf16))
-    gptq = {name: [*flags, "--calibration", str(calibration)] for name, flags in GPTQ_FORMATS.items()}
+    gptq = {name: [*flags, "--calibration", str(calibration), "--calibration-tokens", str(CALIBRATION_TOKENS)]
+            for name, flags in GPTQ_FORMATS.items()}
     for name, flags in {**FORMATS, **gptq}.items():
         if flags is None:
             continue
         folders[name] = root / name
-        stamp = (bf16 / "gguf-source.txt").read_text()
+        stamp = f"{(bf16 / 'gguf-source.txt').read_text()}\n{' '.join(flags)}\nquantiser {quantiser_digest()}"
         if not (folders[name] / "config.json").is_file() or (folders[name] / "gguf-source.txt").read_text() != stamp:
             import shutil
 
@@ -155,9 +159,18 @@ def prepare(root: Path, gguf: Path) -> dict[str, Path]:
     return folders
 
 
+def quantiser_digest() -> str:
+    """A digest of the quantiser's sources: a folder made by another version is made again."""
+    import hashlib
+
+    quant = ROOT / "src" / "idefics3" / "quant"
+    return hashlib.sha256(b"".join((quant / f).read_bytes() for f in ("format.py", "gptq.py", "apply.py"))
+                          ).hexdigest()[:16]
+
+
 def calibration_text(bf16: Path) -> str:
     """GPTQ's calibration text: the bf16 model's greedy answers to CALIBRATION_PROMPTS (~3.5k tokens), then the
-    package's sources (the CLI takes the first --calibration-tokens, 4096)."""
+    package's sources (of which the first CALIBRATION_TOKENS are used)."""
     import idefics3
 
     processor = idefics3.load_processor(bf16)
@@ -284,6 +297,7 @@ def accuracy(folders: dict[str, Path], gguf: Path) -> None:
         for name, load in fp32.items():
             same, kl = agreement(ref, logprobs(load(), ids, mask), keep)
             print(f"  {name + ', fp32 compute':<28} top-1 agreement {same:.2%}, mean KL {kl:.4f} nats")
+    continuous_control(folders["bf16"], corpora)
     ids = corpora["README + ARCHITECTURE"][0]
     try:
         direct = idefics3.load_model(str(gguf), device="cpu")
@@ -299,6 +313,48 @@ def accuracy(folders: dict[str, Path], gguf: Path) -> None:
     print(f"  GGUF {gguf.name} loaded directly vs its weights dequantised to bf16: max logit difference "
           f"{diff:.4f} of a scale {scale:.2f} ({diff / scale:.2%}; bf16 rounds at 0.39%), greedy agreement "
           f"{(a.argmax(-1) == b.argmax(-1)).float().mean().item():.2%}")
+
+
+def dithered(folder: Path, seed: int = 0):
+    """The bf16 reference in fp32 with every decoder matrix moved off its 4-bit grid: each weight plus uniform
+    noise of one Q4_1 step (d = (max - min) / 15 of its block of 32), the distribution of the error that Q4_1's
+    rounding made. A stand-in for the unquantised weights that cannot be had here."""
+    import idefics3
+
+    model = idefics3.load_model(folder, device="cpu", dtype="fp32")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith("model.text_model.layers.") and isinstance(module, torch.nn.Linear):
+                n, k = module.weight.shape
+                blocks = module.weight.view(n, k // 32, 32)  # [N, K/32, 32]: Q4_1's blocks
+                step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15  # [N, K/32, 1]
+                blocks += (torch.rand(blocks.shape, generator=gen) - 0.5) * step
+    return model
+
+
+def continuous_control(folder: Path, corpora: dict) -> None:
+    """The control for the Q4_1 reference: the same formats, rounded to nearest, against a reference whose
+    weights were never on a 4-bit grid (`dithered`), fp32 compute on both sides. First: how far the dithering
+    itself moves the model, which is what one Q4_1-sized rounding costs it."""
+    import idefics3
+    from idefics3.quant import plan, quantize_model
+
+    print("\ncontrol: weights off the 4-bit grid (each decoder weight + uniform noise of one Q4_1 step), fp32 "
+          "compute, rounded to nearest")
+    original = idefics3.load_model(folder, device="cpu", dtype="fp32")
+    reference = dithered(folder)
+    formats = {"int8": dict(bits=8), "int4": dict(bits=4), "int4-asym": dict(bits=4, asymmetric=True)}
+    for label, (ids, mask) in corpora.items():
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        ref = logprobs(reference, ids, mask)
+        same, kl = agreement(logprobs(original, ids, mask), ref, keep)
+        print(f"  {label}: the Q4_1 weights against their dithered copy: top-1 {same:.2%}, mean KL {kl:.4f} nats")
+        for name, flags in formats.items():
+            model = dithered(folder)
+            quantize_model(model, plan(model, **flags))
+            same, kl = agreement(ref, logprobs(model, ids, mask), keep)
+            print(f"  {label}: {name + ' of the dithered weights':<32} top-1 {same:.2%}, mean KL {kl:.4f} nats")
 
 
 def demo() -> None:
