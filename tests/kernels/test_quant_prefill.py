@@ -143,10 +143,28 @@ def test_every_method_computes_the_same(library):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         x = torch.randn(7, 96).to(dtype)
         ref = torch.nn.functional.linear(x.float(), module.dequantized(dtype).float())
-        for method in ("streamed", "tiles", "dense"):
+        for method in ("streamed", "tiles", "aten", "dense"):
             got = quant_prefill.run(method, module, x)
             assert got.dtype == dtype and (got.float() - ref).abs().max() <= tol * ref.abs().max(), (method, dtype)
     assert "tiles" not in quant_prefill.methods(module, torch.float32)  # bf16 inputs only
+
+
+@pytest.mark.parametrize("k", [32, 96, 576, 200, 33])
+def test_aten_int8_product_takes_per_channel_int8_where_it_is_right(k):
+    """aten's `_weight_int8pack_mm` reads int8 per output channel as stored, equal to the dense product to the
+    output's rounding; in bf16 only where K is a multiple of 32 (torch 2.13's bf16 kernel returns garbage for
+    K = 200: a K it is refused for falls back to the dense path, still right). Other formats never take it."""
+    module = QuantLinear.from_linear(torch.nn.Linear(k, 48, bias=False), QuantSpec(8, 0))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x = torch.randn(5, k).to(dtype)
+        ref = torch.nn.functional.linear(x.float(), module.dequantized(torch.float32))
+        got = quant_prefill.run("aten", module, x)
+        assert got.dtype == dtype and (got.float() - ref).abs().max() <= tol * ref.abs().max(), (k, dtype)
+        taken = "aten" in quant_prefill.methods(module, dtype)
+        assert taken == (dtype == torch.float32 or k % 32 == 0)
+    for spec in (QuantSpec(8, 32), QuantSpec(4, 32)):
+        assert "aten" not in quant_prefill.methods(QuantLinear.from_linear(torch.nn.Linear(64, 16), spec),
+                                                   torch.float32)
 
 
 def test_a_plan_takes_the_nearest_measured_row_count():

@@ -7,7 +7,12 @@ it to the same oneDNN / AMX multiply a bf16 model uses. For a short one, writing
 of every matrix costs more than the products: a 20-token text prompt's first token came 1.4x later than bf16's.
 Then the codes are multiplied where they are: streamed once for all rows by the decode step's products, or, on
 AMX, dequantised to bf16 a block of 32 rows at a time in cache and multiplied on the tile unit
-(cpu_decode_quant_amx.h). Which of the three a call takes is measured per format, shape and row count at load
+(cpu_decode_quant_amx.h). For int8 with one scale per output channel, aten's `_weight_int8pack_mm` reads our
+codes as they are and is a fourth candidate (fastest at one row: 23 against 31 us for [1536, 576]; 2-14x slower
+than tiles or dense from 20 rows); in bf16 it is only used where K is a multiple of 32, since torch 2.13 returns
+garbage for other K. aten's int4 product (`_weight_int4pack_mm_for_cpu`) is not a candidate: it needs its own
+copy of the codes in blocks of output rows (the memory int4 saves, spent again) and measured 1.4-13x slower than
+tiles or dense from 20 rows on. Which method a call takes is measured per format, shape and row count at load
 (`plan_for`, cached per machine by calibrate.py), so no path is installed where it measured slower.
 
 The backend (backend.py) puts `FastQuantLinear` views (model/replace.py) in place of the model's QuantLinears:
@@ -121,13 +126,24 @@ def run(method: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         if _tile_library().idefics3_quant_matmul_amx(table.data_ptr(), module.rows, module.cols, x.data_ptr(),
                                                        x.shape[0], y.data_ptr(), torch.get_num_threads()) == 0:
             return y
+    if method == "aten" and _aten_run(module, x.dtype):
+        return torch._weight_int8pack_mm(x.contiguous(), module.qweight, module.scales.reshape(-1).to(x.dtype))
     return F.linear(x, dense_weight(module, x.dtype))
 
 
 def methods(module: QuantLinear, dtype: torch.dtype) -> list[str]:
     """The methods that can run this module's calls in `dtype` on this machine."""
     return [*(["streamed"] if library() is not None else []),
-            *(["tiles"] if _tiles_run(module, dtype) else []), "dense"]
+            *(["tiles"] if _tiles_run(module, dtype) else []), *(["aten"] if _aten_run(module, dtype) else []),
+            "dense"]
+
+
+def _aten_run(module: QuantLinear, dtype: torch.dtype) -> bool:
+    """Whether aten's int8 product takes this module: int8 per output channel, CPU tensors, and in bf16 a K that
+    is a multiple of 32 (torch 2.13's bf16 kernel is wrong for other K: tests/kernels/test_quant_prefill.py)."""
+    spec = module.spec
+    return (spec.bits == 8 and spec.group_size == 0 and dtype in _OUT_DTYPES and module.qweight.device.type == "cpu"
+            and module.qweight.is_contiguous() and (dtype != torch.bfloat16 or module.cols % 32 == 0))
 
 
 def default_plan(module: QuantLinear, dtype: torch.dtype) -> PrefillPlan:
