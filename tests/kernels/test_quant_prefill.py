@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from idefics3.device import cpu_flags
 from idefics3.kernels import cpu_decode, quant_prefill
 from idefics3.kernels.backend import install_backend
 from idefics3.kernels.cpu_vision import FusedVisionEncoderLayer
@@ -17,6 +18,7 @@ from idefics3.kernels.quant_prefill import FastQuantLinear, dense_weight
 from idefics3.model.replace import view_as
 from idefics3.quant import QuantLinear, QuantSpec
 from idefics3.quant.apply import plan, quantize_model
+from kernels.conftest import load_or_fail
 from kernels.test_cpu_decode import tiny_model
 from kernels.test_cpu_vision import frames
 from kernels.test_cpu_vision import tiny_model as vision_model
@@ -33,6 +35,21 @@ def test_dense_weight_equals_dequantized(library, spec, k):
     module = QuantLinear.from_linear(linear, spec)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(dense_weight(module, dtype), module.dequantized(dtype)), dtype
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_the_avx2_build_dequantises_to_the_same_bits(spec):
+    """The AVX2 build's vectorised rows (laptops' dense prefill path): every format, K past whole runs of 32,
+    fp32 and bf16 outputs, exactly quant/format.py's matrices."""
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("the CPU lacks AVX2, FMA or F16C")
+    lib = load_or_fail("cpu_decode", lambda: cpu_decode.load_library("avx2"))
+    for k in (64, 100, 56, 200):
+        module = QuantLinear.from_linear(torch.nn.Linear(k, 37, bias=False), spec)
+        for dtype, code in ((torch.float32, 0), (torch.bfloat16, 1)):
+            out = torch.empty(37, k, dtype=dtype)
+            lib.idefics3_dequantize(cpu_decode.weight_table(module).data_ptr(), 37, k, out.data_ptr(), code, 2)
+            assert torch.equal(out, module.dequantized(dtype)), (k, dtype)
 
 
 def test_non_contiguous_codes_fall_back_to_torch(library):

@@ -502,7 +502,7 @@ int idefics3_decoder_step(void* handle, int64_t R, const int64_t* ids, const int
 // out [N, K] = a quantised W (one Weight table) dequantised in fp32 (out_dtype 0) or bf16 (1): what a prefill
 // multiplies quantised layers with (kernels/quant_prefill.py).
 void idefics3_dequantize(const int64_t* weight, int64_t N, int64_t K, void* out, int out_dtype, int n_threads) {
-  dequantize_matrix(weight_from(weight), N, K, out, out_dtype, n_threads, dequantize_row);
+  dequantize_matrix(weight_from(weight), N, K, out, out_dtype, n_threads, dequantize_row8);
 }
 
 // y [R, N] (fp32) = x [R, K] (fp32) W^T for one quantised W (a Weight table, N rows): the quantised products

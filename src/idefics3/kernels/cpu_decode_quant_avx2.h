@@ -284,3 +284,45 @@ inline void quant_rows(const Weight& W, int64_t n0, int64_t n1, const QuantInput
     }
   }
 }
+
+// Row n of a quantised W (its first K columns) in fp32, a run of 32 inputs at a time in registers: exactly
+// dequantize_row's values (cpu_decode_model.h), which stays the scalar reference. int8: 8 codes per vpmovsxbd;
+// int4: the run's 16 bytes split into low nibbles (inputs 0-15) and high ones (16-31), 8 per vpmovzxbd; then
+// (c - 8) s, exact, or c s + m by one FMA, as exact as torch's addcmul (c s is exact: an fp16 scale times a code
+// below 256). What idefics3_dequantize makes for a prefill's dense multiply: 12x faster than the scalar loop's
+// per-element branches and nibble indexing on int4 (0.98 -> 0.08 ms for a [1536, 576] matrix, 2 threads).
+inline void dequantize_row8(const Weight& w, int64_t n, int64_t K, float* out) {
+  const uint16_t* sc = w.scales + n * w.groups;
+  const uint16_t* mn = w.kind == kInt4Mins ? w.mins + n * w.groups : nullptr;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  const __m256 eight = _mm256_set1_ps(8.f);
+  alignas(32) float tail[32];
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t count = std::min<int64_t>(32, K - k), g = k / w.group;  // runs of 32 never straddle groups
+    float* dst = count == 32 ? out + k : tail;
+    const __m256 s = _mm256_set1_ps(half_to_float(sc[g]));
+    if (w.kind == kInt8) {
+      const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.cols + k;
+      if (count < 32) {  // an int8 row's stored columns may end inside the run: no read past them
+        for (int64_t i = 0; i < count; ++i) out[k + i] = float(q[i]) * half_to_float(sc[g]);
+        break;
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j)));
+        _mm256_storeu_ps(dst + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
+      }
+      continue;
+    }
+    // int4 rows store whole runs (Kp is a multiple of 32), so the run's 16 bytes are always there
+    const uint8_t* p = static_cast<const uint8_t*>(w.data) + n * (w.cols / 2) + k / 2;
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i halves[2] = {_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low)};
+    const __m256 m = _mm256_set1_ps(mn ? half_to_float(mn[g]) : 0.f);
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 2; ++j) {
+        const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(j ? _mm_srli_si128(halves[h], 8) : halves[h]));
+        _mm256_storeu_ps(dst + 16 * h + 8 * j, mn ? _mm256_fmadd_ps(c, s, m) : _mm256_mul_ps(_mm256_sub_ps(c, eight), s));
+      }
+    if (count < 32) std::copy(tail, tail + count, out + k);
+  }
+}

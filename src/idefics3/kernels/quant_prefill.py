@@ -72,11 +72,12 @@ def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-# The three ways a call of R rows can run, fastest first for few rows:
+# The ways a call of R rows can run, fastest first for few rows:
 # - "streamed": the decode step's products over the stored codes (cpu_decode.quant_linear), fp32 inputs so that
 #   a prompt's logits stay the dense path's; either build (AVX-512, AVX2); cost grows with R from the start;
 # - "tiles": blocks of 32 rows dequantised to bf16 in cache and multiplied on AMX tiles
 #   (cpu_decode_quant_amx.h); bf16 inputs, K a multiple of 32, a CPU with AMX;
+# - "aten": aten's _weight_int8pack_mm, for int8 per output channel only (the module docstring);
 # - "dense": the whole matrix dequantised (dense_weight), then the dense multiply (oneDNN): best for long prompts.
 # Which one is measured per format, shape and row count (`plan_for`); on a 2-core Xeon (AMX) with SmolVLM-256M's
 # int4 decoder, 30 layers: 1 row 4.3 / 8.1 / 13.2 ms, 20 rows 26.9 / 11.6 / 13.3 ms, 881 rows - / 125 / 90 ms
