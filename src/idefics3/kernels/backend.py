@@ -177,8 +177,9 @@ def _choose_quantised_prefill(result: Backend, model: nn.Module, dtype: torch.dt
     for plan in plans.values():
         log.info("quantised prefill: %s", plan.reason)
     how = "measured per format and shape" if calibrate.calibrating() else f"{calibrate.ENV_CALIBRATE}=0, not measured"
-    result.choose("quantised prefill", f"by rows per call ({per_rows}): streamed codes, AMX tiles over bf16 blocks "
-                  "dequantised in cache, or the matrix dequantised in C then the dense multiply",
+    used = {m for p in plans.values() for m in p.methods}
+    result.choose("quantised prefill", f"by rows per call ({per_rows}): " + "; ".join(
+                  f"{m}: {note}" for m, note in quant_prefill.METHOD_NOTES.items() if m in used),
                   f"inference on CPU; training takes the plain path; {how} ({len(plans)} shapes, timings in the log)")
 
 

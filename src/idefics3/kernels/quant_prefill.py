@@ -82,6 +82,9 @@ def dense_weight(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
 # Which one is measured per format, shape and row count (`plan_for`); on a 2-core Xeon (AMX) with SmolVLM-256M's
 # int4 decoder, 30 layers: 1 row 4.3 / 8.1 / 13.2 ms, 20 rows 26.9 / 11.6 / 13.3 ms, 881 rows - / 125 / 90 ms
 # (bf16 weights: 6.7, 7.2 and 73 ms).
+METHOD_NOTES = {"streamed": "the codes streamed once for all rows",
+                "tiles": "AMX tiles over bf16 blocks dequantised in cache", "aten": "aten's int8 product",
+                "dense": "the matrix dequantised in C, then the dense multiply"}  # what `idefics3 info` says
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)  # the row counts measured; a call takes its nearest (log scale)
 STREAM_MAX_ROWS = 64                     # "streamed" is not even timed beyond this
 CALIBRATION_ROWS = 512                   # output rows a timing uses: every method's time is linear in them
