@@ -334,27 +334,35 @@ def dithered(folder: Path, seed: int = 0):
 
 
 def continuous_control(folder: Path, corpora: dict) -> None:
-    """The control for the Q4_1 reference: the same formats, rounded to nearest, against a reference whose
-    weights were never on a 4-bit grid (`dithered`), fp32 compute on both sides. First: how far the dithering
-    itself moves the model, which is what one Q4_1-sized rounding costs it."""
+    """The control for the Q4_1 reference: the same formats, rounded to nearest and by GPTQ (the calibration text
+    of the GPTQ folders), against a reference whose weights were never on a 4-bit grid (`dithered`), fp32 compute
+    on both sides. First: how far the dithering itself moves the model, which is what one Q4_1-sized rounding
+    costs it."""
     import idefics3
     from idefics3.quant import plan, quantize_model
+    from idefics3.quant.gptq import calibration_windows
 
     print("\ncontrol: weights off the 4-bit grid (each decoder weight + uniform noise of one Q4_1 step), fp32 "
-          "compute, rounded to nearest")
-    original = idefics3.load_model(folder, device="cpu", dtype="fp32")
-    reference = dithered(folder)
-    formats = {"int8": dict(bits=8), "int4": dict(bits=4), "int4-asym": dict(bits=4, asymmetric=True)}
-    for label, (ids, mask) in corpora.items():
-        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        ref = logprobs(reference, ids, mask)
-        same, kl = agreement(logprobs(original, ids, mask), ref, keep)
-        print(f"  {label}: the Q4_1 weights against their dithered copy: top-1 {same:.2%}, mean KL {kl:.4f} nats")
-        for name, flags in formats.items():
+          "compute on both sides")
+    tokenizer = idefics3.load_processor(folder).tokenizer
+    text = (folder.parent / "calibration.txt").read_text()
+    windows = calibration_windows(tokenizer(text, add_special_tokens=False)["input_ids"], CALIBRATION_TOKENS)
+    original, reference = idefics3.load_model(folder, device="cpu", dtype="fp32"), dithered(folder)
+    refs = {label: logprobs(reference, ids, mask) for label, (ids, mask) in corpora.items()}
+    keeps = {label: torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+             for label, (ids, mask) in corpora.items()}
+    formats = {"the Q4_1 weights": None, "int8": (dict(bits=8), None), "int8-gptq": (dict(bits=8), windows),
+               "int4": (dict(bits=4), None), "int4-gptq": (dict(bits=4), windows),
+               "int4-asym": (dict(bits=4, asymmetric=True), None)}
+    for name, how in formats.items():
+        model = original
+        if how is not None:
             model = dithered(folder)
-            quantize_model(model, plan(model, **flags))
-            same, kl = agreement(ref, logprobs(model, ids, mask), keep)
-            print(f"  {label}: {name + ' of the dithered weights':<32} top-1 {same:.2%}, mean KL {kl:.4f} nats")
+            quantize_model(model, plan(model, **how[0]), how[1])
+        for label, (ids, mask) in corpora.items():
+            same, kl = agreement(refs[label], logprobs(model, ids, mask), keeps[label])
+            print(f"  {name + ' (of the dithered weights)' * (how is not None):<34} {label:<27} top-1 {same:.2%}, "
+                  f"mean KL {kl:.4f} nats")
 
 
 def demo() -> None:
