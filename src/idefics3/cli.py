@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--group-size", type=int, choices=(0, 32, 64, 128), default=32,
                        help="inputs per scale (0: one scale per output channel, int8 only)")
     quant.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
-                       help="format of the token embeddings and output head (groups of 32)")
+                       help="format of the output head (groups of 32), and of the token embeddings where the "
+                       "head is tied to them (else they take --bits)")
     quant.add_argument("--asymmetric", action="store_true",
                        help="int4 with a minimum per group as well as a scale (llama.cpp's Q4_1: 5 bits per weight "
                             "instead of 4.5, closer to the original)")

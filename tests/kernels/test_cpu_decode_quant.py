@@ -299,7 +299,7 @@ def test_formats_name_each_part(library):
     parts = DecoderParts.of(quantised_model("int4-g32-head4", torch.float32))
     assert parts.formats() == "decoder int4-g32, lm_head int4-g32, embed_tokens int4-g32"
     mixed = DecoderParts.of(quantised_model("int4-g32-mixed", torch.float32))
-    assert mixed.formats() == "decoder dense+int4-g32, lm_head int8-g32, embed_tokens int8-g32"
+    assert mixed.formats() == "decoder dense+int4-g32, lm_head int8-g32, embed_tokens int4-g32"
 
 
 def test_backend_uses_the_kernel_and_keys_calibration_by_format(library, monkeypatch):
@@ -330,7 +330,10 @@ def test_model_quantised_after_its_backend_decodes_without_amx(library):
     assert isinstance(decoder, CpuDecoder) and decoder.quantised and decoder.amx_rows == 0
 
 
-def test_engine_fast_and_plain_decode_agree(library):
+def test_engine_fast_and_plain_decode_agree(library, monkeypatch):
+    """The engine's fused and plain decode give the same greedy tokens, on the exact (fp32-input) products: with
+    int8 inputs a tiny random model's near-ties can flip (their logits are checked to a tolerance above)."""
+    monkeypatch.setenv(cpu_decode.ENV_QUANT_INPUTS, "fp32")
     model = quantised_model("int4-asym-g32-padded", torch.float32)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (4, 9, 6)]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import build_hf_model, save_checkpoint, tiny_config
-from idefics3 import Idefics3ForConditionalGeneration
+from idefics3 import Idefics3Config, Idefics3ForConditionalGeneration
 from idefics3.quant import (
     QuantConfig,
     QuantEmbedding,
@@ -148,6 +148,11 @@ def test_policy_names_every_matrix_and_why_some_stay_dense(dense_folder):
     assert config.modules["model.vision_model.encoder.layers.0.mlp.fc2"] == QuantSpec(4, 32)  # 48 inputs: padded
     without = plan(model, 4, 32)
     assert not any("vision" in n or "connector" in n for n in without.modules)
+    with torch.device("meta"):
+        untied = Idefics3ForConditionalGeneration(Idefics3Config.from_dict(tiny_config(model_type="idefics3")))
+    for spec in (QuantSpec(4, 32), QuantSpec(4, 128, True), QuantSpec(8, 0)):
+        own = plan(untied, spec.bits, spec.group_size, asymmetric=spec.asymmetric)  # the head: int8, the table: body's
+        assert own.modules["lm_head"] == QuantSpec(8, 32) and own.modules["model.text_model.embed_tokens"] == spec
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))).modules == config.modules
 
 
