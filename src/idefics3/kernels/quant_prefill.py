@@ -144,7 +144,9 @@ def methods(module: QuantLinear, dtype: torch.dtype) -> list[str]:
 
 def _aten_run(module: QuantLinear, dtype: torch.dtype) -> bool:
     """Whether aten's int8 product takes this module: int8 per output channel, CPU tensors, and in bf16 a K that
-    is a multiple of 32 (torch 2.13's bf16 kernel is wrong for other K: tests/kernels/test_quant_prefill.py)."""
+    is a multiple of 32 (torch 2.13's bf16 kernel is wrong for other K: tests/kernels/test_quant_prefill.py). In
+    bf16 it takes the fp16 scales rounded to bf16: a row's outputs move by at most 2^-9 of their size, the bf16
+    output's own rounding."""
     spec = module.spec
     return (spec.bits == 8 and spec.group_size == 0 and dtype in _OUT_DTYPES and module.qweight.device.type == "cpu"
             and module.qweight.is_contiguous() and (dtype != torch.bfloat16 or module.cols % 32 == 0))
