@@ -23,7 +23,8 @@ Printed, with the CPU model and ISA:
   for int8, int4, int4-asym, and for the same bf16 weights computed in fp32 (the noise floor: how often
   bf16's own rounding flips a near-tie); then the weights' quantisation alone: each format in fp32 compute
   against the bf16 weights in fp32 compute. int8-gptq and int4-gptq are the same formats made by GPTQ
-  (`--calibration`) on 16384 tokens of text outside both corpora (calibration_text). Note on the reference: its
+  (`--calibration`) on 16384 tokens of text outside both corpora (calibration_text), int8-self and int4-self by
+  GPTQ on 4096 tokens the model writes itself (`--calibration self`). Note on the reference: its
   weights were Q4_1 before they were dequantised, so int4-asym (Q4_1's own grid) reproduces them almost exactly, and
   symmetric int4 pays a second rounding that fresh bf16 weights would not. The control for that: the same
   formats against a reference moved off the 4-bit grid (each decoder weight plus uniform noise of one Q4_1 step,
@@ -62,6 +63,9 @@ FORMATS = {"bf16": None, "int8": ["--bits", "8", "--include-vision"], "int4": ["
 # prompts (prose) and the package's Python sources (technical). Stored like the rounded formats, so they decode at
 # the same speed: accuracy only.
 GPTQ_FORMATS = {"int8-gptq": ["--bits", "8", "--include-vision"], "int4-gptq": ["--bits", "4", "--include-vision"]}
+# GPTQ on text the model writes itself (`--calibration self`, 4096 tokens): no data set needed
+SELF_FORMATS = {"int8-self": ["--bits", "8", "--include-vision", "--calibration", "self"],
+                "int4-self": ["--bits", "4", "--include-vision", "--calibration", "self"]}
 PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
            "Explain how photosynthesis works to a ten-year-old.", "What are the main causes of inflation?",
            "Describe a busy market street in the morning.", "Give me three tips for learning a new language.",
@@ -73,6 +77,7 @@ CALIBRATION_PROMPTS = ["Tell me about the history of the bicycle.", "How do volc
                        "What is the difference between weather and climate?",
                        "Write a recipe for a simple vegetable soup."]
 WINDOW, WINDOWS = 512, 4
+ACCURACY_FORMATS = ("int8", "int8-gptq", "int8-self", "int4", "int4-gptq", "int4-self", "int4-asym")
 CALIBRATION_TOKENS = 16384  # GPTQ's text: 32 windows of 512 (the CLI's default is 4096)
 SMOLLM2_VOCAB = 49152
 
@@ -145,7 +150,7 @@ def prepare(root: Path, gguf: Path) -> dict[str, Path]:
     calibration.write_text(calibration_text(bf16))
     gptq = {name: [*flags, "--calibration", str(calibration), "--calibration-tokens", str(CALIBRATION_TOKENS)]
             for name, flags in GPTQ_FORMATS.items()}
-    for name, flags in {**FORMATS, **gptq}.items():
+    for name, flags in {**FORMATS, **gptq, **SELF_FORMATS}.items():
         if flags is None:
             continue
         folders[name] = root / name
@@ -279,11 +284,11 @@ def accuracy(folders: dict[str, Path], gguf: Path) -> None:
         corpora["bf16's greedy chat answers"] = answer_ids(bf16, processor)
     models = {"bf16 weights, fp32 compute": lambda: idefics3.load_model(folders["bf16"], device="cpu", dtype="fp32"),
               **{name: (lambda name=name: idefics3.load_model(folders[name], device="cpu"))
-                 for name in ("int8", "int8-gptq", "int4", "int4-gptq", "int4-asym")}}
+                 for name in ACCURACY_FORMATS}}
     # the same weights in fp32 compute on both sides: what the weights' quantisation alone changes (in bf16
     # compute, bf16 rounding of the activations moves top-1 by about as much as int8 weights do)
     fp32 = {name: (lambda name=name: idefics3.load_model(folders[name], device="cpu", dtype="fp32"))
-            for name in ("int8", "int8-gptq", "int4", "int4-gptq", "int4-asym")}
+            for name in ACCURACY_FORMATS}
     for label, (ids, mask) in corpora.items():
         keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         ref = logprobs(bf16, ids, mask)

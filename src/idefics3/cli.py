@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="int4 with a minimum per group as well as a scale (llama.cpp's Q4_1: 5 bits per weight "
                             "instead of 4.5, closer to the original)")
     quant.add_argument("--include-vision", action="store_true", help="quantise the vision tower's linears too")
-    quant.add_argument("--calibration", metavar="FILE",
+    quant.add_argument("--calibration", metavar="FILE|self",
                        help="a UTF-8 text file: quantise the text decoder by GPTQ on the inputs this text gives "
-                            "each layer (closer to the original than rounding; slower to make)")
+                            "each layer (closer to the original than rounding; slower to make); `self`: on text "
+                            "the model first writes itself (answers to varied requests, sampled with a fixed seed)")
     quant.add_argument("--calibration-tokens", type=int, default=4096, metavar="N",
                        help="how many tokens of --calibration to use (default 4096, in windows of 512)")
     quant.add_argument("--mmproj", metavar="FILE", help="with a --model .gguf text model: its vision projector GGUF "
@@ -299,6 +300,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     processor = load_processor(folder, mmproj=args.mmproj)
     calibration = _calibration(args, processor)  # a bad file is refused before the weights are read
     model = Idefics3ForConditionalGeneration.from_pretrained(folder, backend="torch", mmproj=args.mmproj)
+    if args.calibration == SELF_CALIBRATION and getattr(model, "quantization", None) is None:
+        from .quant import self_calibration
+
+        print(f"writing {args.calibration_tokens} tokens of calibration text with the model ...", file=sys.stderr)
+        calibration = self_calibration(model, processor, args.calibration_tokens)
     if is_gguf(folder):  # llama.cpp's blocks are our formats already: converted as they are
         model.save_pretrained(output)
         processor.save_pretrained(output)
@@ -322,14 +328,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+SELF_CALIBRATION = "self"  # --calibration self: the model writes its own calibration text
+
+
 def _calibration(args: argparse.Namespace, processor: Any) -> Any:
-    """--calibration's text as token windows [W, T] (a tensor), or None without it."""
+    """--calibration's text as token windows [W, T] (a tensor), or None without it (or for `self`)."""
     if args.calibration is None:
         return None
     from .quant.gptq import calibration_windows
 
     if args.calibration_tokens < 16:
         raise CliError(f"--calibration-tokens must be at least 16, got {args.calibration_tokens}")
+    if args.calibration == SELF_CALIBRATION:
+        return None  # written by the model once it is loaded (cmd_quantize)
     path = Path(args.calibration)
     try:
         text = path.read_text(encoding="utf-8")

@@ -132,3 +132,35 @@ def test_cli_calibration(tmp_path, tiny_checkpoint):
     res = cli("quantize", "--model", str(tiny_checkpoint), "--calibration", str(short), "--output", str(tmp_path / "z"))
     assert res.returncode != 0 and "tokens" in res.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_self_calibration_is_the_models_own_sampled_text(tiny_checkpoint):
+    """The model's sampled answers to the built-in requests, with their prompts: windows of token ids, no
+    <image>, the same for the same seed and not for another; a budget below GPTQ's minimum is refused."""
+    from idefics3 import load_model, load_processor
+    from idefics3.quant import self_calibration
+    from idefics3.quant.self_calibration import PROMPTS
+
+    model, processor = load_model(tiny_checkpoint, device="cpu", dtype="fp32"), load_processor(tiny_checkpoint)
+    windows = self_calibration(model, processor, tokens=320, window=64)
+    assert windows.dtype == torch.long and windows.shape == (5, 64)
+    assert not (windows == processor.image_token_id).any()
+    assert torch.equal(windows, self_calibration(model, processor, tokens=320, window=64))
+    assert not torch.equal(windows, self_calibration(model, processor, tokens=320, seed=1, window=64))
+    first = processor.tokenizer(processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]}], add_generation_prompt=True),
+        add_special_tokens=False)["input_ids"]
+    assert windows.flatten()[: len(first)].tolist() == first  # the first request's prompt, then its answer
+    with pytest.raises(QuantError, match="at least 16"):
+        self_calibration(model, processor, tokens=8)
+
+
+def test_cli_self_calibration(tmp_path, tiny_checkpoint):
+    out = tmp_path / "self"
+    res = cli("quantize", "--model", str(tiny_checkpoint), "--bits", "4", "--calibration", "self",
+              "--calibration-tokens", "256", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "writing 256 tokens of calibration text" in res.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "GPTQ on 256 calibration tokens" in config["source"]
+    assert cli("generate", "--model", str(out), "--max-new-tokens", "2", "hi").returncode == 0
