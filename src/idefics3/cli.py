@@ -300,11 +300,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     processor = load_processor(folder, mmproj=args.mmproj)
     calibration = _calibration(args, processor)  # a bad file is refused before the weights are read
     model = Idefics3ForConditionalGeneration.from_pretrained(folder, backend="torch", mmproj=args.mmproj)
-    if args.calibration == SELF_CALIBRATION and getattr(model, "quantization", None) is None:
-        from .quant import self_calibration
-
-        print(f"writing {args.calibration_tokens} tokens of calibration text with the model ...", file=sys.stderr)
-        calibration = self_calibration(model, processor, args.calibration_tokens)
     if is_gguf(folder):  # llama.cpp's blocks are our formats already: converted as they are
         model.save_pretrained(output)
         processor.save_pretrained(output)
@@ -316,6 +311,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.asymmetric and args.bits != 4:
         raise CliError("--asymmetric is an int4 format (use it with --bits 4)")
     config = plan(model, args.bits, args.group_size, args.include_vision, args.head_bits, args.asymmetric)
+    if args.calibration == SELF_CALIBRATION:  # after every cheap check: writing the text takes a while
+        from .quant import self_calibration
+
+        print(f"writing {args.calibration_tokens} tokens of calibration text with the model ...", file=sys.stderr)
+        calibration = self_calibration(model, processor, args.calibration_tokens)
     quantize_model(model, config, calibration)
     model.save_pretrained(output)
     processor.save_pretrained(output)

@@ -213,3 +213,18 @@ def test_the_weight_table_follows_new_tensors(library):
     assert torch.equal(dense_weight(module, torch.float32), module.dequantized(torch.float32))
     module.scales = module.scales * 2  # new tensors at other addresses: the cached table is remade
     assert torch.equal(dense_weight(module, torch.float32), module.dequantized(torch.float32))
+
+
+def test_a_wrong_aten_product_is_left_out_of_the_plan(library, monkeypatch, tmp_path):
+    """aten's int8 product is checked against the dense one before it is timed: where it disagrees (as torch
+    2.13's bf16 kernel does for some K), no row count takes it, and the plan says why."""
+    monkeypatch.setenv("IDEFICS3_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("IDEFICS3_CALIBRATE", raising=False)
+    monkeypatch.setattr(quant_prefill, "ROW_BUCKETS", (1, 16))
+    module = QuantLinear.from_linear(torch.nn.Linear(64, 48, bias=False), QuantSpec(8, 0))
+    assert quant_prefill._aten_agrees(module, torch.float32)
+    wrong = lambda x, w, s: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)  # noqa: E731
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", wrong)
+    assert not quant_prefill._aten_agrees(module, torch.float32)
+    plan = quant_prefill.plan_for(module, torch.float32)
+    assert "aten" not in plan.methods and "aten's int8 product left out" in plan.reason

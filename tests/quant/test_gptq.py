@@ -151,6 +151,9 @@ def test_self_calibration_is_the_models_own_sampled_text(tiny_checkpoint):
         [{"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]}], add_generation_prompt=True),
         add_special_tokens=False)["input_ids"]
     assert windows.flatten()[: len(first)].tolist() == first  # the first request's prompt, then its answer
+    for side in ("left", "right"):  # prompts padded on either side give the same text
+        processor.tokenizer.padding_side = side
+        assert torch.equal(self_calibration(model, processor, tokens=320, window=64), windows), side
     with pytest.raises(QuantError, match="at least 16"):
         self_calibration(model, processor, tokens=8)
 

@@ -87,6 +87,8 @@ def test_int4_scale_search_weighs_each_input_by_its_importance(spec):
         quantize(w, spec, importance=torch.ones(255))
     with pytest.raises(QuantError, match="importance"):
         quantize(w, spec, importance=-importance)
+    with pytest.raises(QuantError, match="importance"):
+        quantize(w, spec, importance=torch.full((256,), float("inf")))
 
 
 def test_int4_codes_sit_in_llama_cpp_q4_0_blocks():

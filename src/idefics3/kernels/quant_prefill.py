@@ -10,9 +10,10 @@ AMX, dequantised to bf16 a block of 32 rows at a time in cache and multiplied on
 (cpu_decode_quant_amx.h). For int8 with one scale per output channel, aten's `_weight_int8pack_mm` reads our
 codes as they are and is a fourth candidate (fastest at one row: 23 against 31 us for [1536, 576]; 2-14x slower
 than tiles or dense from 20 rows); in bf16 it is only used where K is a multiple of 32, since torch 2.13 returns
-garbage for other K. aten's int4 product (`_weight_int4pack_mm_for_cpu`) is not a candidate: it needs its own
-copy of the codes in blocks of output rows (the memory int4 saves, spent again) and measured 1.4-13x slower than
-tiles or dense from 20 rows on. Which method a call takes is measured per format, shape and row count at load
+garbage for other K, and on each shape it is checked against the dense product before it is timed. aten's int4
+product (`_weight_int4pack_mm_for_cpu`) is not a candidate: it needs its own copy of the codes in blocks of
+output rows (the memory int4 saves, spent again) and measured 1.4-13x slower than tiles or dense from 20 rows
+on. Which method a call takes is measured per format, shape and row count at load
 (`plan_for`, cached per machine by calibrate.py), so no path is installed where it measured slower.
 
 The backend (backend.py) puts `FastQuantLinear` views (model/replace.py) in place of the model's QuantLinears:
@@ -169,9 +170,12 @@ def plan_for(module: QuantLinear, dtype: torch.dtype) -> PrefillPlan:
     probe = _first_rows(module, CALIBRATION_ROWS)
     gen = torch.Generator().manual_seed(0)
     chosen, reasons = [], []
+    wrong = [] if "aten" not in methods(module, dtype) or _aten_agrees(probe, dtype) else ["aten"]
+    if wrong:
+        reasons.append("aten's int8 product left out: it disagreed with the dense product here")
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, module.cols, generator=gen).to(dtype)
-        can = [m for m in methods(module, dtype) if m != "streamed" or rows <= STREAM_MAX_ROWS]
+        can = [m for m in methods(module, dtype) if (m != "streamed" or rows <= STREAM_MAX_ROWS) and m not in wrong]
         if len(can) == 1:
             chosen.append(can[0])
             continue
@@ -182,6 +186,15 @@ def plan_for(module: QuantLinear, dtype: torch.dtype) -> PrefillPlan:
         reasons.append(reason.removeprefix("measured on "))
     shape = f"{module.spec.name} [{module.rows}, {module.cols}]"
     return PrefillPlan(tuple(chosen), f"{shape}, measured on its first {probe.rows} rows: " + "; ".join(reasons))
+
+
+def _aten_agrees(module: QuantLinear, dtype: torch.dtype) -> bool:
+    """Whether aten's int8 product gives the dense product on this shape, to the output's rounding: the K rule of
+    `_aten_run` was found on torch 2.13 and one CPU, and aten's kernel differs by torch version and ISA."""
+    x = torch.randn(8, module.cols, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = run("dense", module, x).float()
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item() + 1e-6
+    return bool(((run("aten", module, x).float() - ref).abs() <= tol).all())
 
 
 def _first_rows(module: QuantLinear, n: int) -> QuantLinear:

@@ -159,15 +159,18 @@ def quantize_inputs(x: torch.Tensor) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Quantise a matrix [N, K] -> {"qweight", "scales"[, "mins"]} (see the module docstring). importance [K]
-    (optional, >= 0) weighs each input's squared error in int4's scale search."""
+    (optional, finite, >= 0) weighs each input's squared error in symmetric int4's scale search; int8's scale
+    (the group's largest magnitude) and int4-asym's minimum and step (its range) do not search, so it does not
+    change them."""
     if w.dim() != 2:
         raise QuantError(f"only matrices are quantised, got a tensor of shape {tuple(w.shape)}")
     n, k = w.shape
     spec.shapes(n, k)  # checks the shape
     if not torch.isfinite(w).all():
         raise QuantError("the matrix holds inf or nan values")
-    if importance is not None and (importance.shape != (k,) or not bool((importance >= 0).all())):
-        raise QuantError(f"importance must be [{k}] and >= 0, got {tuple(importance.shape)}")
+    if importance is not None and (importance.shape != (k,) or not bool(torch.isfinite(importance).all())
+                                   or not bool((importance >= 0).all())):
+        raise QuantError(f"importance must be [{k}], finite and >= 0, got {tuple(importance.shape)}")
     size, kp = spec.group(k), spec.padded(k)
     w = torch.nn.functional.pad(w.detach().float(), (0, kp - k))  # [N, Kp], zeros after K
     k = kp
@@ -179,8 +182,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None =
         return {"qweight": q.reshape(n, k), "scales": scale}
     if spec.asymmetric:
         return _quantize_int4_asym(g, n, k)
-    weight = torch.ones(1, k // size, size) if importance is None else \
-        torch.nn.functional.pad(importance.float(), (0, kp - importance.shape[0])).reshape(1, k // size, size)
+    weight = torch.ones(1, k // size, size, device=g.device) if importance is None else \
+        torch.nn.functional.pad(importance.to(g.device, torch.float32), (0, kp - importance.shape[0])
+                                ).reshape(1, k // size, size)  # [1, Kp/G, G]
     rows = max(1, _SEARCH_CHUNK // k)
     parts = [_quantize_int4(g[r:r + rows], weight) for r in range(0, n, rows)]
     codes = torch.cat([c for c, _ in parts]).reshape(n, k)  # [N, Kp] in 0..15

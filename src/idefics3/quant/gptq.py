@@ -12,8 +12,9 @@ kernel reads. Two refinements of the paper's method, both common practice (AutoG
 groups, llama.cpp's importance matrix):
 - act order: the columns are quantised in order of decreasing H[k, k], so the inputs the layer sees largest
   are rounded first, while the most columns remain to absorb their error;
-- the scales (and minimums) are chosen once, before any update, by format.py's search with each input's error
-  weighted by H[k, k]; every code of a group then rounds with its group's scale, whatever the order.
+- the scales (and minimums) are chosen once, before any update, by format.py's `quantize`, whose symmetric int4
+  search weighs each input's error by H[k, k] (int8 and int4-asym take their groups' ranges, as rounding does);
+  every code of a group then rounds with its group's scale, whatever the order.
 Blocks of 128 columns defer the updates to the rest of the matrix (the lazy batch of the paper). Hessians come
 from the dense model in one pass (`collect_hessians`), not layer by layer from the quantised one: simpler, and
 one forward per calibration window.

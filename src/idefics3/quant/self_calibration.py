@@ -57,14 +57,27 @@ def self_calibration(model: Any, processor: Any, tokens: int = 4096, seed: int =
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
                                            add_generation_prompt=True) for p in PROMPTS]
     inputs = processor(text=texts, return_tensors="pt", padding=True)
-    prompt_len = inputs["attention_mask"].sum(1)  # [B]: the prompts are left padded
-    new_tokens = max(1, -(-tokens // len(PROMPTS)) - int(prompt_len.min()))  # each row: prompt + answer ~ share
+    mask = inputs["attention_mask"].bool()  # [B, T]: padding on either side, as the tokenizer was saved
+    longest = int(mask.sum(1).max())
+    # each row a prompt and an answer of about an equal share, within the model's positions; min_new_tokens
+    # holds every row to its share: past its answer's end a row goes on writing new turns of its own chat
+    new_tokens = max(1, -(-tokens // len(PROMPTS)) - int(mask.sum(1).min()))
+    limit = _max_positions(model) - longest
+    if limit < 1:
+        raise QuantError(f"the model's {_max_positions(model)} positions leave no room to answer the calibration "
+                         "prompts")
+    new_tokens = min(new_tokens, limit)
     answers: list[list[int]] = [[] for _ in PROMPTS]
     model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=seed,
-                   callback=lambda row, tok: answers[row].append(tok), **SAMPLING)  # every row its full share
+                   callback=lambda row, tok: answers[row].append(tok), **SAMPLING)
     image = getattr(processor, "image_token_id", None)
     ids: list[int] = []
     for row, answer in enumerate(answers):
-        prompt = inputs["input_ids"][row, inputs["input_ids"].shape[1] - int(prompt_len[row]):].tolist()
+        prompt = inputs["input_ids"][row][mask[row]].tolist()
         ids += [i for i in prompt + answer if i != image]  # "<image>" would ask for pixels
     return calibration_windows(ids, tokens, window)
+
+
+def _max_positions(model: Any) -> int:
+    """How many positions the text model takes (its config's max_position_embeddings)."""
+    return int(model.config.text_config.max_position_embeddings)
