@@ -108,17 +108,23 @@ def test_quantize_model_with_calibration_beats_rounding_on_its_text():
     assert out["gptq"] < out["rtn"], out
 
 
+def quantize_by_gptq(checkpoint, out, calibration: str):
+    """`idefics3 quantize --bits 4 --calibration <calibration>` on 256 tokens: the run (which must succeed), after
+    checking that the folder records GPTQ on those tokens and generates."""
+    res = cli("quantize", "--model", str(checkpoint), "--bits", "4", "--calibration", calibration,
+              "--calibration-tokens", "256", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "GPTQ on 256 calibration tokens" in config["source"]
+    assert cli("generate", "--model", str(out), "--max-new-tokens", "2", "hi").returncode == 0
+    return res
+
+
 def test_cli_calibration(tmp_path, tiny_checkpoint):
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the <image> lazy dog. " * 40, encoding="utf-8")  # no pixels
-    out = tmp_path / "gptq"
-    res = cli("quantize", "--model", str(tiny_checkpoint), "--bits", "4", "--calibration", str(text),
-              "--calibration-tokens", "256", "--output", str(out))
-    assert res.returncode == 0, res.stderr
+    res = quantize_by_gptq(tiny_checkpoint, tmp_path / "gptq", str(text))
     assert "GPTQ on" in res.stdout
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "GPTQ on" in config["source"]
-    assert cli("generate", "--model", str(out), "--max-new-tokens", "2", "hi").returncode == 0
     missing = cli("quantize", "--model", str(tiny_checkpoint), "--calibration", str(tmp_path / "nope.txt"),
                   "--output", str(tmp_path / "x"))
     assert missing.returncode != 0 and "--calibration" in missing.stderr and "nope.txt" in missing.stderr
@@ -159,11 +165,5 @@ def test_self_calibration_is_the_models_own_sampled_text(tiny_checkpoint):
 
 
 def test_cli_self_calibration(tmp_path, tiny_checkpoint):
-    out = tmp_path / "self"
-    res = cli("quantize", "--model", str(tiny_checkpoint), "--bits", "4", "--calibration", "self",
-              "--calibration-tokens", "256", "--output", str(out))
-    assert res.returncode == 0, res.stderr
+    res = quantize_by_gptq(tiny_checkpoint, tmp_path / "self", "self")
     assert "writing 256 tokens of calibration text" in res.stderr
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "GPTQ on 256 calibration tokens" in config["source"]
-    assert cli("generate", "--model", str(out), "--max-new-tokens", "2", "hi").returncode == 0

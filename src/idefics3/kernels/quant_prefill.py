@@ -170,12 +170,13 @@ def plan_for(module: QuantLinear, dtype: torch.dtype) -> PrefillPlan:
     probe = _first_rows(module, CALIBRATION_ROWS)
     gen = torch.Generator().manual_seed(0)
     chosen, reasons = [], []
-    wrong = [] if "aten" not in methods(module, dtype) or _aten_agrees(probe, dtype) else ["aten"]
-    if wrong:
+    usable = methods(module, dtype)
+    if "aten" in usable and not _aten_agrees(probe, dtype):
+        usable.remove("aten")
         reasons.append("aten's int8 product left out: it disagreed with the dense product here")
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, module.cols, generator=gen).to(dtype)
-        can = [m for m in methods(module, dtype) if (m != "streamed" or rows <= STREAM_MAX_ROWS) and m not in wrong]
+        can = [m for m in usable if m != "streamed" or rows <= STREAM_MAX_ROWS]
         if len(can) == 1:
             chosen.append(can[0])
             continue
